@@ -1,0 +1,191 @@
+"""BatchNorm folding: a trained BN-ViT in eval mode becomes the norm-free ViT with rewritten weights.
+
+At inference a BatchNorm is a fixed per-channel affine map. With running mean m, variance v,
+scale g, bias b and epsilon e:  BN(x) = x * s + t,  s = g / sqrt(v + e),  t = b - m * s.
+An affine map next to a Dense layer merges into it:
+
+  BN before a Dense  y = BN(x) W + c:   W' = diag(s) W,   c' = t W + c
+  BN after a Dense   y = BN(x W + c):   W' = W diag(s),   c' = c * s + t
+
+In the ViT (see vitnorm.vit for the parameter layout) that gives, per encoder block:
+
+  BatchNorm_0 (pre-attention)       -> MultiHeadDotProductAttention_0/{query,key,value}
+  BatchNorm_1 (pre-FFN)             -> MlpBlock_0/Dense_0
+  MlpBlock_0/BatchNorm_0, pre_act   -> MlpBlock_0/Dense_0 (after the pre-FFN fold: they compose)
+  MlpBlock_0/BatchNorm_0, post_act  -> MlpBlock_0/Dense_1
+and Transformer/encoder_norm -> pre_logits (if representation_size is set) else head. For
+classifier='token' the head reads the normalized CLS row; for 'gap' it reads the mean of the
+normalized tokens, and the mean of an affine map is the affine map of the mean: both fold the
+same. A CLS token left out of the BN statistics (bn_include_cls=False) is still normalized with
+the running statistics at eval, so the fold stays exact.
+
+The folded model is the same `ViT` class with norm='none' and ffn_norm='none': a folded BN-ViT is
+literally the no-norm ViT and costs exactly the same at inference.
+
+LayerNorm and RMSNorm normalize each token with its own statistics, which change with the input:
+they are not affine maps with fixed coefficients and cannot be folded (`foldability` says so).
+
+Public API:
+  foldability(model_or_cfg) -> (bool, reason)
+  fold_batchnorm(model_or_cfg, variables) -> (folded_model, {'params': folded_params})
+  batchnorm_affine(bn_params, bn_stats, epsilon) -> (s, t)
+"""
+from typing import Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from vitnorm import norms
+from vitnorm import vit as vit_lib
+from vitnorm.errors import UserError
+
+_NOT_FOLDABLE_WHY = {
+    "layer": "LayerNorm normalizes each token with its own mean and variance, which depend on the "
+             "input: it is not a fixed affine map at inference",
+    "rms": "RMSNorm divides each token by its own RMS, which depends on the input: it is not a "
+           "fixed affine map at inference",
+}
+
+
+def _as_model(model_or_cfg) -> vit_lib.ViT:
+  if isinstance(model_or_cfg, vit_lib.ViT):
+    return model_or_cfg
+  return vit_lib.build_model(model_or_cfg)
+
+
+def foldability(model_or_cfg) -> Tuple[bool, str]:
+  """Whether every norm of the model folds into a Dense layer at inference, and why (not).
+
+  Foldable: norm and ffn_norm each 'batch' or 'none'. The reason names the offending field.
+  """
+  model = _as_model(model_or_cfg)
+  for field, kind in (("norm", model.norm), ("ffn_norm", model.ffn_norm)):
+    if not norms.is_foldable(kind):
+      return False, f"model.{field}={kind!r}: {_NOT_FOLDABLE_WHY.get(kind, 'not an affine map')}"
+  folded = [f for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm)) if k == "batch"]
+  if not folded:
+    return True, "no norm layers: the model is already norm-free"
+  return True, f"BatchNorm in {' and '.join('model.' + f for f in folded)} folds into Dense layers"
+
+
+def batchnorm_affine(bn_params: Mapping, bn_stats: Mapping, epsilon: float):
+  """(s, t) with BN(x) = x * s + t in eval mode, computed in float32 as TokenBatchNorm does."""
+  var = jnp.asarray(bn_stats["var"], jnp.float32)
+  mean = jnp.asarray(bn_stats["mean"], jnp.float32)
+  s = jax.lax.rsqrt(var + epsilon) * jnp.asarray(bn_params["scale"], jnp.float32)
+  t = jnp.asarray(bn_params["bias"], jnp.float32) - mean * s
+  return s, t
+
+
+def _fold_before(dense: Mapping, s, t) -> dict:
+  """BN (s, t) applied to the input of a Dense/DenseGeneral whose kernel's first axis is the input."""
+  kernel = jnp.asarray(dense["kernel"], jnp.float32)
+  bias = jnp.asarray(dense["bias"], jnp.float32)
+  new_kernel = kernel * s.reshape((-1,) + (1,) * (kernel.ndim - 1))
+  new_bias = bias + jnp.tensordot(t, kernel, axes=(0, 0))
+  return {"kernel": new_kernel.astype(dense["kernel"].dtype), "bias": new_bias.astype(dense["bias"].dtype)}
+
+
+def _fold_after(dense: Mapping, s, t) -> dict:
+  """BN (s, t) applied to the output of a Dense (kernel (in, out)): W diag(s), c * s + t."""
+  kernel = jnp.asarray(dense["kernel"], jnp.float32)
+  bias = jnp.asarray(dense["bias"], jnp.float32)
+  return {"kernel": (kernel * s[None, :]).astype(dense["kernel"].dtype),
+          "bias": (bias * s + t).astype(dense["bias"].dtype)}
+
+
+def _pop(tree: dict, path: str):
+  """Removes and returns tree[a][b][c] for path 'a/b/c', with a clear error if it is missing."""
+  keys = path.split("/")
+  node = tree
+  for key in keys[:-1]:
+    if key not in node:
+      raise UserError(f"cannot fold: variables have no '{path}' (the checkpoint does not match the "
+                      "model config; check model.norm / model.ffn_norm / model.num_layers)")
+    node = node[key]
+  if keys[-1] not in node:
+    raise UserError(f"cannot fold: variables have no '{path}' (the checkpoint does not match the "
+                    "model config; check model.norm / model.ffn_norm / model.num_layers)")
+  return node.pop(keys[-1])
+
+
+def _get(tree: Mapping, path: str):
+  node = tree
+  for key in path.split("/"):
+    if key not in node:
+      raise UserError(f"cannot fold: variables have no '{path}' (the checkpoint does not match the "
+                      "model config)")
+    node = node[key]
+  return node
+
+
+def _set(tree: dict, path: str, value):
+  keys = path.split("/")
+  node = tree
+  for key in keys[:-1]:
+    node = node[key]
+  node[keys[-1]] = value
+
+
+def _plain_dict(tree) -> dict:
+  """A mutable nested dict copy (works for FrozenDict and plain dicts)."""
+  if isinstance(tree, Mapping):
+    return {k: _plain_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def fold_batchnorm(model_or_cfg, variables: Mapping) -> Tuple[vit_lib.ViT, dict]:
+  """Folds every BatchNorm of an eval-mode BN-ViT into its neighbouring Dense layers.
+
+  Args:
+    model_or_cfg: the `ViT` or its model config.
+    variables: {'params': ..., 'batch_stats': ...} of the trained model (running statistics).
+  Returns:
+    (folded_model, folded_variables): the ViT with norm='none', ffn_norm='none' and the
+    variables {'params': ...} for which
+      folded_model.apply(folded_variables, x, train=False)
+        == model.apply(variables, x, train=False)   (up to float round-off).
+  Raises:
+    UserError if the model has a LayerNorm/RMSNorm (see `foldability`) or the variables do
+    not match the model.
+  """
+  model = _as_model(model_or_cfg)
+  ok, reason = foldability(model)
+  if not ok:
+    raise UserError(f"cannot fold BatchNorm: {reason}")
+  params = _plain_dict(variables["params"])
+  has_bn = "batch" in (model.norm, model.ffn_norm)
+  if has_bn and "batch_stats" not in variables:
+    raise UserError("cannot fold: the variables have no 'batch_stats' (BN running statistics); "
+                    "restore the checkpoint with its batch_stats")
+  stats = _plain_dict(variables.get("batch_stats", {}))
+  eps = model.norm_options.bn_epsilon
+
+  def take_bn(path):
+    bn_params = _pop(params, path)
+    bn_stats = _get(stats, path)
+    return batchnorm_affine(bn_params, bn_stats, eps)
+
+  for i in range(model.num_layers):
+    block = f"Transformer/encoderblock_{i}"
+    attn = f"{block}/MultiHeadDotProductAttention_0"
+    mlp = f"{block}/MlpBlock_0"
+    if model.norm == "batch":
+      s, t = take_bn(f"{block}/{norms.module_name('batch', 0)}")
+      for proj in ("query", "key", "value"):
+        _set(params, f"{attn}/{proj}", _fold_before(_get(params, f"{attn}/{proj}"), s, t))
+      s, t = take_bn(f"{block}/{norms.module_name('batch', 1)}")
+      _set(params, f"{mlp}/Dense_0", _fold_before(_get(params, f"{mlp}/Dense_0"), s, t))
+    if model.ffn_norm == "batch":
+      s, t = take_bn(f"{mlp}/{norms.module_name('batch', 0)}")
+      if model.ffn_norm_position == "pre_act":
+        _set(params, f"{mlp}/Dense_0", _fold_after(_get(params, f"{mlp}/Dense_0"), s, t))
+      else:
+        _set(params, f"{mlp}/Dense_1", _fold_before(_get(params, f"{mlp}/Dense_1"), s, t))
+  if model.norm == "batch":
+    s, t = take_bn("Transformer/encoder_norm")
+    target = "pre_logits" if model.representation_size is not None else "head"
+    _set(params, target, _fold_before(_get(params, target), s, t))
+
+  folded_model = model.clone(norm="none", ffn_norm="none")
+  return folded_model, {"params": params}
