@@ -1,0 +1,187 @@
+"""Tests for vitnorm.vit: sizes, parameter layout, every norm variant, config validation, BN sync."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vitnorm import vit
+from vitnorm.errors import ConfigError
+
+TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=4, num_classes=10,
+            image_size=16, num_channels=3)
+
+
+def _images(batch=4, seed=0, size=16):
+  return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+
+
+def _param_count(variant):
+  model = vit.build_model(dict(variant=variant, num_classes=1000, image_size=224))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("variant,expected", [("Ti/16", 5_717_416), ("S/16", 22_050_664),
+                                              ("B/16", 86_567_656), ("deit_s/16", 22_050_664)])
+def test_parameter_counts_match_the_known_figures(variant, expected):
+  assert _param_count(variant) == expected
+
+
+def test_layernorm_variant_uses_the_reference_parameter_layout():
+  model = vit.build_model(dict(TINY, num_layers=1))
+  params = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))["params"]
+  paths = set(flax.traverse_util.flatten_dict(params, sep="/"))
+  block = "Transformer/encoderblock_0/"
+  expected = {
+      "embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+      *(block + f"LayerNorm_{i}/{p}" for i in (0, 1) for p in ("scale", "bias")),
+      *(block + f"MultiHeadDotProductAttention_0/{m}/{p}" for m in ("query", "key", "value", "out")
+        for p in ("kernel", "bias")),
+      *(block + f"MlpBlock_0/Dense_{i}/{p}" for i in (0, 1) for p in ("kernel", "bias")),
+      "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias", "head/kernel", "head/bias"}
+  assert paths == expected
+  attn = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  assert attn["query"]["kernel"].shape == (32, 4, 8) and attn["out"]["kernel"].shape == (4, 8, 32)
+  np.testing.assert_array_equal(params["head"]["kernel"], 0)  # zero-initialised head
+
+
+VARIANTS = [  # (norm, ffn_norm, ffn_norm_position, classifier)
+    ("layer", "none", "pre_act", "token"),    # LN (the standard ViT)
+    ("batch", "none", "pre_act", "token"),    # BN everywhere
+    ("batch", "batch", "pre_act", "token"),   # BN + FFN-BN (the paper's fix)
+    ("batch", "batch", "post_act", "gap"),
+    ("layer", "batch", "pre_act", "token"),   # LN + FFN-BN
+    ("rms", "none", "pre_act", "gap"),
+    ("none", "none", "pre_act", "token"),
+    ("none", "layer", "post_act", "token"),
+]
+
+
+@pytest.mark.parametrize("norm,ffn_norm,position,classifier", VARIANTS)
+def test_every_norm_variant_runs_forward_and_backward_with_finite_outputs(norm, ffn_norm, position, classifier):
+  cfg = dict(TINY, norm=norm, ffn_norm=ffn_norm, ffn_norm_position=position, classifier=classifier,
+             drop_path_rate=0.1, dropout_rate=0.1)
+  model = vit.build_model(cfg)
+  variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  params = jax.tree.map(lambda p: p + 0.01, variables["params"])  # non-zero head: real gradients
+  x, labels = _images(), jnp.arange(4)
+
+  def loss_fn(params):
+    logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                  rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+  assert np.isfinite(loss)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert any(np.any(g != 0) for g in jax.tree.leaves(grads["Transformer"]))
+  has_bn = "batch" in (norm, ffn_norm)
+  assert ("batch_stats" in variables) == has_bn
+  if has_bn:  # running statistics moved away from their initial values
+    assert any(np.any(s != 0) for s in jax.tree.leaves(updates["batch_stats"]))
+  eval_logits = model.apply({**variables, "params": params}, x, train=False)
+  assert np.all(np.isfinite(eval_logits))
+
+
+def test_bn_model_in_eval_mode_treats_each_example_independently():
+  model = vit.build_model(dict(TINY, norm="batch", ffn_norm="batch"))
+  variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  variables["params"]["head"]["kernel"] += 0.1
+  x = _images(4)
+  alone = model.apply(variables, x[:1], train=False)
+  together = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(alone[0], together[0], rtol=1e-5, atol=1e-6)
+  train_alone = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])[0]
+  train_together = model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  assert not np.allclose(train_alone[0], train_together[0])  # train mode: batch statistics
+
+
+def test_dropout_and_drop_path_only_act_in_training():
+  model = vit.build_model(dict(TINY, drop_path_rate=0.5, dropout_rate=0.2))
+  variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  variables["params"]["head"]["kernel"] += 0.1
+  x = _images()
+  run = lambda seed: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)})  # noqa: E731
+  assert not np.allclose(run(1), run(2))
+  np.testing.assert_array_equal(run(3), run(3))
+  np.testing.assert_array_equal(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
+
+
+def test_diagnostics_are_sown_per_block_when_asked_for():
+  model = vit.build_model(dict(TINY, norm="batch"))
+  variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  _, state = model.apply(variables, _images(), train=True, mutable=["batch_stats", "diagnostics"])
+  diag = state["diagnostics"]["Transformer"]
+  for i in range(2):
+    block = diag[f"encoderblock_{i}"]
+    assert block["residual_rms"][0] > 0
+    assert block["MlpBlock_0"]["ffn_hidden_rms"][0] > 0
+    assert np.isfinite(block["MultiHeadDotProductAttention_0"]["max_attention_logit"][0])
+  # Not mutable: nothing is collected.
+  _, state = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
+  assert set(state) == {"batch_stats"}
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  model = vit.build_model(dict(TINY, dtype="bfloat16", norm="batch", ffn_norm="batch"))
+  variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  logits, updates = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates["batch_stats"]))
+
+
+def test_vit_batch_statistics_agree_under_pmap_jit_mesh_and_one_device():
+  n = jax.device_count()
+  cfg = dict(TINY, norm="batch", ffn_norm="batch", bn_include_cls=False)
+  variables = vit.init_variables(vit.build_model(cfg), jax.random.key(0), (1, 16, 16, 3))
+  x = _images(2 * n, seed=5)
+
+  def stats(model, xs):
+    return model.apply(variables, xs, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+  one = jax.jit(lambda xs: stats(vit.build_model(cfg), xs))(x)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  on_mesh = jax.jit(lambda xs: stats(vit.build_model(cfg), xs))(
+      jax.device_put(x, NamedSharding(mesh, P("data"))))
+  pmapped = jax.pmap(lambda xs: stats(vit.build_model(cfg, bn_axis_name="batch"), xs),
+                     axis_name="batch")(x.reshape((n, 2) + x.shape[1:]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), on_mesh, one)
+  for d in range(n):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-5), pmapped, one)
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(norm="group"), "model.norm"),
+    (dict(ffn_norm="bn"), "model.ffn_norm"),
+    (dict(ffn_norm_position="middle"), "model.ffn_norm_position"),
+    (dict(classifier="cls"), "model.classifier"),
+    (dict(patch_size=5), "model.patch_size"),
+    (dict(num_heads=5), "model.num_heads"),
+    (dict(hidden_size=0), "model.hidden_size"),
+    (dict(num_layers=-1), "model.num_layers"),
+    (dict(num_classes=0), "model.num_classes"),
+    (dict(drop_path_rate=1.5), "model.drop_path_rate"),
+    (dict(bn_group_size=0), "model.bn_group_size"),
+    (dict(bn_momentum=1.0), "model.bn_momentum"),
+    (dict(dtype="float16"), "model.dtype"),
+])
+def test_bad_model_configs_raise_an_error_naming_the_field(override, field):
+  with pytest.raises(ConfigError) as err:
+    vit.build_model(dict(TINY, **override))
+  assert str(err.value).startswith(field + ":")
+  assert "\n" not in str(err.value)
+
+
+def test_variants_resolve_and_explicit_sizes_override_them():
+  kwargs = vit.resolve_model_config(dict(variant="S/8", num_classes=10, image_size=32))
+  assert (kwargs["hidden_size"], kwargs["num_layers"], kwargs["patch_size"]) == (384, 12, 8)
+  kwargs = vit.resolve_model_config(dict(variant="S/8", num_layers=4, num_classes=10, image_size=32))
+  assert kwargs["num_layers"] == 4
+  with pytest.raises(ConfigError, match="model.variant"):
+    vit.resolve_model_config(dict(variant="XL/16", num_classes=10, image_size=32))
+  with pytest.raises(ConfigError, match="model.hidden_size"):
+    vit.resolve_model_config(dict(num_classes=10, image_size=32))
