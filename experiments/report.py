@@ -1,0 +1,334 @@
+"""Markdown tables and plots for the sweeps under a root directory.
+
+    python -m experiments.report --root runs/ [--sweep norm_variants_cpu ...] [--out DIR]
+
+For every sweep directory ROOT/<sweep>/ (made by `experiments.run_sweep`) it writes
+  <out>/<sweep>/loss.png          train loss vs step, one line per run (diverged runs marked x)
+  <out>/<sweep>/eval_top1.png     eval top-1 vs step
+  <out>/<sweep>/diagnostics.png   per-block residual RMS, FFN hidden RMS, max attention logit and
+                                  gradient norm vs step (a row per run, a line per block)
+and one markdown file <out>/report.md with a table per sweep (run, norm, ffn_norm, FFN-norm
+position, the knobs that vary, final eval top-1, eval loss, status, img/s when evaluated), which
+it also prints. <out> defaults to ROOT. The report reads the runs' own files afresh, so it can be
+made while a sweep is still running.
+"""
+import argparse
+import math
+import os
+import sys
+from typing import Dict, List, Optional
+
+from experiments import results as results_lib
+from experiments import run_sweep
+from experiments import sweeps as sweeps_lib
+from vitnorm.errors import UserError, exit_on_user_error
+
+DIAGNOSTICS = (
+    ("residual_rms", "residual stream RMS"),
+    ("ffn_hidden_rms", "FFN hidden RMS"),
+    ("max_attention_logit", "max attention logit"),
+    ("grad_norm", "gradient norm"),
+)
+# Knob columns shown when they vary across a sweep's runs.
+_KNOBS = (("bn_group_size", "BN group"), ("bn_momentum", "BN momentum"),
+          ("bn_epsilon", "BN epsilon"), ("bn_include_cls", "CLS in BN stats"),
+          ("classifier", "classifier"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_sweep(sweep_dir: str) -> Optional[dict]:
+  """The sweep's results document, refreshed from the runs' files; None if not a sweep dir."""
+  name = os.path.basename(os.path.normpath(sweep_dir))
+  doc = results_lib.read_json(os.path.join(sweep_dir, run_sweep.RESULTS))
+  if doc is None and results_lib.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) is None:
+    return None
+  doc = doc or {"sweep": name, "runs": []}
+  sweep = sweeps_lib.SWEEPS.get(name)
+  if sweep is not None:
+    extra = {r["name"]: {k: r[k] for k in ("error", "wall_s", "eval_error") if k in r}
+             for r in doc.get("runs", []) if isinstance(r, dict) and "name" in r}
+    doc["runs"] = run_sweep.collect(sweep, sweep_dir, extra)
+    doc.setdefault("question", sweep.question)
+  doc["dir"] = sweep_dir
+  for r in doc.get("runs", []):
+    r["series"] = results_lib.read_metrics(os.path.join(sweep_dir, r.get("workdir", r["name"])))
+  return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _percent(value) -> str:
+  """Top-1 as a percentage; values <= 1 are read as fractions."""
+  if value is None or not math.isfinite(float(value)):
+    return "-"
+  value = float(value)
+  return f"{100 * value if value <= 1.0 else value:.2f}%"
+
+
+def _number(value, fmt="{:.4f}") -> str:
+  if value is None:
+    return "-"
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return str(value)
+  return fmt.format(value) if math.isfinite(value) else str(value)
+
+
+def status_text(run: dict) -> str:
+  state, step = run.get("status"), run.get("step")
+  if state == "diverged":
+    return f"diverged at step {step}"
+  if state == "completed":
+    return "completed" + (f" ({step} steps)" if step is not None else "")
+  if state == "failed":
+    return f"failed: {run.get('error', '')}".replace("|", "/")
+  if state in ("preempted", "incomplete"):
+    return f"interrupted at step {step} (resume with --resume)" if step is not None else "interrupted"
+  return "not run"
+
+
+def _throughput_text(run: dict) -> str:
+  tp = run.get("throughput") or {}
+  if not tp:
+    return "-"
+  parts = [f"{tp['unfolded']:.1f}"] if "unfolded" in tp else []
+  if "folded" in tp:
+    parts.append(f"{tp['folded']:.1f} folded")
+  return " / ".join(parts)
+
+
+def markdown_table(runs: List[dict]) -> str:
+  knobs = [(key, label) for key, label in _KNOBS
+           if len({str(r["model"].get(key)) for r in runs}) > 1]
+  show_tp = any(r.get("throughput") for r in runs)
+  header = (["run", "norm", "ffn_norm", "position"] + [label for _, label in knobs]
+            + ["eval top-1", "eval loss", "train loss", "status"] + (["img/s"] if show_tp else []))
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  for r in runs:
+    m, final = r["model"], r.get("final", {})
+    row = [r["name"], m["norm"], m["ffn_norm"],
+           m["ffn_norm_position"] if m["ffn_norm"] != "none" else "-"]
+    row += ["-" if m.get(key) is None else str(m.get(key)) for key, _ in knobs]
+    row += [_percent(final.get("eval/top1")), _number(final.get("eval/loss")),
+            _number(final.get("train/loss")), status_text(r)]
+    if show_tp:
+      row.append(_throughput_text(r))
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def _benchmark_section(doc: dict) -> str:
+  bench = doc.get("benchmark") or {}
+  sweep_dir = doc["dir"]
+  if not bench:
+    return "_benchmark not run yet_"
+  text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else ""),
+          "", "command: `" + " ".join(bench.get("command", [])) + "`", ""]
+  try:
+    with open(os.path.join(sweep_dir, bench.get("log", "benchmark.log")), encoding="utf-8") as f:
+      log = f.read()
+  except OSError:
+    log = ""
+  # The benchmark prints its table last; show the output of the last invocation.
+  table = log.rsplit("\n$ ", 1)[-1].split("\n", 1)[-1].strip() if log else ""
+  if table:
+    text += ["```", table, "```"]
+  return "\n".join(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _finite(points):
+  pts = [(s, v) for s, v in points if math.isfinite(v)]
+  return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _diverged_step(run):
+  return run.get("step") if run.get("status") == "diverged" else None
+
+
+def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, percent=False) -> bool:
+  """One line per run of `key` vs step; diverged runs end in an x with 'diverged @ step'."""
+  runs = [r for r in doc["runs"] if _finite(r["series"].get(key, []))[0]]
+  if not runs:
+    return False
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for r in runs:
+    steps, values = _finite(r["series"][key])
+    if percent and max(values) <= 1.0:
+      values = [100 * v for v in values]
+    label = r["name"]
+    stop = _diverged_step(r)
+    if stop is not None:
+      label += f" (diverged @ {stop})"
+    (line,) = ax.plot(steps, values, label=label, lw=1.4,
+                      ls="--" if stop is not None else "-", marker="o" if len(steps) < 15 else None, ms=3)
+    if stop is not None:
+      ax.plot(steps[-1], values[-1], "x", color=line.get_color(), ms=12, mew=3)
+      ax.axvline(stop, color=line.get_color(), ls=":", lw=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel + (" (%)" if percent else ""))
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_title(f"{doc['sweep']}: {ylabel}")
+  ax.grid(True, alpha=0.3, which="both")
+  ax.legend(fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def plot_diagnostics(doc: dict, path: str) -> bool:
+  """A row per run, a column per diagnostic, a line per block (dark = first, light = last)."""
+  rows = [(r, results_lib.block_diagnostics(r["series"])) for r in doc["runs"]]
+  rows = [(r, d) for r, d in rows if d]
+  cols = [(k, label) for k, label in DIAGNOSTICS if any(k in d for _, d in rows)]
+  if not rows or not cols:
+    return False
+  plt = _plt()
+  fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols), 2.6 * len(rows) + 0.6),
+                           sharex=True, sharey="col", squeeze=False)
+  cmap = plt.get_cmap("viridis")
+  for i, (r, diag) in enumerate(rows):
+    stop = _diverged_step(r)
+    for j, (key, label) in enumerate(cols):
+      ax = axes[i][j]
+      blocks = diag.get(key, {})
+      for b in sorted(blocks):
+        steps, values = _finite(blocks[b])
+        if steps:
+          ax.plot(steps, [max(v, 1e-12) for v in values], color=cmap(b / max(len(blocks) - 1, 1)),
+                  lw=1.2, label=f"block {b}")
+      if stop is not None:
+        ax.axvline(stop, color="red", ls="--", lw=1)
+      ax.set_yscale("log")
+      ax.grid(True, alpha=0.3, which="both")
+      if i == 0:
+        ax.set_title(label)
+      if j == 0:
+        ax.set_ylabel(r["name"] + ("\n(diverged)" if stop is not None else ""), fontsize=10,
+                      color="red" if stop is not None else "black")
+      if i == len(rows) - 1:
+        ax.set_xlabel("step")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  for row in axes:
+    for ax in row:
+      h, l = ax.get_legend_handles_labels()
+      if len(h) > len(handles):
+        handles, labels = h, l
+  if handles:
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(len(handles), 12))
+  fig.suptitle(f"{doc['sweep']}: per-block diagnostics (red dashes: divergence)", x=0.01, ha="left")
+  fig.tight_layout(rect=(0, 0, 1, 0.97))
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+
+def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
+  """Writes the sweep's plots into plot_dir and returns its markdown section."""
+  lines = [f"## {doc['sweep']}", ""]
+  if doc.get("question"):
+    lines += [f"_{doc['question']}_", ""]
+  if doc.get("num_steps"):
+    lines += [f"{doc['num_steps']} training steps per run.", ""]
+  if "benchmark" in doc or (not doc.get("runs") and doc["sweep"].startswith("inference_speed")):
+    lines.append(_benchmark_section(doc))
+    return "\n".join(lines)
+  lines.append(markdown_table(doc["runs"]))
+  notes = [f"- `{r['name']}`: {r['note']}" for r in doc["runs"] if r.get("note")]
+  if notes:
+    lines += [""] + notes
+  os.makedirs(plot_dir, exist_ok=True)
+  plots = []
+  for name, made in (
+      ("loss.png", plot_curves(doc, "train/loss", "train loss", os.path.join(plot_dir, "loss.png"), log_y=True)),
+      ("eval_top1.png", plot_curves(doc, "eval/top1", "eval top-1", os.path.join(plot_dir, "eval_top1.png"), percent=True)),
+      ("diagnostics.png", plot_diagnostics(doc, os.path.join(plot_dir, "diagnostics.png")))):
+    if made:
+      plots.append(f"![{name}]({os.path.relpath(os.path.join(plot_dir, name), rel_to)})")
+  if plots:
+    lines += [""] + plots
+  return "\n".join(lines)
+
+
+def find_sweep_dirs(root: str, names: Optional[List[str]] = None) -> List[str]:
+  if not os.path.isdir(root):
+    raise UserError(f"--root: {root} is not a directory; give the --root a sweep was run with")
+  if names:
+    for name in names:
+      sweeps_lib.get_sweep(name)
+      if not os.path.isdir(os.path.join(root, name)):
+        raise UserError(f"--sweep: {name} has no directory in {root}; run it first "
+                        f"(python -m experiments.run_sweep --sweep {name} --root {root})")
+    candidates = names
+  else:
+    known = list(sweeps_lib.SWEEPS)
+    present = sorted(os.listdir(root))
+    candidates = [n for n in known if n in present] + [n for n in present if n not in known]
+  dirs = [os.path.join(root, n) for n in candidates
+          if os.path.isdir(os.path.join(root, n)) and (
+              os.path.exists(os.path.join(root, n, run_sweep.RESULTS))
+              or os.path.exists(os.path.join(root, n, run_sweep.MANIFEST)))]
+  if not dirs:
+    raise UserError(f"--root: no sweep results under {root}; run one first, e.g. "
+                    f"python -m experiments.run_sweep --sweep norm_variants_cpu --root {root}")
+  return dirs
+
+
+def make_report(root: str, *, sweeps: Optional[List[str]] = None, out: Optional[str] = None) -> str:
+  """Writes plots and <out>/report.md for the sweeps under root; returns the markdown."""
+  sweep_dirs = find_sweep_dirs(root, sweeps)
+  out = out or root
+  os.makedirs(out, exist_ok=True)
+  sections = ["# vitnorm sweep report", ""]
+  for sweep_dir in sweep_dirs:
+    doc = load_sweep(sweep_dir)
+    if doc is None:
+      continue
+    sections += [sweep_section(doc, os.path.join(out, doc["sweep"]), out), ""]
+  text = "\n".join(sections)
+  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  return text
+
+
+@exit_on_user_error
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
+  parser.add_argument("--root", required=True, help="the --root the sweeps were run with")
+  parser.add_argument("--sweep", action="append", help="only this sweep (repeatable); default: all under root")
+  parser.add_argument("--out", default=None, help="where report.md and the plots go (default: ROOT)")
+  args = parser.parse_args(argv)
+  print(make_report(args.root, sweeps=args.sweep, out=args.out))
+  print(f"\nwritten: {os.path.join(args.out or args.root, 'report.md')}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,396 @@
+"""Runs a named sweep: one `python -m vitnorm.train` process per run, results in ROOT/<sweep>/.
+
+    python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ [--num_steps 300]
+    python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --dry_run   # commands only
+    python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --resume    # continue it
+
+Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/train.log).
+- A diverged run (the paper's "crash") is a result, not an error: it is recorded and the sweep goes on.
+- Finished runs (status.json: completed or diverged) are never run again. An interrupted run is
+  run again with the same command and the trainer resumes it from its latest checkpoint.
+- A sweep directory that already exists is only continued with --resume (with the --num_steps it
+  was started with), so results of different settings never mix and nothing is overwritten.
+- With --evaluate, `python -m vitnorm.evaluate --workdir <run>` runs after each completed training.
+- After every run, ROOT/<sweep>/results.json is rewritten with what is known so far.
+- Ctrl-C or SIGTERM: the training in progress saves a checkpoint and stops (the trainer does
+  that), results.json is written, and the same command with --resume continues later.
+Exit status: 0 when every run finished (completed or diverged), 1 if a run failed (an error in
+the trainer, e.g. a bad override), 2 for bad arguments, 130/143 when interrupted.
+"""
+import argparse
+import datetime
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+from experiments import results as results_lib
+from experiments import sweeps as sweeps_lib
+from vitnorm.errors import UserError, exit_on_user_error
+
+# Commands run from the project root, where the config paths (configs/...) are.
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFEST = "sweep.json"
+RESULTS = "results.json"
+
+
+class Interrupted(Exception):
+  """The sweep was stopped by SIGINT / SIGTERM; `signum` says which."""
+
+  def __init__(self, signum):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def train_command(run: sweeps_lib.Run, workdir: str, *, num_steps: Optional[int] = None,
+                  python: str = sys.executable, train_module: str = "vitnorm.train") -> List[str]:
+  cmd = [python, "-m", train_module, f"--config={run.config}", f"--workdir={workdir}"]
+  if num_steps is not None:
+    cmd.append(f"--config.num_steps={num_steps}")
+  return cmd + run.override_flags()
+
+
+def evaluate_command(sweep: sweeps_lib.Sweep, workdir: str, *, python: str = sys.executable,
+                     evaluate_module: str = "vitnorm.evaluate") -> List[str]:
+  return [python, "-m", evaluate_module, f"--workdir={workdir}", *sweep.evaluate_args]
+
+
+def benchmark_command(sweep: sweeps_lib.Sweep, sweep_dir: str, *, python: str = sys.executable,
+                      benchmark_module: str = "vitnorm.benchmark") -> List[str]:
+  return [python, "-m", benchmark_module, *sweep.benchmark_args,
+          f"--output={os.path.join(sweep_dir, 'benchmark.json')}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep directory
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_writable(root: str) -> None:
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise UserError(f"--root: {root} is a file, not a directory; choose a directory for the sweep outputs")
+  try:
+    os.makedirs(root, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=root, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise UserError(f"--root: cannot write to {root} ({e.strerror or e}); choose a writable directory") from None
+
+
+def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool) -> str:
+  """Checks the root and the --resume rules; creates ROOT/<sweep> and its manifest."""
+  _check_writable(root)
+  sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
+  manifest_path = os.path.join(sweep_dir, MANIFEST)
+  manifest = results_lib.read_json(manifest_path)
+  started = manifest is not None or (os.path.isdir(sweep_dir) and any(
+      os.path.isdir(os.path.join(sweep_dir, r.name)) for r in sweep.runs))
+  if started and not resume:
+    raise UserError(
+        f"--root: {sweep_dir} already holds this sweep from an earlier invocation; pass --resume "
+        "to continue it (finished runs are skipped, interrupted ones resume from their checkpoints)"
+        " or choose another --root")
+  if manifest is not None and manifest.get("num_steps") != num_steps:
+    raise UserError(
+        f"--num_steps: {sweep_dir} was started with --num_steps {manifest.get('num_steps')}, not "
+        f"{num_steps}; resume with the same value (results of different lengths must not mix) or "
+        "choose another --root")
+  os.makedirs(sweep_dir, exist_ok=True)
+  if manifest is None:
+    results_lib.write_json(manifest_path, {
+        "sweep": sweep.name, "num_steps": num_steps,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+  return sweep_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Running commands
+# ----------------------------------------------------------------------------------------------
+
+_child: Optional[subprocess.Popen] = None
+
+
+def _on_sigterm(signum, frame):
+  del frame
+  if _child is not None and _child.poll() is None:
+    _child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
+  raise Interrupted(signum)
+
+
+def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None):
+  """Runs `cmd` from the project root, appending its output to `log_path`.
+
+  Returns (exit code, the last 'error: ...' line it printed or else its last line). On an
+  interruption, waits for the child to finish saving before re-raising.
+  """
+  out = out or sys.stdout
+  global _child
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  last_line, error_line = "", ""
+  with open(log_path, "a", encoding="utf-8") as log:
+    log.write(f"\n$ {shlex.join(cmd)}\n")
+    log.flush()
+    _child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace")
+    try:
+      for line in _child.stdout:
+        log.write(line)
+        log.flush()  # so `tail -f train.log` follows the run
+        if verbose:
+          out.write("    " + line)
+          out.flush()
+        if line.strip():
+          last_line = line.strip()
+          if last_line.startswith("error:"):
+            error_line = last_line
+      rc = _child.wait()
+    except BaseException:
+      # Ctrl-C reached the child too (same process group); SIGTERM was forwarded. Let it save.
+      try:
+        _child.wait(timeout=300)
+      except subprocess.TimeoutExpired:
+        _child.kill()
+      raise
+    finally:
+      _child = None
+  return rc, error_line or last_line
+
+
+def _elapsed(seconds: float) -> str:
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _describe(summary: dict) -> str:
+  state = summary["status"]
+  if state == "diverged":
+    return f"diverged at step {summary['step']}"
+  if state == "completed":
+    top1 = summary["final"].get("eval/top1")
+    return f"completed at step {summary['step']}" + (f", eval top-1 {top1:.4g}" if top1 is not None else "")
+  if state == "failed":
+    return f"failed: {summary.get('error')}"
+  return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+
+
+def _results_doc(sweep, num_steps, summaries, benchmark=None):
+  doc = {
+      "sweep": sweep.name, "scale": sweep.scale, "question": sweep.question,
+      "num_steps": num_steps,
+      "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "runs": summaries,
+  }
+  if benchmark is not None:
+    doc["benchmark"] = benchmark
+  return doc
+
+
+def collect(sweep, sweep_dir: str, extra: Optional[dict] = None) -> List[dict]:
+  """Summaries of every run of the sweep, as found on disk (+ runner notes from `extra`)."""
+  summaries = []
+  for run in sweep.runs:
+    summary = results_lib.summarize_run(run, os.path.join(sweep_dir, run.name))
+    summary["workdir"] = run.name  # relative to the sweep directory
+    summary.update((extra or {}).get(run.name, {}))
+    if summary.get("error") and summary["status"] not in results_lib.FINISHED + ("preempted",):
+      summary["status"] = "failed"  # the trainer stopped with an error and wrote no status
+    summaries.append(summary)
+  return summaries
+
+
+def print_dry_run(sweep, root: str, *, num_steps, evaluate, out=None, **modules) -> None:
+  out = out or sys.stdout
+  sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
+  out.write(f"# sweep {sweep.name}: {sweep.question}\n# commands run from {PROJECT_ROOT}\n")
+  if sweep.is_benchmark:
+    out.write(shlex.join(benchmark_command(sweep, sweep_dir, **_pick(modules, "python", "benchmark_module"))) + "\n")
+    return
+  for run in sweep.runs:
+    workdir = os.path.join(sweep_dir, run.name)
+    status = results_lib.read_status(workdir)
+    if status and status.get("status") in results_lib.FINISHED:
+      out.write(f"# {run.name}: already {status['status']} (skipped)\n")
+    else:
+      out.write(f"# {run.name}: {run.note}\n")
+    out.write(shlex.join(train_command(run, workdir, num_steps=num_steps,
+                                       **_pick(modules, "python", "train_module"))) + "\n")
+    if evaluate:
+      out.write(shlex.join(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module"))) + "\n")
+
+
+def _pick(d, *keys):
+  return {k: d[k] for k in keys if k in d}
+
+
+def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) -> dict:
+  out = out or sys.stdout
+  previous = results_lib.read_json(os.path.join(sweep_dir, RESULTS)) or {}
+  bench = previous.get("benchmark") or {}
+  if bench.get("status") == "completed":
+    out.write(f"{sweep.name}: benchmark already completed (skipped)\n")
+    return bench
+  cmd = benchmark_command(sweep, sweep_dir, **_pick(modules, "python", "benchmark_module"))
+  log_path = os.path.join(sweep_dir, "benchmark.log")
+  out.write(f"{sweep.name}: benchmarking (log: {log_path})\n")
+  out.flush()
+  start = time.time()
+  rc, last = execute(cmd, log_path, verbose=verbose, out=out)
+  bench = {"command": cmd, "status": "completed" if rc == 0 else "failed", "log": "benchmark.log",
+           "wall_s": round(time.time() - start, 1)}
+  if rc != 0:
+    bench["error"] = last
+  if os.path.exists(os.path.join(sweep_dir, "benchmark.json")):
+    bench["output"] = "benchmark.json"
+  results_lib.write_json(os.path.join(sweep_dir, RESULTS), _results_doc(sweep, None, [], bench))
+  out.write(f"{sweep.name}: benchmark {bench['status']} ({_elapsed(bench['wall_s'])})"
+            + (f": {last}" if rc else "") + "\n")
+  return bench
+
+
+def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool = False,
+              evaluate: bool = False, verbose: bool = False, out=None, **modules) -> dict:
+  """Runs (or continues) a sweep and returns the results document written to results.json.
+
+  `modules` may replace the commands' python / train_module / evaluate_module /
+  benchmark_module (the tests use a fake trainer).
+  """
+  out = out or sys.stdout
+  if sweep.is_benchmark and num_steps is not None:
+    raise UserError(f"--num_steps: {sweep.name} trains nothing (it runs the benchmark); leave it out")
+  sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume)
+  results_path = os.path.join(sweep_dir, RESULTS)
+  if sweep.is_benchmark:
+    return _results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
+
+  # Runner notes that are not in the run's own files (failures, wall time), kept across resumes.
+  previous = results_lib.read_json(results_path) or {}
+  extra = {r["name"]: {k: r[k] for k in ("error", "wall_s", "eval_error") if k in r}
+           for r in previous.get("runs", []) if isinstance(r, dict) and "name" in r}
+  out.write(f"sweep {sweep.name} ({len(sweep.runs)} runs) in {sweep_dir}\n")
+
+  def save():
+    doc = _results_doc(sweep, num_steps, collect(sweep, sweep_dir, extra))
+    results_lib.write_json(results_path, doc)
+    return doc
+
+  save()
+  try:
+    _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, modules)
+  finally:
+    doc = save()  # also when interrupted: what is known so far, failures included
+  return doc
+
+
+def _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, modules):
+  for i, run in enumerate(sweep.runs, 1):
+    tag = f"[{i}/{len(sweep.runs)}] {run.name}"
+    workdir = os.path.join(sweep_dir, run.name)
+    summary = results_lib.summarize_run(run, workdir)
+    if summary["status"] in results_lib.FINISHED:
+      out.write(f"{tag}: already {_describe(summary)} (skipped)\n")
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      out.write(f"{tag}: training{' (resuming)' if summary['status'] != 'not_run' else ''}"
+                f" -- log: {os.path.join(workdir, 'train.log')}\n")
+      out.flush()
+      start = time.time()
+      rc, last = execute(train_command(run, workdir, num_steps=num_steps,
+                                       **_pick(modules, "python", "train_module")),
+                         os.path.join(workdir, "train.log"), verbose=verbose, out=out)
+      note = extra.setdefault(run.name, {})
+      note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
+      note.pop("error", None)
+      summary = results_lib.summarize_run(run, workdir)
+      if summary["status"] not in results_lib.FINISHED + ("preempted",):
+        note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 but wrote no status.json"
+        summary["status"] = "failed"
+      summary["error"] = note.get("error")
+      out.write(f"{tag}: {_describe(summary)} ({_elapsed(time.time() - start)})\n")
+    if evaluate and summary["status"] == "completed" and not os.path.exists(
+        os.path.join(workdir, "evaluation.json")):
+      out.write(f"{tag}: evaluating\n")
+      out.flush()
+      rc, last = execute(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module")),
+                         os.path.join(workdir, "evaluate.log"), verbose=verbose, out=out)
+      if rc:
+        extra.setdefault(run.name, {})["eval_error"] = last or f"exit code {rc}"
+        out.write(f"{tag}: evaluation failed: {last}\n")
+      else:
+        extra.setdefault(run.name, {}).pop("eval_error", None)
+    save()
+
+
+def _positive_int(text):
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+  return value
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.run_sweep", description=__doc__.split("\n")[0],
+      epilog="sweeps: " + ", ".join(sweeps_lib.SWEEPS))
+  parser.add_argument("--sweep", required=True, help="sweep name, e.g. norm_variants_cpu (see experiments/README.md)")
+  parser.add_argument("--root", required=True, help="directory for the sweep's outputs: ROOT/<sweep>/<run>")
+  parser.add_argument("--dry_run", action="store_true", help="print the exact commands and run nothing")
+  parser.add_argument("--num_steps", type=_positive_int, default=None,
+                      help="training steps of every run (default: each config's own)")
+  parser.add_argument("--resume", action="store_true", help="continue a sweep that was started before")
+  parser.add_argument("--evaluate", action="store_true",
+                      help="run python -m vitnorm.evaluate (accuracy + img/s) after each completed run")
+  parser.add_argument("--verbose", action="store_true", help="echo the trainer's output (it always goes to train.log)")
+  parser.add_argument("--train_module", default="vitnorm.train", help="python module that trains (for tests)")
+  parser.add_argument("--evaluate_module", default="vitnorm.evaluate", help="python module that evaluates")
+  parser.add_argument("--benchmark_module", default="vitnorm.benchmark", help="python module that benchmarks")
+  return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None):
+  args = parse_args(argv)
+  sweep = sweeps_lib.get_sweep(args.sweep)
+  modules = dict(train_module=args.train_module, evaluate_module=args.evaluate_module,
+                 benchmark_module=args.benchmark_module)
+  if args.dry_run:
+    print_dry_run(sweep, args.root, num_steps=args.num_steps, evaluate=args.evaluate, **modules)
+    return 0
+  previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    doc = run_sweep(sweep, args.root, num_steps=args.num_steps, resume=args.resume,
+                    evaluate=args.evaluate, verbose=args.verbose, **modules)
+  except (Interrupted, KeyboardInterrupt) as e:
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    print(f"\nstopped by {signal.Signals(signum).name}; continue with the same command plus --resume",
+          file=sys.stderr)
+    return 128 + signum
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+  runs = doc["runs"] + ([doc["benchmark"]] if "benchmark" in doc else [])
+  counts = {}
+  for r in runs:
+    counts[r["status"]] = counts.get(r["status"], 0) + 1
+  print(f"{sweep.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; results in {os.path.join(os.path.abspath(args.root), sweep.name, RESULTS)}; "
+        f"report: python -m experiments.report --root {args.root}")
+  return 1 if counts.get("failed") else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

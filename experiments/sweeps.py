@@ -1,0 +1,193 @@
+"""The paper's ablations as named sweeps, each at two scales.
+
+A sweep is a named list of runs; a run is (name, config file with its `:args`, `--config.x=y`
+overrides). The runner (`experiments.run_sweep`) trains each run in `ROOT/<sweep>/<run>` with
+
+    python -m vitnorm.train --config CONFIG --workdir ROOT/<sweep>/<run> [--config.num_steps=N] OVERRIDES
+
+Every ablation exists at two scales, named `<ablation>_cpu` and `<ablation>_imagenet`:
+
+  cpu       configs/quickstart.py on the offline `mnist5k` digits: minutes per run on a 2-core CPU.
+  imagenet  configs/deit.py (the DeiT recipe, 300 epochs on imagenet2012): for GPU/TPU hosts.
+
+The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Transformers"):
+
+  norm_variants    LN; BN everywhere (the paper: training crashes); BN + FFN-BN (the paper's fix);
+                   LN + FFN-BN; RMSNorm; no norm at all.
+  ffn_position     where the FFN BN sits: after the first Dense (pre_act, before GELU) or after GELU.
+  bn_sync          BN statistics over the whole global batch (synchronised across devices) vs ghost
+                   batches (per-device statistics, as PyTorch DDP without SyncBN) of smaller sizes.
+  bn_momentum      decay of the running averages used at inference (Flax convention: 0.9 = PyTorch 0.1).
+  bn_epsilon       the BN epsilon.
+  bn_cls           the CLS token inside vs outside the BN statistics.
+  inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm, img/s.
+
+The BN knob sweeps vary one knob of the paper's model (BN + FFN-BN, pre_act) and keep the rest.
+This module only describes commands; it imports nothing heavy (no JAX).
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+from vitnorm.errors import UserError
+
+SCALES = ("cpu", "imagenet")
+
+# Config file (with its `:args` prefix) for each scale; `{norm}` / `{ffn_norm}` are the short
+# names the configs accept (ln | bn | rms | none).
+CONFIG_TEMPLATES = {
+    "cpu": "configs/quickstart.py:norm={norm},ffn_norm={ffn_norm}",
+    # DeiT-Ti is the size of the public reproduction (LN 71.89, BN 68.70, BN + FFN-BN 69.04).
+    "imagenet": "configs/deit.py:variant=Ti/16,norm={norm},ffn_norm={ffn_norm}",
+}
+
+# Arguments of `python -m vitnorm.evaluate --workdir D` after training (runner's --evaluate).
+EVALUATE_ARGS = {
+    "cpu": ("--batch_sizes=64",),
+    "imagenet": ("--batch_sizes=64,256",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+
+  name: str  # Directory name under ROOT/<sweep>/ and the row label in the report.
+  config: str  # Config file with its :args, e.g. 'configs/quickstart.py:norm=bn,ffn_norm=bn'.
+  overrides: Tuple[Tuple[str, str], ...] = ()  # (field, value) pairs -> --config.field=value.
+  note: str = ""  # What this run stands for in the sweep's question.
+
+  def override_flags(self):
+    """The overrides as command-line flags: ['--config.model.bn_momentum=0.99', ...]."""
+    return [f"--config.{field}={value}" for field, value in self.overrides]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A named ablation: the question it asks and the runs that answer it."""
+
+  name: str  # '<ablation>_<scale>', e.g. 'norm_variants_cpu'.
+  scale: str  # 'cpu' or 'imagenet'.
+  question: str  # What the sweep asks, one sentence (shown by --dry_run and the report).
+  runs: Tuple[Run, ...] = ()  # Training runs (empty for a benchmark sweep).
+  benchmark_args: Optional[Tuple[str, ...]] = None  # Set: a `python -m vitnorm.benchmark` sweep.
+  evaluate_args: Tuple[str, ...] = ()  # Arguments of the optional evaluate command.
+
+  @property
+  def is_benchmark(self) -> bool:
+    return self.benchmark_args is not None
+
+
+def _config(scale, norm, ffn_norm):
+  return CONFIG_TEMPLATES[scale].format(norm=norm, ffn_norm=ffn_norm)
+
+
+def _run(scale, name, norm, ffn_norm, overrides=(), note=""):
+  return Run(name, _config(scale, norm, ffn_norm), tuple((k, str(v)) for k, v in overrides), note)
+
+
+# The paper's model: BN everywhere plus a BN inside the FFN (pre_act: after Dense_0, before GELU).
+def _paper_model(scale, name, overrides=(), note=""):
+  return _run(scale, name, "bn", "bn", overrides, note)
+
+
+def _norm_variants(scale):
+  return Sweep(
+      f"norm_variants_{scale}", scale,
+      "Does BN everywhere crash, does a BN inside the FFN fix it, and how do the BN models compare "
+      "with LN, RMSNorm and no norm?",
+      (
+          _run(scale, "ln", "ln", "none", note="the standard ViT"),
+          _run(scale, "bn", "bn", "none", note="BN replaces every LN (the paper: crashes)"),
+          _run(scale, "bn_ffnbn", "bn", "bn", note="the paper's fix: BN + a BN inside the FFN"),
+          _run(scale, "ln_ffnbn", "ln", "bn", note="LN + a BN inside the FFN"),
+          _run(scale, "rms", "rms", "none", note="RMSNorm everywhere"),
+          _run(scale, "none", "none", "none", note="no norm at all"),
+      ),
+      evaluate_args=EVALUATE_ARGS[scale])
+
+
+def _ffn_position(scale):
+  runs = []
+  for norm in ("bn", "ln"):
+    for position in ("pre_act", "post_act"):
+      runs.append(_run(scale, f"{norm}_ffnbn_{position}", norm, "bn",
+                       [("model.ffn_norm_position", position)],
+                       note=f"{norm.upper()} + FFN BN {'before' if position == 'pre_act' else 'after'} GELU"))
+  return Sweep(f"ffn_position_{scale}", scale,
+               "Should the FFN BN sit after the first Dense (before GELU) or after GELU?",
+               tuple(runs), evaluate_args=EVALUATE_ARGS[scale])
+
+
+# Ghost-batch sizes: the per-device batch of a typical multi-device run, and a smaller one.
+# cpu: quickstart batch 128 on 2 CPU devices (64 each); imagenet: DeiT's 1024 over 8 GPUs (128 each).
+_GHOST_SIZES = {"cpu": (64, 16), "imagenet": (128, 32)}
+_MOMENTA = {"cpu": (0.5, 0.9, 0.99), "imagenet": (0.9, 0.99, 0.999)}
+_EPSILONS = (1e-5, 1e-3, 1e-1)
+
+
+def _bn_sync(scale):
+  runs = [_paper_model(scale, "global", note="statistics over the whole global batch (synced)")]
+  for size in _GHOST_SIZES[scale]:
+    runs.append(_paper_model(scale, f"ghost_{size}", [("model.bn_group_size", size)],
+                             note=f"ghost batches of {size} examples (per-device statistics)"))
+  return Sweep(f"bn_sync_{scale}", scale,
+               "Do BN statistics need cross-device synchronisation, or do per-device ghost batches do "
+               "as well (or better)?", tuple(runs), evaluate_args=EVALUATE_ARGS[scale])
+
+
+def _bn_momentum(scale):
+  runs = tuple(_paper_model(scale, f"momentum_{m:g}", [("model.bn_momentum", m)],
+                            note=f"running averages decay {m:g} per step")
+               for m in _MOMENTA[scale])
+  return Sweep(f"bn_momentum_{scale}", scale,
+               "How much does the BN running-average momentum (the inference statistics) matter?",
+               runs, evaluate_args=EVALUATE_ARGS[scale])
+
+
+def _bn_epsilon(scale):
+  runs = tuple(_paper_model(scale, f"epsilon_{e:g}", [("model.bn_epsilon", e)],
+                            note=f"BN epsilon {e:g}") for e in _EPSILONS)
+  return Sweep(f"bn_epsilon_{scale}", scale, "Does the BN epsilon change stability or accuracy?",
+               runs, evaluate_args=EVALUATE_ARGS[scale])
+
+
+def _bn_cls(scale):
+  token = ("model.classifier", "token")  # the CLS knob needs a CLS token
+  runs = (
+      _paper_model(scale, "cls_in", [token, ("model.bn_include_cls", True)],
+                   note="CLS token inside the BN statistics (the reproduction's choice)"),
+      _paper_model(scale, "cls_out", [token, ("model.bn_include_cls", False)],
+                   note="CLS token normalized with the patch tokens' statistics only"),
+  )
+  return Sweep(f"bn_cls_{scale}", scale,
+               "Should the CLS token take part in the BN statistics?", runs,
+               evaluate_args=EVALUATE_ARGS[scale])
+
+
+# `python -m vitnorm.benchmark`: the paper's inference comparison (LN, BN folded / unfolded,
+# BN + FFN-BN folded, RMSNorm, no norm), measured interleaved in one process.
+_BENCHMARK_ARGS = {
+    "cpu": ("--variant=S/16", "--image_size=224", "--batch_sizes=8", "--iterations=5", "--repeats=3"),
+    "imagenet": ("--variant=S/16", "--image_size=224", "--batch_sizes=64,256", "--iterations=50",
+                 "--repeats=5"),
+}
+
+
+def _inference_speed(scale):
+  return Sweep(f"inference_speed_{scale}", scale,
+               "Is a BN ViT with BN folded into the Dense layers faster at inference than the LN ViT "
+               "(the paper: about 20%), and does it reach the no-norm floor?",
+               benchmark_args=_BENCHMARK_ARGS[scale])
+
+
+_ABLATIONS = (_norm_variants, _ffn_position, _bn_sync, _bn_momentum, _bn_epsilon, _bn_cls,
+              _inference_speed)
+
+SWEEPS = {s.name: s for s in (make(scale) for scale in SCALES for make in _ABLATIONS)}
+
+
+def get_sweep(name: str) -> Sweep:
+  """The sweep called `name`; a UserError listing the valid names otherwise."""
+  if name not in SWEEPS:
+    raise UserError(f"--sweep: unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")
+  return SWEEPS[name]

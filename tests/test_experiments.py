@@ -1,0 +1,386 @@
+"""Tests of experiments/: the sweep definitions, the runner (with a fake trainer) and the report."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from experiments import report
+from experiments import results as results_lib
+from experiments import run_sweep
+from experiments import sweeps as sweeps_lib
+from vitnorm import vit
+from vitnorm.errors import UserError
+
+# A stand-in for `python -m vitnorm.train` that follows the trainer's file contract:
+# - norm=bn with ffn_norm=none diverges at step 3 (NaN loss), writes status diverged, exits 1;
+# - --config.model.bn_momentum=0.5 fails like a bad override: 'error: ...' and exit 2;
+# - FAKE_KILL_AT=k: the first attempt dies at step k (checkpoint at k - 1, no status), the next
+#   attempt resumes from the checkpoint and logs steps k.. again;
+# - otherwise trains to --config.num_steps (default 6) and writes status completed.
+FAKE_TRAINER = textwrap.dedent('''
+    import json, math, os, sys
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    wd = flags["workdir"]
+    cfg_args = dict(kv.split("=") for kv in flags["config"].split(":", 1)[1].split(","))
+    num_steps = int(flags.get("config.num_steps", 6))
+    with open(os.path.join(wd, "invocations"), "a") as f:
+      f.write(" ".join(sys.argv[1:]) + "\\n")
+    if flags.get("config.model.bn_momentum") == "0.5":
+      print("error: model.bn_momentum: fake trainer refuses 0.5", file=sys.stderr)
+      sys.exit(2)
+    long = {"ln": "layer", "bn": "batch", "rms": "rms", "none": "none"}
+    model = {"norm": long[cfg_args["norm"]], "ffn_norm": long[cfg_args["ffn_norm"]]}
+    model.update({k[13:]: json.loads(v.lower()) if v[0].isdigit() or v in ("True", "False") else v
+                  for k, v in flags.items() if k.startswith("config.model.")})
+    json.dump({"model": model, "num_steps": num_steps}, open(os.path.join(wd, "config.json"), "w"))
+    ckpt = os.path.join(wd, "checkpoints")
+    start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    kill_at = int(os.environ.get("FAKE_KILL_AT", 0))
+    diverge_at = 3 if model["norm"] == "batch" and model["ffn_norm"] == "none" else None
+    log = open(os.path.join(wd, "metrics.jsonl"), "a")
+    last = {}
+    for step in range(start + 1, num_steps + 1):
+      if step == kill_at and not os.path.exists(os.path.join(wd, "killed")):
+        open(os.path.join(wd, "killed"), "w").close()
+        open(ckpt, "w").write(str(step - 1))
+        log.write('{"step": %d, "train/lo' % step)  # a line cut off by the kill
+        sys.exit(137)
+      loss = float("nan") if step == diverge_at else 2.0 / step
+      rec = {"step": step, "train/loss": loss}
+      for b in range(2):
+        rec[f"diag/block_{b}/residual_rms"] = (b + 1) * step * (100 if diverge_at else 1)
+        rec[f"diag/block_{b}/ffn_hidden_rms"] = 0.5 * (b + 1)
+        rec[f"diag/block_{b}/max_attention_logit"] = 3.0 + b
+        rec[f"diag/block_{b}/grad_norm"] = 1.0 / step
+      log.write(json.dumps(rec) + "\\n")
+      if step == diverge_at:
+        json.dump({"status": "diverged", "step": step, "metrics": last},
+                  open(os.path.join(wd, "status.json"), "w"))
+        print("error: training diverged at step %d (loss nan)" % step, file=sys.stderr)
+        sys.exit(1)
+      last = {"train/loss": loss}
+      if step % 2 == 0:
+        last.update({"eval/top1": 0.5 + step / 100, "eval/loss": 1.0 / step})
+        log.write(json.dumps({"step": step, "eval/top1": last["eval/top1"],
+                              "eval/loss": last["eval/loss"]}) + "\\n")
+    json.dump({"status": "completed", "step": num_steps, "metrics": last},
+              open(os.path.join(wd, "status.json"), "w"))
+''')
+
+# What the fake evaluate writes to evaluation.json.
+FAKE_EVALUATION = {
+    "accuracy": {"top1": 0.6},
+    "throughput": [{"model": "unfolded", "batch_size": 64, "images_per_second": {"median": 100.0}},
+                   {"model": "folded", "batch_size": 64, "images_per_second": {"median": 125.0}},
+                   {"model": "folded", "batch_size": 8, "images_per_second": {"median": 90.0}}],
+}
+FAKE_EVALUATE = textwrap.dedent(f'''
+    import json, os, sys
+    wd = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workdir=")][0]
+    json.dump({FAKE_EVALUATION!r}, open(os.path.join(wd, "evaluation.json"), "w"))
+''')
+
+TEST_SWEEP = sweeps_lib.Sweep(
+    "fake_cpu", "cpu", "Does the fake trainer behave?",
+    runs=(
+        sweeps_lib.Run("ln", "configs/quickstart.py:norm=ln,ffn_norm=none", note="LN"),
+        sweeps_lib.Run("bn", "configs/quickstart.py:norm=bn,ffn_norm=none", note="BN only"),
+        sweeps_lib.Run("bn_ffnbn", "configs/quickstart.py:norm=bn,ffn_norm=bn",
+                       (("model.bn_momentum", "0.99"),), note="the fix"),
+        sweeps_lib.Run("bad", "configs/quickstart.py:norm=bn,ffn_norm=bn",
+                       (("model.bn_momentum", "0.5"),), note="a bad override"),
+    ),
+    evaluate_args=("--batch_sizes=64",))
+
+
+@pytest.fixture
+def fake_modules(tmp_path, monkeypatch):
+  """Fake trainer/evaluate modules importable by the runner's subprocesses; TEST_SWEEP registered."""
+  mod_dir = tmp_path / "fake_mods"
+  mod_dir.mkdir()
+  (mod_dir / "fake_train.py").write_text(FAKE_TRAINER)
+  (mod_dir / "fake_evaluate.py").write_text(FAKE_EVALUATE)
+  monkeypatch.setenv("PYTHONPATH", f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  monkeypatch.setitem(sweeps_lib.SWEEPS, TEST_SWEEP.name, TEST_SWEEP)
+  return ["--train_module=fake_train", "--evaluate_module=fake_evaluate"]
+
+
+def _invocations(workdir):
+  path = os.path.join(workdir, "invocations")
+  return open(path).read().splitlines() if os.path.exists(path) else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep definitions
+# ----------------------------------------------------------------------------------------------
+
+ABLATIONS = ("norm_variants", "ffn_position", "bn_sync", "bn_momentum", "bn_epsilon", "bn_cls",
+             "inference_speed")
+
+
+def test_every_ablation_exists_at_both_scales_with_the_scale_config():
+  assert set(sweeps_lib.SWEEPS) == {f"{a}_{s}" for a in ABLATIONS for s in ("cpu", "imagenet")}
+  for sweep in sweeps_lib.SWEEPS.values():
+    names = [r.name for r in sweep.runs]
+    assert len(names) == len(set(names)), sweep.name
+    assert all(n.replace("_", "").replace(".", "").replace("-", "").isalnum() for n in names)
+    want = "configs/quickstart.py:" if sweep.scale == "cpu" else "configs/deit.py:variant="
+    assert all(r.config.startswith(want) for r in sweep.runs), sweep.name
+    assert sweep.is_benchmark == (not sweep.runs)
+
+
+def test_norm_variants_cover_the_papers_models():
+  for scale in ("cpu", "imagenet"):
+    pairs = {r.name: results_lib.model_fields(None, r)
+             for r in sweeps_lib.SWEEPS[f"norm_variants_{scale}"].runs}
+    got = {name: (m["norm"], m["ffn_norm"]) for name, m in pairs.items()}
+    assert got == {"ln": ("ln", "none"), "bn": ("bn", "none"), "bn_ffnbn": ("bn", "bn"),
+                   "ln_ffnbn": ("ln", "bn"), "rms": ("rms", "none"), "none": ("none", "none")}
+
+
+@pytest.mark.parametrize("ablation,field", [("bn_sync", "bn_group_size"), ("bn_momentum", "bn_momentum"),
+                                            ("bn_epsilon", "bn_epsilon"), ("bn_cls", "bn_include_cls"),
+                                            ("ffn_position", "ffn_norm_position")])
+def test_knob_sweeps_vary_their_knob_and_resolve_in_the_model(ablation, field):
+  short = {"ln": "layer", "bn": "batch", "rms": "rms", "none": "none"}
+  for scale in ("cpu", "imagenet"):
+    sweep = sweeps_lib.SWEEPS[f"{ablation}_{scale}"]
+    seen = []
+    for run in sweep.runs:
+      fields = results_lib.model_fields(None, run)
+      # The overrides name real model fields with valid values: the ViT config accepts them.
+      cfg = dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=4,
+                 num_classes=10, image_size=8, num_channels=1,
+                 norm=short[fields["norm"]], ffn_norm=short[fields["ffn_norm"]])
+      for key, value in run.overrides:
+        assert key.startswith("model."), key
+        cfg[key[len("model."):]] = results_lib._parse_value(value)
+      resolved = vit.resolve_model_config(cfg)
+      options = resolved["norm_options"]
+      value = {"bn_group_size": options.bn_group_size, "bn_momentum": options.bn_momentum,
+               "bn_epsilon": options.bn_epsilon, "bn_include_cls": options.bn_include_cls,
+               "ffn_norm_position": resolved["ffn_norm_position"]}[field]
+      assert value == fields[field]
+      seen.append((fields["norm"], value))
+      if ablation.startswith("bn_"):  # knobs of the paper's model: BN + FFN-BN
+        assert (fields["norm"], fields["ffn_norm"]) == ("bn", "bn")
+    assert len(set(seen)) == len(seen) >= 2, (sweep.name, seen)
+
+
+def test_unknown_sweep_is_a_one_line_error_listing_the_names(capsys):
+  with pytest.raises(SystemExit) as exc:
+    run_sweep.main(["--sweep", "norm_variant", "--root", "/tmp/unused"])
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and err.startswith("error: --sweep: unknown sweep 'norm_variant'")
+  assert "norm_variants_cpu" in err and "inference_speed_imagenet" in err
+
+
+def test_unwritable_root_is_a_one_line_error(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for root in (blocker, blocker / "sub"):
+    with pytest.raises(SystemExit) as exc:
+      run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: --root: ") and str(root) in err
+
+
+def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys):
+  root = tmp_path / "root"
+  assert run_sweep.main(["--sweep", "bn_momentum_cpu", "--root", str(root), "--dry_run",
+                         "--num_steps", "50", "--evaluate"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  py = sys.executable
+  wd = root / "bn_momentum_cpu"
+  assert lines[0] == (f"{py} -m vitnorm.train --config=configs/quickstart.py:norm=bn,ffn_norm=bn "
+                      f"--workdir={wd / 'momentum_0.5'} --config.num_steps=50 "
+                      "--config.model.bn_momentum=0.5")
+  assert lines[1] == f"{py} -m vitnorm.evaluate --workdir={wd / 'momentum_0.5'} --batch_sizes=64"
+  assert len(lines) == 6 and lines[4].endswith("--config.model.bn_momentum=0.99")
+  assert not root.exists()
+  run_sweep.main(["--sweep", "inference_speed_cpu", "--root", str(root), "--dry_run"])
+  (bench,) = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert bench.startswith(f"{py} -m vitnorm.benchmark --variant=S/16 --image_size=224")
+  assert bench.endswith(f"--output={root / 'inference_speed_cpu' / 'benchmark.json'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_read_metrics_keeps_what_the_finished_attempt_logged(tmp_path):
+  lines = [
+      {"step": 1, "train/loss": 3.0}, {"step": 2, "train/loss": 2.0},
+      {"step": 2, "eval/top1": 0.2}, {"step": 3, "train/loss": 9.0},  # attempt 1, killed after 3
+      {"step": 3, "train/loss": 1.5}, {"step": 4, "train/loss": None, "train/lr": "nan"},  # resumed at 3
+  ]
+  text = "\n".join(json.dumps(l) for l in lines) + '\n{"step": 5, "train/lo'  # cut-off line
+  text = text.replace('{"step": 3, "train/loss": 1.5}', '{"step": 4, "tr{"step": 3, "train/loss": 1.5}')
+  (tmp_path / "metrics.jsonl").write_text(text.replace("null", "NaN"))
+  series = results_lib.read_metrics(str(tmp_path))
+  assert series["train/loss"][:3] == [(1, 3.0), (2, 2.0), (3, 1.5)]
+  assert series["train/loss"][3][0] == 4 and math.isnan(series["train/loss"][3][1])
+  assert math.isnan(series["train/lr"][0][1])
+  assert series["eval/top1"] == [(2, 0.2)]
+  assert results_lib.last_finite(series["train/loss"]) == (3, 1.5)
+
+
+def test_throughput_takes_the_best_median_of_folded_and_unfolded():
+  assert results_lib.throughput(FAKE_EVALUATION) == {"unfolded": 100.0, "folded": 125.0}
+  assert results_lib.throughput({"results": {"bn_unfolded": {"images_per_second": 7.0}}}) == {"unfolded": 7.0}
+  assert results_lib.throughput(None) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner with a fake trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, fake_modules, capsys):
+  root = tmp_path / "runs"
+  args = ["--sweep", "fake_cpu", "--root", str(root), "--num_steps", "6", "--evaluate", *fake_modules]
+  assert run_sweep.main(args) == 1  # a run failed
+  out = capsys.readouterr().out
+  assert "[2/4] bn: diverged at step 3" in out
+  assert "[4/4] bad: failed: error: model.bn_momentum: fake trainer refuses 0.5" in out
+  sweep_dir = root / "fake_cpu"
+  doc = json.loads((sweep_dir / "results.json").read_text())
+  runs = {r["name"]: r for r in doc["runs"]}
+  assert [r["name"] for r in doc["runs"]] == ["ln", "bn", "bn_ffnbn", "bad"]
+  assert (runs["ln"]["status"], runs["ln"]["step"]) == ("completed", 6)
+  assert runs["ln"]["final"] == {"train/loss": 2.0 / 6, "eval/top1": 0.56, "eval/loss": 1.0 / 6}
+  assert runs["ln"]["model"]["norm"] == "ln" and runs["ln"]["throughput"] == {"unfolded": 100.0, "folded": 125.0}
+  assert (runs["bn"]["status"], runs["bn"]["step"]) == ("diverged", 3)
+  assert runs["bn"]["throughput"] == {}  # a diverged run is not evaluated
+  assert runs["bn_ffnbn"]["model"]["bn_momentum"] == 0.99
+  assert runs["bad"]["status"] == "failed"
+  assert runs["bad"]["error"] == "error: model.bn_momentum: fake trainer refuses 0.5"
+  assert _invocations(sweep_dir / "ln")[0] == (
+      f"--config=configs/quickstart.py:norm=ln,ffn_norm=none --workdir={sweep_dir / 'ln'} "
+      "--config.num_steps=6")
+  assert "error: training diverged" in (sweep_dir / "bn" / "train.log").read_text()
+
+  # Running again needs --resume; with another --num_steps it is refused too.
+  with pytest.raises(SystemExit) as exc:
+    run_sweep.main(args)
+  assert exc.value.code == 2 and "pass --resume" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run_sweep.main(args[:4] + ["--num_steps", "7", "--resume", *fake_modules])
+  assert "--num_steps: " in capsys.readouterr().err
+  # --resume: finished runs (completed, diverged) are skipped, the failed one runs again.
+  assert run_sweep.main(args + ["--resume"]) == 1
+  out = capsys.readouterr().out
+  assert "[1/4] ln: already completed at step 6" in out and "[2/4] bn: already diverged at step 3" in out
+  assert [len(_invocations(sweep_dir / n)) for n in ("ln", "bn", "bn_ffnbn", "bad")] == [1, 1, 1, 2]
+
+
+def test_interrupted_run_is_resumed_by_running_it_again(tmp_path, fake_modules, monkeypatch, capsys):
+  monkeypatch.setenv("FAKE_KILL_AT", "4")
+  sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[:1])
+  modules = dict(train_module="fake_train")
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=6, **modules)
+  (run,) = doc["runs"]
+  assert run["status"] == "failed" and "exit code 137" in run["error"]
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=6, resume=True, **modules)
+  (run,) = doc["runs"]
+  assert (run["status"], run["step"]) == ("completed", 6) and "error" not in run
+  series = results_lib.read_metrics(str(tmp_path / "fake_cpu" / "ln"))
+  assert [s for s, _ in series["train/loss"]] == [1, 2, 3, 4, 5, 6]
+  assert "(resuming)" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path):
+  """SIGTERM to the runner is forwarded to the training, results.json is written, exit 143."""
+  mod_dir = tmp_path / "mods"
+  mod_dir.mkdir()
+  (mod_dir / "slow_train.py").write_text(textwrap.dedent('''
+      import json, os, signal, sys, time
+      wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+      def stop(signum, frame):
+        json.dump({"status": "preempted", "step": 2, "metrics": {}}, open(os.path.join(wd, "status.json"), "w"))
+        sys.exit(0)
+      signal.signal(signal.SIGTERM, stop)
+      print("started", flush=True)
+      time.sleep(60)
+  '''))
+  (mod_dir / "sweep_main.py").write_text(textwrap.dedent(f'''
+      import sys
+      from experiments import run_sweep, sweeps
+      sweeps.SWEEPS["slow_cpu"] = sweeps.Sweep("slow_cpu", "cpu", "q", runs=(
+          sweeps.Run("a", "configs/quickstart.py:norm=ln,ffn_norm=none"),
+          sweeps.Run("b", "configs/quickstart.py:norm=ln,ffn_norm=none")))
+      sys.exit(run_sweep.main(["--sweep", "slow_cpu", "--root", {str(tmp_path / "root")!r},
+                               "--train_module", "slow_train"]))
+  '''))
+  env = dict(os.environ, PYTHONPATH=f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  proc = subprocess.Popen([sys.executable, str(mod_dir / "sweep_main.py")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  log = tmp_path / "root" / "slow_cpu" / "a" / "train.log"
+  for _ in range(400):
+    if log.exists() and "started" in log.read_text():
+      break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  proc.terminate()
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 143, (out, err)
+  assert "continue with the same command plus --resume" in err
+  doc = json.loads((tmp_path / "root" / "slow_cpu" / "results.json").read_text())
+  assert [(r["name"], r["status"]) for r in doc["runs"]] == [("a", "preempted"), ("b", "not_run")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == b"\x89PNG\r\n\x1a\n"
+  return struct.unpack(">II", head[16:24])
+
+
+def test_report_tables_and_plots(tmp_path, fake_modules, capsys):
+  root = tmp_path / "runs"
+  run_sweep.main(["--sweep", "fake_cpu", "--root", str(root), "--num_steps", "6", "--evaluate", *fake_modules])
+  capsys.readouterr()
+  out_dir = tmp_path / "report"
+  assert report.main(["--root", str(root), "--out", str(out_dir)]) == 0
+  text = capsys.readouterr().out
+  assert text == (out_dir / "report.md").read_text() + "\n"
+  table = [l for l in text.splitlines() if l.startswith("|")]
+  assert table[0] == ("| run | norm | ffn_norm | position | BN momentum | eval top-1 | eval loss | "
+                      "train loss | status | img/s |")
+  assert table[2] == "| ln | ln | none | - | 0.9 | 56.00% | 0.1667 | 0.3333 | completed (6 steps) | 100.0 / 125.0 folded |"
+  # a diverged run shows its last finite metrics (from before the crash)
+  assert table[3] == "| bn | bn | none | - | 0.9 | 52.00% | 0.5000 | 1.0000 | diverged at step 3 | - |"
+  assert table[4].startswith("| bn_ffnbn | bn | bn | pre_act | 0.99 | 56.00% |")
+  assert table[5].startswith("| bad | bn | bn | pre_act | 0.5 | - | - | - | failed: error: model.bn_momentum")
+  for name in ("loss.png", "eval_top1.png", "diagnostics.png"):
+    path = out_dir / "fake_cpu" / name
+    assert f"![{name}](fake_cpu/{name})" in text
+    width, height = _png_size(path)
+    assert width >= 600 and height >= 300
+  # 3 runs with diagnostics (the failed one has none): 3 rows of panels.
+  assert _png_size(out_dir / "fake_cpu" / "diagnostics.png")[1] > _png_size(out_dir / "fake_cpu" / "loss.png")[1]
+
+
+def test_report_without_sweeps_is_a_one_line_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exc:
+    report.main(["--root", str(tmp_path)])
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --root: no sweep results under") and "\n" not in err
+  with pytest.raises(SystemExit):
+    report.main(["--root", str(tmp_path / "missing")])
+  assert "is not a directory" in capsys.readouterr().err
