@@ -90,7 +90,7 @@ def status_text(run: dict) -> str:
     return "completed" + (f" ({step} steps)" if step is not None else "")
   if state == "failed":
     return f"failed: {run.get('error', '')}".replace("|", "/")
-  if state in ("preempted", "incomplete"):
+  if state in ("preempted", "incomplete", "running"):
     return f"interrupted at step {step} (resume with --resume)" if step is not None else "interrupted"
   return "not run"
 
