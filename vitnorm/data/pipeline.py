@@ -1,0 +1,424 @@
+"""tf.data input pipelines over any tfds image-classification dataset.
+
+Processes. Process p of P reads only its part of a split, `tfds.even_splits(split, P)[p]`
+(disjoint, covering, sizes differ by at most one); a global batch of B is P local batches of
+B / P, one per process.
+
+Determinism. The training example stream of a process is a function of (seed, process, data
+config, dataset contents) only, and batch k is its examples [k * b, (k + 1) * b) (b = local batch):
+  * cache=True (small datasets): the process's part is decoded once into memory; epoch e visits it
+    in the order `index_shuffle(i, key(seed, p, e))`, a seeded permutation. Position j of the stream
+    is computed directly, so resuming at step N costs nothing.
+  * cache=False (streaming, e.g. imagenet2012): records are read in their fixed on-disk order
+    (tfds shuffled them when the dataset was prepared) and shuffled per epoch through a buffer
+    of `shuffle_buffer` examples seeded with key(seed, p, e). Resuming at step N starts at epoch
+    e = N*b // n and skips the first N*b mod n records of it, undecoded: at most one epoch of
+    record reading (for imagenet2012 on one host of 8, ~160k records, tens of seconds), no
+    image decoding.
+  * The augmentation of the example at stream position j uses the stateless seed
+    key(seed, p, j); mixup/CutMix of batch k uses key(seed, p, k). tf.data runs in deterministic
+    mode, so parallel maps cannot reorder anything.
+So `train_batches(..., start_step=N)` yields exactly what an uninterrupted iterator yields from
+its N-th batch on.
+
+Evaluation. Each process pads its part to `num_eval_batches * b` examples with zero images of
+mask 0, so every real example appears exactly once (mask 1) and all processes yield the same
+number of full-size batches.
+
+Missing data never triggers a download: a dataset that is not prepared in data_dir fails at once
+with instructions (`tfds build ...` or the manual folder); only the offline builders (mnist5k,
+digits), whose data ships inside installed packages, are prepared on first use.
+"""
+import dataclasses
+import difflib
+import functools
+import math
+import os
+from typing import Iterator, Optional, Tuple
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vitnorm.data import config as config_lib
+from vitnorm.data import mixup as mixup_lib
+from vitnorm.data import offline
+from vitnorm.data import preprocess
+from vitnorm.errors import ConfigError, UserError
+
+_INT64_MAX = np.iinfo(np.int64).max
+# Salts that separate the random streams derived from one run seed.
+_ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 1, 2, 3
+# Decoded splits held in memory (cache=True), keyed by (data_dir, builder name, split).
+_MEMORY_CACHE = {}
+_MEMORY_CACHE_ENTRIES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline produces for a data config."""
+  name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]  # (H, W, C) of the images the pipeline outputs
+  num_train_examples: int  # whole train split, all processes together
+  num_eval_examples: int  # whole eval split, all processes together
+
+
+@functools.lru_cache(maxsize=None)
+def _hide_gpus_from_tensorflow():
+  """Data must never touch TensorFlow's GPU (JAX owns the accelerator)."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):  # already initialized, or no such device type
+    pass
+
+
+def _is_mocked() -> bool:
+  """True inside tfds.testing.mock_data (splits are unknown there and examples are generated)."""
+  fn = tfds.core.dataset_builder.DatasetBuilder.download_and_prepare
+  return getattr(fn, "__module__", "").startswith("tensorflow_datasets.testing")
+
+
+def _unknown_dataset_error(name: str) -> UserError:
+  try:
+    known = tfds.list_builders(with_community_datasets=False)
+  except Exception:  # pylint: disable=broad-except
+    known = []
+  close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  return ConfigError(
+      "data.name", f"unknown dataset {name!r}.{hint} Valid names are tfds builder names: see "
+      "https://www.tensorflow.org/datasets/catalog/overview or run `python -c \"import "
+      "tensorflow_datasets as tfds; print(tfds.list_builders())\"`; offline datasets that need "
+      f"no download: {', '.join(offline.OFFLINE_DATASETS)}.")
+
+
+def _not_prepared_error(builder, cfg) -> UserError:
+  root = os.path.dirname(os.path.dirname(builder.data_dir))
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    how = (f"it needs a manual download: put the files into {root}/downloads/manual (see "
+           f"https://www.tensorflow.org/datasets/catalog/{builder.name}) and run `tfds build "
+           f"{builder.name} --data_dir {root} --manual_dir {root}/downloads/manual`")
+  else:
+    how = (f"run `tfds build {builder.name} --data_dir {root}` on a machine with internet access "
+           f"(then copy {root}/{builder.name} here)")
+  where = "data_dir" if cfg.data_dir else "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  return ConfigError("data.data_dir", f"dataset {cfg.name!r} is not prepared in {where} {root} "
+                     f"(no {builder.data_dir}); {how}, or point data.data_dir at a directory that "
+                     "holds it. Nothing is downloaded automatically.")
+
+
+def _builder(cfg: config_lib.DataConfig):
+  """The tfds builder of `cfg.name`, prepared (offline builders) or checked to be prepared."""
+  _hide_gpus_from_tensorflow()
+  try:
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise _unknown_dataset_error(cfg.name) from None
+  except (AssertionError, ValueError) as e:  # e.g. an unknown version or config of a known dataset
+    raise ConfigError("data.name", f"cannot load {cfg.name!r}: {' '.join(str(e).split())}") from None
+  if _is_mocked() or builder.is_prepared():
+    return builder
+  if builder.name in offline.OFFLINE_DATASETS:
+    return offline.prepare(cfg.name, cfg.data_dir)
+  raise _not_prepared_error(builder, cfg)
+
+
+def _keys(builder) -> Tuple[str, str]:
+  keys = builder.info.supervised_keys
+  if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+    return keys
+  features = builder.info.features
+  if "image" in features and "label" in features:
+    return "image", "label"
+  raise ConfigError("data.name", f"dataset {builder.name!r} is not an image-classification dataset "
+                    "(no (image, label) supervised keys)")
+
+
+def _num_classes(builder, label_key) -> int:
+  feature = builder.info.features[label_key]
+  if not hasattr(feature, "num_classes"):
+    raise ConfigError("data.name", f"dataset {builder.name!r}: label {label_key!r} is not a ClassLabel")
+  return int(feature.num_classes)
+
+
+def _source_channels(builder, image_key) -> int:
+  shape = builder.info.features[image_key].shape
+  return int(shape[-1]) if shape and shape[-1] is not None else 3
+
+
+def _read_config():
+  return tfds.ReadConfig(try_autocache=False, add_tfds_id=False)
+
+
+def _split_size(builder, split, field) -> int:
+  """Examples in a split string or sub-split; counts them when tfds is mocked (splits unknown)."""
+  if _is_mocked():
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_read_config())
+    cardinality = int(ds.cardinality())
+    return cardinality if cardinality >= 0 else int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError, AssertionError) as e:
+    names = ", ".join(repr(s) for s in builder.info.splits)
+    raise ConfigError(field, f"bad split {str(split)!r} for dataset {builder.name!r} "
+                      f"({' '.join(str(e).split())}); its splits are {names}; slices like "
+                      "'train[:90%]' are allowed") from None
+
+
+def _process_part(split: str, process_index: int, process_count: int):
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+
+def _processes(process_index, process_count):
+  count = jax.process_count() if process_count is None else int(process_count)
+  index = jax.process_index() if process_index is None else int(process_index)
+  if not 0 <= index < count:
+    raise UserError(f"process_index {index} is outside [0, {count})")
+  return index, count
+
+
+def _local_batch(global_batch_size, process_count) -> int:
+  if isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size or global_batch_size <= 0:
+    raise ConfigError("global_batch_size", f"must be a positive integer, got {global_batch_size!r}")
+  if global_batch_size % process_count:
+    raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the "
+                      f"{process_count} processes; use a multiple of {process_count}")
+  return int(global_batch_size) // process_count
+
+
+def _key(*values) -> tf.Tensor:
+  """A stateless-RNG seed (shape [2], int64) from integers, by repeated fold-in."""
+  key = tf.constant([values[0], 0x5EED], tf.int64)
+  for v in values[1:]:
+    key = tf.random.experimental.stateless_fold_in(key, tf.constant(v, tf.int64))
+  return key
+
+
+def _fold(key, value):
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
+
+
+def _load_in_memory(builder, split, image_key, label_key):
+  """(images, labels) tensors of a whole (sub-)split: uint8 [n, H, W, C] when every image has the
+  same shape, else encoded bytes [n] (decoded per example later)."""
+  cache_key = (builder.data_dir, builder.name, str(split))
+  if cache_key in _MEMORY_CACHE and not _is_mocked():
+    return _MEMORY_CACHE[cache_key]
+  feature = builder.info.features[image_key]
+  fixed_shape = bool(feature.shape) and all(d is not None for d in feature.shape)
+  decoders = None if fixed_shape else {image_key: tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=_read_config())
+  ds = ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(1024)
+  images, labels = [], []
+  for image, label in ds.as_numpy_iterator():
+    images.append(image)
+    labels.append(label)
+  if not images:
+    raise ConfigError("data.train_split", f"split {str(split)!r} of {builder.name!r} is empty for this process")
+  result = (tf.constant(np.concatenate(images)), tf.constant(np.concatenate(labels).astype(np.int64)))
+  if not _is_mocked():
+    while len(_MEMORY_CACHE) >= _MEMORY_CACHE_ENTRIES:
+      _MEMORY_CACHE.pop(next(iter(_MEMORY_CACHE)))
+    _MEMORY_CACHE[cache_key] = result
+  return result
+
+
+def _stream(builder, split, image_key, label_key):
+  """(encoded image, label) records of a (sub-)split in their fixed on-disk order, undecoded."""
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_read_config(),
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: (ex[image_key], ex[label_key]))
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _resolve(data_cfg):
+  cfg = config_lib.resolve_data_config(data_cfg)
+  builder = _builder(cfg)
+  image_key, label_key = _keys(builder)
+  channels = cfg.channels or _source_channels(builder, image_key)
+  mean, std = config_lib.check_normalization(cfg, channels)
+  if cfg.randaugment_layers and cfg.image_size < 3:
+    raise ConfigError("data.randaugment_layers", f"RandAugment needs images of at least 3x3 pixels, "
+                      f"data.image_size is {cfg.image_size}; set randaugment_layers=0")
+  return cfg, builder, image_key, label_key, channels, mean, std
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+  """Name, classes, output image shape and split sizes; fast, never downloads (UserError instead)."""
+  cfg, builder, image_key, label_key, channels, _, _ = _resolve(data_cfg)
+  return DatasetInfo(
+      name=cfg.name,
+      num_classes=_num_classes(builder, label_key),
+      image_shape=(cfg.image_size, cfg.image_size, channels),
+      num_train_examples=_split_size(builder, cfg.train_split, "data.train_split"),
+      num_eval_examples=_split_size(builder, cfg.eval_split, "data.eval_split"),
+  )
+
+
+def _model_field(model_cfg, key, default=None):
+  try:
+    value = model_cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def check_model_compatible(data_cfg, model_cfg, info: Optional[DatasetInfo] = None):
+  """Raises ConfigError naming both sides when image size, channels or classes do not match."""
+  info = info or dataset_info(data_cfg)
+  height, _, channels = info.image_shape
+  checks = (
+      ("image_size", height, _model_field(model_cfg, "image_size"),
+       "set both to the same value (the pipeline resizes images to data.image_size)"),
+      ("channels", channels, _model_field(model_cfg, "num_channels", 3),
+       "set data.channels (gray<->RGB conversion) or model.num_channels to match"),
+      ("num_classes", info.num_classes, _model_field(model_cfg, "num_classes"),
+       f"dataset {info.name!r} has {info.num_classes} classes; set model.num_classes={info.num_classes}"),
+  )
+  for key, data_value, model_value, fix in checks:
+    model_key = {"channels": "num_channels"}.get(key, key)
+    if model_value is None:
+      raise ConfigError(f"model.{model_key}", f"is not set; the data gives {key}={data_value}")
+    if int(model_value) != data_value:
+      data_side = f"data.{key}={data_value}" if key != "num_classes" else f"data ({info.name}) has num_classes={data_value}"
+      raise ConfigError(f"model.{model_key}", f"{data_side} but model.{model_key}={model_value}: {fix}")
+
+
+def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  num_classes: Optional[int] = None, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> tf.data.Dataset:
+  """The infinite tf.data.Dataset behind `train_batches` (dicts of `image`, `label` tensors)."""
+  cfg, builder, image_key, label_key, channels, mean, std = _resolve(data_cfg)
+  p_index, p_count = _processes(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, p_count)
+  if isinstance(start_step, bool) or int(start_step) != start_step or start_step < 0:
+    raise UserError(f"start_step must be a non-negative integer, got {start_step!r}")
+  dataset_classes = _num_classes(builder, label_key)
+  num_classes = dataset_classes if num_classes is None else int(num_classes)
+  if num_classes < dataset_classes:
+    raise ConfigError("model.num_classes", f"{num_classes} is smaller than the {dataset_classes} "
+                      f"classes of dataset {cfg.name!r}; set it to {dataset_classes}")
+  seed = int(seed)
+  part = _process_part(cfg.train_split, p_index, p_count)
+  n = _split_size(builder, part, "data.train_split")
+  if n == 0:
+    raise ConfigError("data.train_split", f"{cfg.train_split!r} leaves no examples for process {p_index} "
+                      f"of {p_count}; use a larger split")
+  order_key = _key(seed, p_index, _ORDER_SALT)
+  augment_key = _key(seed, p_index, _AUGMENT_SALT)
+  mix_key = _key(seed, p_index, _MIX_SALT)
+  start = int(start_step) * local_batch
+
+  if cfg.cache:
+    images, labels = _load_in_memory(builder, part, image_key, label_key)
+    n = int(labels.shape[0])
+
+    def fetch(position):
+      epoch, i = position // n, position % n
+      index = tf.random.experimental.index_shuffle(i, _fold(order_key, epoch), tf.constant(n - 1, tf.int64))
+      return tf.gather(images, index), tf.gather(labels, index), position
+
+    ds = tf.data.Dataset.range(start, _INT64_MAX).map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    records = _stream(builder, part, image_key, label_key)
+    buffer = min(cfg.shuffle_buffer, n)
+
+    def epoch_records(epoch):
+      epoch_seed = tf.random.stateless_uniform([], _fold(order_key, epoch), minval=None, maxval=None,
+                                               dtype=tf.int64)
+      return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+    ds = tf.data.Dataset.range(start // n, _INT64_MAX).flat_map(epoch_records).skip(start % n)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _INT64_MAX)))
+    ds = ds.map(lambda record, position: (record[0], record[1], position))
+
+  train_fn = preprocess.TrainPreprocess(cfg, channels, mean, std)
+
+  def augment(image, label, position):
+    return train_fn(image, _fold(augment_key, position)), label
+
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(int(start_step), _INT64_MAX)))
+
+  def mix(batch, step):
+    images, labels = batch
+    images, targets = mixup_lib.mix_batch(
+        images, labels, _fold(mix_key, step), num_classes=num_classes,
+        mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+        switch_prob=cfg.mixup_switch_prob, mix_prob=cfg.mixup_prob, smoothing=cfg.label_smoothing)
+    return {"image": images, "label": targets}
+
+  ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  num_classes: Optional[int] = None, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[dict]:
+  """Infinite iterator of this process's part of each global training batch, as numpy:
+  `image` float32 [b, H, W, C] normalized, `label` float32 [b, num_classes] soft targets (rows
+  sum to 1), b = global_batch_size / process_count. Batch k depends only on (seed, k, config):
+  start_step=N yields what an uninterrupted iterator yields from its N-th batch on.
+  process_index / process_count default to JAX's (override only to simulate processes)."""
+  ds = train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+                     num_classes=num_classes, process_index=process_index, process_count=process_count)
+  return ds.as_numpy_iterator()
+
+
+def _eval_plan(data_cfg, global_batch_size, process_index, process_count):
+  cfg, builder, image_key, label_key, channels, mean, std = _resolve(data_cfg)
+  p_index, p_count = _processes(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, p_count)
+  sizes = [_split_size(builder, _process_part(cfg.eval_split, p, p_count), "data.eval_split")
+           for p in range(p_count)]
+  num_batches = math.ceil(max(sizes) / local_batch)
+  return cfg, builder, image_key, label_key, channels, mean, std, p_index, p_count, local_batch, sizes, num_batches
+
+
+def num_eval_batches(data_cfg, *, global_batch_size: int, process_count: Optional[int] = None) -> int:
+  """Batches `eval_batches` yields (the same on every process)."""
+  return _eval_plan(data_cfg, global_batch_size, 0, process_count)[-1]
+
+
+def eval_dataset(data_cfg, *, global_batch_size: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> tf.data.Dataset:
+  """The finite tf.data.Dataset behind `eval_batches`."""
+  (cfg, builder, image_key, label_key, channels, mean, std, p_index, p_count, local_batch, sizes,
+   num_batches) = _eval_plan(data_cfg, global_batch_size, process_index, process_count)
+  part = _process_part(cfg.eval_split, p_index, p_count)
+  if cfg.cache:
+    ds = tf.data.Dataset.from_tensor_slices(_load_in_memory(builder, part, image_key, label_key))
+  else:
+    ds = _stream(builder, part, image_key, label_key)
+  eval_fn = preprocess.EvalPreprocess(cfg, channels, mean, std)
+  ds = ds.map(lambda image, label: {"image": eval_fn(image), "label": tf.cast(label, tf.int32),
+                                    "mask": tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  padding = num_batches * local_batch - sizes[p_index]
+  pad = {"image": tf.zeros([cfg.image_size, cfg.image_size, channels], tf.float32),
+         "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_batches(data_cfg, *, global_batch_size: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> Iterator[dict]:
+  """One pass over this process's part of the eval split, as numpy: `image` float32
+  [b, H, W, C], `label` int32 [b], `mask` float32 [b] (1 real, 0 padding). Every batch is full
+  (the last padded); over all processes every example appears exactly once; every process yields
+  `num_eval_batches` batches."""
+  ds = eval_dataset(data_cfg, global_batch_size=global_batch_size, process_index=process_index,
+                    process_count=process_count)
+  return ds.as_numpy_iterator()
