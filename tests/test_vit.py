@@ -91,11 +91,10 @@ def test_bn_model_in_eval_mode_treats_each_example_independently():
   variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
   variables["params"]["head"]["kernel"] += 0.1
   x = _images(4)
-  alone = model.apply(variables, x[:1], train=False)
-  together = model.apply(variables, x, train=False)
-  np.testing.assert_allclose(alone[0], together[0], rtol=1e-5, atol=1e-6)
-  train_alone = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])[0]
-  train_together = model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  evaluate = jax.jit(lambda xs: model.apply(variables, xs, train=False))
+  train = jax.jit(lambda xs: model.apply(variables, xs, train=True, mutable=["batch_stats"])[0])
+  np.testing.assert_allclose(evaluate(x[:1])[0], evaluate(x)[0], rtol=1e-5, atol=1e-6)
+  train_alone, train_together = train(x[:2]), train(x)
   assert not np.allclose(train_alone[0], train_together[0])  # train mode: batch statistics
 
 
@@ -104,10 +103,12 @@ def test_dropout_and_drop_path_only_act_in_training():
   variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
   variables["params"]["head"]["kernel"] += 0.1
   x = _images()
-  run = lambda seed: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)})  # noqa: E731
-  assert not np.allclose(run(1), run(2))
-  np.testing.assert_array_equal(run(3), run(3))
-  np.testing.assert_array_equal(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
+  run = jax.jit(lambda key: model.apply(variables, x, train=True, rngs={"dropout": key}))
+  assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
+  np.testing.assert_array_equal(run(jax.random.key(3)), run(jax.random.key(3)))
+  evaluate = jax.jit(lambda xs: model.apply(variables, xs, train=False))
+  assert not np.allclose(run(jax.random.key(1)), evaluate(x))
+  np.testing.assert_array_equal(evaluate(x), evaluate(x))
 
 
 def test_diagnostics_are_sown_per_block_when_asked_for():
