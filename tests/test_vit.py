@@ -157,7 +157,7 @@ def test_vit_batch_statistics_agree_under_pmap_jit_mesh_and_one_device():
 
 @pytest.mark.parametrize("override,field", [
     (dict(norm="group"), "model.norm"),
-    (dict(ffn_norm="bn"), "model.ffn_norm"),
+    (dict(ffn_norm="group"), "model.ffn_norm"),
     (dict(ffn_norm_position="middle"), "model.ffn_norm_position"),
     (dict(classifier="cls"), "model.classifier"),
     (dict(patch_size=5), "model.patch_size"),
@@ -182,6 +182,8 @@ def test_variants_resolve_and_explicit_sizes_override_them():
   assert (kwargs["hidden_size"], kwargs["num_layers"], kwargs["patch_size"]) == (384, 12, 8)
   kwargs = vit.resolve_model_config(dict(variant="S/8", num_layers=4, num_classes=10, image_size=32))
   assert kwargs["num_layers"] == 4
+  kwargs = vit.resolve_model_config(dict(variant="Ti/16", num_classes=10, image_size=32, norm="BN", ffn_norm="ln"))
+  assert (kwargs["norm"], kwargs["ffn_norm"]) == ("batch", "layer")  # short names are accepted
   with pytest.raises(ConfigError, match="model.variant"):
     vit.resolve_model_config(dict(variant="XL/16", num_classes=10, image_size=32))
   with pytest.raises(ConfigError, match="model.hidden_size"):

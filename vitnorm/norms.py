@@ -17,6 +17,15 @@ import jax
 import jax.numpy as jnp
 
 NORM_KINDS = ("layer", "batch", "rms", "none")
+# Other spellings accepted wherever a norm kind is given (configs, command-line overrides).
+NORM_ALIASES = {"ln": "layer", "layernorm": "layer", "bn": "batch", "batchnorm": "batch",
+                "rmsnorm": "rms", "identity": "none"}
+
+
+def canonical_kind(name: str) -> str:
+  """'bn' -> 'batch', 'LN' -> 'layer', 'batch' -> 'batch'; unknown names are returned unchanged."""
+  key = str(name).strip().lower()
+  return NORM_ALIASES.get(key, key)
 
 # Parameter-tree names of each kind. "layer" keeps the reference ViT names (LayerNorm_0, ...).
 _MODULE_PREFIX = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}

@@ -297,15 +297,15 @@ def resolve_model_config(cfg: Mapping) -> dict:
     raise ConfigError("model.patch_size", f"patch size {out['patch_size']} does not divide image "
                       f"size {out['image_size']}; pick a divisor or change model.image_size")
 
-  def choice(key, allowed, default):
-    value = _get(cfg, key, default)
+  def choice(key, allowed, default, canonical=lambda v: v):
+    value = canonical(_get(cfg, key, default))
     if value not in allowed:
       raise ConfigError(f"model.{key}", f"unknown value {value!r}; choose one of {', '.join(allowed)}")
     return value
 
   out["classifier"] = choice("classifier", CLASSIFIERS, "token")
-  out["norm"] = choice("norm", norms.NORM_KINDS, "layer")
-  out["ffn_norm"] = choice("ffn_norm", norms.NORM_KINDS, "none")
+  out["norm"] = choice("norm", norms.NORM_KINDS, "layer", norms.canonical_kind)
+  out["ffn_norm"] = choice("ffn_norm", norms.NORM_KINDS, "none", norms.canonical_kind)
   out["ffn_norm_position"] = choice("ffn_norm_position", FFN_NORM_POSITIONS, "pre_act")
   out["dtype"] = DTYPES[choice("dtype", tuple(DTYPES), "float32")]
   for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
