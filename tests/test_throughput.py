@@ -100,7 +100,8 @@ def test_out_of_memory_is_reported_and_the_next_batch_size_still_runs(monkeypatc
   results = throughput.measure_batch_sizes([cand], [16, 8], (2, 2, 3), warmup=0, iterations=1, repeats=1)
   assert [(r.batch_size, r.status) for r in results] == [(16, "out_of_memory"), (8, "ok")]
   assert results[0].message.startswith("RESOURCE_EXHAUSTED") and not results[0].ok
-  assert results[0].to_json()["median_images_per_second"] is None
+  assert results[0].to_json()["images_per_second"]["median"] is None
+  assert results[1].to_json()["images_per_second"]["median"] == results[1].median_images_per_second
   assert results[1].median_images_per_second > 0
 
 
@@ -119,3 +120,10 @@ def test_matmul_peak_reports_flops_per_second_over_all_devices():
   assert 0 < peak["min_flops_per_second"] <= peak["flops_per_second"] <= peak["max_flops_per_second"]
   bf16 = throughput.matmul_peak(jnp.bfloat16, size=32, warmup=0, iterations=1, repeats=1)
   assert bf16["dtype"] == "bfloat16"
+
+
+def test_markdown_table_and_number_format():
+  table = throughput.markdown_table(["model", "img/s"], [["ln", throughput.fmt(12.345)],
+                                                         ["bn", throughput.fmt(float("nan"))]])
+  assert table.splitlines() == ["| model | img/s |", "|-------|-------|", "| ln    | 12.3  |",
+                                "| bn    | -     |"]

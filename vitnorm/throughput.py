@@ -122,14 +122,29 @@ class Result:
     return self.flops_per_image * self.median_images_per_second
 
   def to_json(self) -> dict:
-    out = dataclasses.asdict(self)
-    out.update(images_per_second=self.images_per_second,
-               median_images_per_second=self.median_images_per_second,
-               min_images_per_second=self.min_images_per_second,
-               max_images_per_second=self.max_images_per_second,
+    """JSON-able dict; NaN (not measured) becomes null."""
+    out = dict(model=self.name, batch_size=self.batch_size, num_devices=self.num_devices,
+               dtype=self.dtype, status=self.status, message=self.message,
+               compile_seconds=self.compile_seconds, flops_per_image=self.flops_per_image,
+               warmup=self.warmup, iterations=self.iterations, repeats=len(self.seconds_per_repeat),
+               seconds_per_repeat=list(self.seconds_per_repeat),
+               images_per_second=dict(median=self.median_images_per_second,
+                                      min=self.min_images_per_second,
+                                      max=self.max_images_per_second,
+                                      per_repeat=self.images_per_second),
                latency_ms=self.latency_ms,
                achieved_flops_per_second=self.achieved_flops_per_second)
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
+    return _nan_to_none(out)
+
+
+def _nan_to_none(tree):
+  if isinstance(tree, dict):
+    return {k: _nan_to_none(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_nan_to_none(v) for v in tree]
+  if isinstance(tree, float) and not np.isfinite(tree):
+    return None
+  return tree
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -310,3 +325,24 @@ def matmul_peak(dtype="float32", *, size: Optional[int] = None, mesh: Optional[M
   rates = [flops / s for s in seconds]
   return dict(flops_per_second=statistics.median(rates), min_flops_per_second=min(rates),
               max_flops_per_second=max(rates), size=size, dtype=dtype_name(dtype), num_devices=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub markdown table; floats are printed as given (format them before)."""
+  cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+  return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] +
+                   [line(r) for r in cells[1:]])
+
+
+def fmt(value: float, spec: str = ".1f", missing: str = "-") -> str:
+  """Formats a number, or `missing` for None/NaN."""
+  if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    return missing
+  return format(value, spec)

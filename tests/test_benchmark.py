@@ -1,0 +1,117 @@
+"""The benchmark: every variant timed interleaved, ratios, FLOPs, matmul-peak fractions, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vitnorm import benchmark
+from vitnorm.errors import ConfigError
+
+TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=8)
+TINY_FLAGS = ["--variant=Ti/16", "--hidden_size=32", "--num_layers=2", "--mlp_dim=64", "--num_heads=4",
+              "--patch_size=8", "--image_size=16", "--num_classes=10"]
+
+
+@pytest.fixture(scope="module")
+def report():
+  cfg = benchmark.model_config("Ti/16", 16, num_classes=10, **TINY)
+  return benchmark.run_benchmark(cfg, batch_sizes=(8, 16), warmup=1, iterations=2, repeats=2,
+                                 matmul_size=64, log=lambda _: None)
+
+
+def _rows(report, batch):
+  return {r["model"]: r for r in report["results"] if r["batch_size"] == batch}
+
+
+def test_every_default_model_is_measured_at_every_batch_size(report):
+  assert [(r["model"], r["batch_size"]) for r in report["results"]] == [
+      (m, b) for b in (8, 16) for m in benchmark.DEFAULT_MODELS]
+  for r in report["results"]:
+    assert r["status"] == "ok" and r["num_devices"] == 8 and r["repeats"] == 2 and r["iterations"] == 2
+    assert r["images_per_second"]["min"] <= r["images_per_second"]["median"] <= r["images_per_second"]["max"]
+  assert report["setup"]["interleaved"] and report["matmul_peak"]["size"] == 64
+
+
+def test_ratios_to_ln_and_to_no_norm(report):
+  for batch in (8, 16):
+    rows = _rows(report, batch)
+    ln, none = (rows[m]["images_per_second"]["median"] for m in ("ln", "none"))
+    assert rows["ln"]["ratio_to_ln"] == 1.0 and rows["none"]["ratio_to_no_norm"] == 1.0
+    for r in rows.values():
+      ips = r["images_per_second"]["median"]
+      assert r["ratio_to_ln"] == pytest.approx(ips / ln)
+      assert r["ratio_to_no_norm"] == pytest.approx(ips / none)
+
+
+def test_folded_models_cost_exactly_the_no_norm_flops(report):
+  rows = _rows(report, 8)
+  flops = {m: r["flops_per_image"] for m, r in rows.items()}
+  assert flops["bn_folded"] == flops["none"] == flops["bn_ffnbn_folded"]
+  assert flops["bn_unfolded"] > flops["none"] and flops["ln"] > flops["none"] and flops["rms"] > flops["none"]
+  # The patch embedding alone: 4 patches x (8*8*3 inputs x 32 outputs) multiply-adds.
+  assert flops["none"] > 2 * 4 * 8 * 8 * 3 * 32
+
+
+def test_achieved_flops_as_fraction_of_the_matmul_peak(report):
+  peak = report["matmul_peak"]["flops_per_second"]
+  for r in report["results"]:
+    achieved = r["flops_per_image"] * r["images_per_second"]["median"]
+    assert r["achieved_flops_per_second"] == pytest.approx(achieved)
+    assert r["fraction_of_matmul_peak"] == pytest.approx(achieved / peak)
+
+
+def test_report_table_lists_every_row(report):
+  text = benchmark.format_report(report)
+  lines = text.splitlines()
+  assert "dense matmul peak" in lines[0] and "8 cpu device(s)" in lines[0]
+  assert lines[2].startswith("| model") and len(lines) == 4 + 2 * len(benchmark.DEFAULT_MODELS)
+  assert sum(line.startswith("| bn_folded ") for line in lines) == 2
+
+
+def test_folded_candidate_computes_what_the_unfolded_one_does():
+  cfg = benchmark.model_config("Ti/16", 16, num_classes=10, **TINY)
+  cands = {c.name: c for c in benchmark.build_candidates(cfg, ["bn_ffnbn_unfolded", "bn_ffnbn_folded"])}
+  x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  a = cands["bn_ffnbn_unfolded"].forward(cands["bn_ffnbn_unfolded"].variables, x)
+  b = cands["bn_ffnbn_folded"].forward(cands["bn_ffnbn_folded"].variables, x)
+  assert float(np.max(np.abs(a))) > 0.1
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
+  assert "batch_stats" not in cands["bn_ffnbn_folded"].variables
+
+
+def test_bad_inputs_are_config_errors():
+  with pytest.raises(ConfigError, match=r"^--models: unknown model 'bn'"):
+    benchmark.build_candidates(benchmark.model_config("Ti/16", 16, **TINY), ["ln", "bn"])
+  with pytest.raises(ConfigError, match=r"^--variant: 'X/16' is not a preset"):
+    benchmark.model_config("X/16", 224)
+  with pytest.raises(ConfigError, match=r"^--patch_size: patch size 16 does not divide image size 20"):
+    benchmark.model_config("S/16", 20)
+  with pytest.raises(ConfigError, match=r"^--batch_sizes: 'x' is not an integer"):
+    benchmark.parse_int_list(["8", "x"], "--batch_sizes")
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "vitnorm.benchmark", *args], capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ), check=False)
+
+
+def test_cli_writes_json_and_prints_the_table(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _cli(*TINY_FLAGS, "--batch_sizes=8", "--models=ln,bn_folded,none", "--iterations=1",
+              "--repeats=1", "--warmup=0", "--matmul_size=32", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(out.read_text())
+  assert [r["model"] for r in report["results"]] == ["ln", "bn_folded", "none"]
+  assert "| bn_folded " in proc.stdout and "vs no-norm" in proc.stdout
+
+
+def test_cli_bad_batch_size_is_one_line_error_before_any_work():
+  proc = _cli(*TINY_FLAGS, "--batch_sizes=8,12")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --batch_sizes: 12 is not divisible by the 8 devices; use a multiple of 8")
+  assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stderr

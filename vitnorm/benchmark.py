@@ -1,0 +1,265 @@
+"""`python -m vitnorm.benchmark`: the paper's inference-speed comparison, in one process.
+
+For one model size (default ViT-S/16 at 224 px) it builds the variants
+
+  ln               LayerNorm ViT (the standard model)
+  bn_folded        BN ViT with its BatchNorms folded into the Dense layers (vitnorm.fold)
+  bn_unfolded      the same BN ViT run as trained (BN layers applied with running statistics)
+  bn_ffnbn_folded  BN ViT with an extra BN in the FFN (the paper's model), folded
+  bn_ffnbn_unfolded  the same, unfolded (not in the default list)
+  rms              RMSNorm ViT
+  none             no normalization at all: the floor a folded model should reach
+
+and times them interleaved (A B C A B C ..., see vitnorm.throughput) at each batch size, so machine
+drift hits every model alike. It prints images/s (median and min-max over the repeats), latency per
+batch, the ratio to the LN model and to the no-norm model, FLOPs per image (XLA cost analysis), the
+achieved FLOP/s and its fraction of the device's dense matmul FLOP/s measured in the same run.
+
+  python -m vitnorm.benchmark --variant=S/16 --image_size=224 --batch_sizes=8,64 \
+      --dtype=float32 --iterations=10 --repeats=5 --output=/tmp/benchmark.json
+
+Weights are random (speed does not depend on their values; the BN running statistics are
+random too, so the folds are real). All flags are listed with `--help`.
+"""
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from vitnorm import fold
+from vitnorm import parallel
+from vitnorm import throughput
+from vitnorm import vit
+from vitnorm.errors import ConfigError, UserError, exit_on_user_error
+
+# name -> (model config overrides, folded?)
+MODELS = {
+    "ln": (dict(norm="layer"), False),
+    "bn_folded": (dict(norm="batch"), True),
+    "bn_unfolded": (dict(norm="batch"), False),
+    "bn_ffnbn_folded": (dict(norm="batch", ffn_norm="batch"), True),
+    "bn_ffnbn_unfolded": (dict(norm="batch", ffn_norm="batch"), False),
+    "rms": (dict(norm="rms"), False),
+    "none": (dict(norm="none"), False),
+}
+DEFAULT_MODELS = ("ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "rms", "none")
+BASELINE, FLOOR = "ln", "none"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("variant", "S/16", "ViT size preset NAME/PATCH (Ti/16, S/16, B/16, L/16, ...).")
+flags.DEFINE_integer("image_size", 224, "Square input image side in pixels.")
+flags.DEFINE_integer("num_channels", 3, "Input image channels.")
+flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+flags.DEFINE_enum("classifier", "token", vit.CLASSIFIERS, "Pooling: CLS token or global average.")
+flags.DEFINE_enum("ffn_norm_position", "pre_act", vit.FFN_NORM_POSITIONS,
+                  "Where the FFN BN of the bn_ffnbn models sits: before or after the GELU.")
+flags.DEFINE_integer("hidden_size", None, "Override the preset's width.")
+flags.DEFINE_integer("num_layers", None, "Override the preset's depth.")
+flags.DEFINE_integer("mlp_dim", None, "Override the preset's FFN width.")
+flags.DEFINE_integer("num_heads", None, "Override the preset's attention heads.")
+flags.DEFINE_integer("patch_size", None, "Override the preset's patch size.")
+flags.DEFINE_list("models", list(DEFAULT_MODELS), f"Models to compare, from: {', '.join(MODELS)}.")
+flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes (each a multiple of the device count).")
+flags.DEFINE_enum("dtype", "float32", list(vit.DTYPES), "Compute dtype of the models and of the matmul peak.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls per model before timing.")
+flags.DEFINE_integer("iterations", 10, "Timed calls per model per repeat.")
+flags.DEFINE_integer("repeats", 5, "Interleaved rounds (A B C ...); the spread is over these.")
+flags.DEFINE_integer("matmul_size", 0, "Side of the square matmul of the peak measurement; 0: "
+                     "1024 on CPU, 8192 on accelerators.")
+flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and statistics.")
+
+
+def parse_int_list(values: Sequence[str], field: str) -> List[int]:
+  """['8', '64'] -> [8, 64], or a ConfigError naming the flag."""
+  out = []
+  for v in values:
+    try:
+      out.append(int(str(v).strip()))
+    except ValueError:
+      raise ConfigError(field, f"{v!r} is not an integer; give a comma-separated list like 8,64") from None
+    if out[-1] <= 0:
+      raise ConfigError(field, f"{out[-1]} must be positive")
+  if not out:
+    raise ConfigError(field, "is empty; give at least one batch size, e.g. 8")
+  return out
+
+
+def random_variables(model, model_cfg, seed: int) -> dict:
+  """Random params and (for BN) running statistics, drawn on the host from the model's shapes.
+
+  Kernels ~ N(0, 1/fan_in), biases and embeddings ~ N(0, 0.02), norm scales ~ 1 + N(0, 0.1),
+  BN means ~ N(0, 0.1) and variances ~ U(0.5, 2).
+  """
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros(vit.input_shape(model_cfg, 1), jnp.float32), train=False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['var']"):
+      value = rng.uniform(0.5, 2.0, leaf.shape)
+    elif name.endswith("['mean']"):
+      value = 0.1 * rng.standard_normal(leaf.shape)
+    elif name.endswith("['scale']"):
+      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif name.endswith("['kernel']"):
+      value = rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0] if len(leaf.shape) == 2 else
+                                                        np.prod(leaf.shape[:-1]))
+    else:
+      value = 0.02 * rng.standard_normal(leaf.shape)
+    return np.asarray(value, leaf.dtype)
+
+  shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def model_config(variant: str, image_size: int, *, num_classes: int = 1000, num_channels: int = 3,
+                 classifier: str = "token", ffn_norm_position: str = "pre_act", dtype: str = "float32",
+                 **sizes) -> dict:
+  """The common model config of the compared variants (validated; bad fields raise ConfigError)."""
+  cfg = dict(variant=variant, image_size=image_size, num_classes=num_classes,
+             num_channels=num_channels, classifier=classifier,
+             ffn_norm_position=ffn_norm_position, dtype=dtype)
+  cfg.update({k: v for k, v in sizes.items() if v is not None})
+  try:
+    vit.resolve_model_config(cfg)
+  except ConfigError as e:  # name the flag the user typed, not the config field
+    flag = "--" + e.field.split(".")[-1]
+    raise ConfigError(flag, str(e)[len(e.field) + 2:]) from None
+  return cfg
+
+
+def build_candidates(base_cfg: dict, names: Sequence[str], seed: int = 0) -> List[throughput.Candidate]:
+  """One throughput.Candidate per model name (folded ones rewritten by vitnorm.fold)."""
+  unknown = [n for n in names if n not in MODELS]
+  if unknown:
+    raise ConfigError("--models", f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+  cache = {}  # models sharing a config share weights (bn_folded is the fold of bn_unfolded)
+  out = []
+  for name in names:
+    overrides, folded = MODELS[name]
+    cfg = dict(base_cfg, **overrides)
+    key = tuple(sorted(overrides.items()))
+    model = vit.build_model(cfg)
+    if key not in cache:
+      cache[key] = random_variables(model, cfg, seed + len(cache))
+    variables = cache[key]
+    if folded:
+      model, variables = fold.fold_batchnorm(model, variables)
+    out.append(throughput.Candidate(name, throughput.model_forward(model), variables, dtype=cfg["dtype"]))
+  return out
+
+
+def run_benchmark(base_cfg: dict, *, models: Sequence[str] = DEFAULT_MODELS, batch_sizes=(8,),
+                  warmup: int = 2, iterations: int = 10, repeats: int = 5, matmul_size: int = 0,
+                  seed: int = 0, log=print) -> dict:
+  """Runs the comparison; returns a JSON-able dict (setup, matmul peak, one row per model x batch)."""
+  if iterations < 1 or repeats < 1 or warmup < 0:
+    raise ConfigError("--iterations/--repeats/--warmup", "need iterations >= 1, repeats >= 1, warmup >= 0")
+  if not models:
+    raise ConfigError("--models", "is empty; name at least one model")
+  mesh = throughput.local_mesh()
+  for b in batch_sizes:
+    throughput.check_batch_size(b, mesh)
+  resolved = vit.resolve_model_config(base_cfg)
+  image_shape = (resolved["image_size"], resolved["image_size"], resolved["num_channels"])
+  candidates = build_candidates(base_cfg, models, seed)
+  peak = throughput.matmul_peak(base_cfg.get("dtype", "float32"), size=matmul_size or None, mesh=mesh)
+  log(f"dense matmul peak: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s "
+      f"({peak['size']}x{peak['size']} {peak['dtype']} on each of {peak['num_devices']} devices)")
+  rows = []
+  for b in batch_sizes:
+    results = throughput.measure(candidates, b, image_shape, warmup=warmup, iterations=iterations,
+                                 repeats=repeats, mesh=mesh, log=log)
+    rows.extend(_row(r, results, peak) for r in results.values())
+  return dict(
+      setup=dict(model=dict(base_cfg), models=list(models), batch_sizes=list(batch_sizes),
+                 warmup=warmup, iterations=iterations, repeats=repeats,
+                 backend=jax.default_backend(), device_kind=jax.local_devices()[0].device_kind,
+                 num_devices=int(mesh.devices.size), interleaved=True),
+      matmul_peak=peak, results=rows)
+
+
+def _ratio(a: float, b: Optional[float]) -> float:
+  return a / b if b and np.isfinite(b) and np.isfinite(a) else float("nan")
+
+
+def _row(result: throughput.Result, results: Dict[str, throughput.Result], peak: dict) -> dict:
+  row = result.to_json()
+  ips = result.median_images_per_second
+  base = results.get(BASELINE)
+  floor = results.get(FLOOR)
+  row["ratio_to_ln"] = _ratio(ips, base.median_images_per_second if base else None)
+  row["ratio_to_no_norm"] = _ratio(ips, floor.median_images_per_second if floor else None)
+  row["fraction_of_matmul_peak"] = _ratio(result.achieved_flops_per_second, peak["flops_per_second"])
+  return throughput._nan_to_none(row)  # pylint: disable=protected-access
+
+
+def format_report(report: dict) -> str:
+  """The markdown table (one row per model and batch size) with a header line about the setup."""
+  s, peak = report["setup"], report["matmul_peak"]
+  m = s["model"]
+  head = (f"{m['variant']} @ {m['image_size']}px, {m.get('dtype', 'float32')}, {s['num_devices']} "
+          f"{s['backend']} device(s) ({s['device_kind']}), interleaved over {s['repeats']} rounds of "
+          f"{s['iterations']} calls (+{s['warmup']} warm-up); dense matmul peak "
+          f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
+  headers = ["model", "batch", "img/s (median)", "min-max", "ms/batch", "vs LN", "vs no-norm",
+             "GFLOP/img", "achieved GFLOP/s", "of matmul peak", "compile s"]
+  rows = []
+  for r in report["results"]:
+    f = lambda key, spec=".1f", scale=1.0: throughput.fmt(  # noqa: E731
+        None if r.get(key) is None else r[key] * scale, spec)
+    ips = r["images_per_second"]
+    if r["status"] != "ok":
+      rows.append([r["model"], r["batch_size"], r["status"].replace("_", " ")] + ["-"] * 7 +
+                  [f("compile_seconds")])
+      continue
+    rows.append([r["model"], r["batch_size"], throughput.fmt(ips["median"]),
+                 f"{throughput.fmt(ips['min'])}-{throughput.fmt(ips['max'])}", f("latency_ms", ".2f"),
+                 f("ratio_to_ln", ".3f"), f("ratio_to_no_norm", ".3f"), f("flops_per_image", ".3g", 1e-9),
+                 f("achieved_flops_per_second", ".1f", 1e-9), f("fraction_of_matmul_peak", ".1%"),
+                 f("compile_seconds")])
+  return head + "\n\n" + throughput.markdown_table(headers, rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; every option is a --flag (see --help)")
+  batch_sizes = parse_int_list(FLAGS.batch_sizes, "--batch_sizes")
+  cfg = model_config(FLAGS.variant, FLAGS.image_size, num_classes=FLAGS.num_classes,
+                     num_channels=FLAGS.num_channels, classifier=FLAGS.classifier,
+                     ffn_norm_position=FLAGS.ffn_norm_position, dtype=FLAGS.dtype,
+                     hidden_size=FLAGS.hidden_size, num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim,
+                     num_heads=FLAGS.num_heads, patch_size=FLAGS.patch_size)
+  if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
+    raise ConfigError("--output", f"directory of {FLAGS.output} does not exist; create it first")
+  report = run_benchmark(cfg, models=[m.strip() for m in FLAGS.models if m.strip()],
+                         batch_sizes=batch_sizes, warmup=FLAGS.warmup, iterations=FLAGS.iterations,
+                         repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size, seed=FLAGS.seed,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  print(format_report(report), flush=True)
+
+
+@exit_on_user_error
+def _main_checked(argv):
+  main(argv)
+
+
+def run():
+  """Console entry point `vitnorm-benchmark`."""
+  parallel.use_all_cpu_cores()
+  app.run(_main_checked)
+
+
+if __name__ == "__main__":
+  run()
