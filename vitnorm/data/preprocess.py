@@ -78,7 +78,7 @@ def inception_crop(image, seed, size: int, area_min: float):
       tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed,
       min_object_covered=0.0, aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
       area_range=(area_min, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, crop_size)
+  image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, image.shape[-1]])
   return _resize(image, size, size)
 
 
@@ -139,7 +139,7 @@ class TrainPreprocess:
   def __call__(self, image, seed):
     cfg = self.cfg
     s_crop, s_shift, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    image = decode(image, self.channels)
+    image = tf.ensure_shape(decode(image, self.channels), [None, None, self.channels])
     if cfg.inception_crop:
       image = inception_crop(image, s_crop, cfg.image_size, cfg.crop_scale_min)
     else:
