@@ -56,7 +56,7 @@ def to_global_arrays(batch, sharding: jax.sharding.Sharding):
 
 
 def prefetch(iterator: Iterable, place_fn: Callable, size: int = 2) -> Iterator:
-  """Yields place_fn(batch) for each batch, with `size` placed batches enqueued ahead."""
+  """Yields place_fn(batch) for each batch; while the consumer holds one, the next `size` are placed."""
   if size < 1:
     raise UserError(f"prefetch size must be >= 1, got {size}")
   iterator = iter(iterator)
@@ -68,5 +68,6 @@ def prefetch(iterator: Iterable, place_fn: Callable, size: int = 2) -> Iterator:
 
   enqueue(size)
   while queue:
-    yield queue.popleft()
-    enqueue(1)
+    batch = queue.popleft()
+    enqueue(1)  # while the consumer runs on `batch`, the next `size` batches are in flight
+    yield batch
