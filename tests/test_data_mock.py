@@ -24,7 +24,7 @@ def mock_17():
 
 
 @pytest.mark.parametrize("name, classes, split, cache", [
-    ("cifar10", 10, "test", True), ("imagenet2012", 1000, "validation", False)])
+    ("cifar10", 10, "test", False), ("imagenet2012", 1000, "validation", True)])
 def test_deit_train_and_eval_pipelines(mock_17, name, classes, split, cache):
   cfg = data.default_data_config(name=name, data_dir="/nonexistent", image_size=16, eval_split=split,
                                  cache=cache, **DEIT)

@@ -136,3 +136,15 @@ def test_train_preprocess_without_randomness_is_eval_geometry():
   train = preprocess.TrainPreprocess(cfg, 3, mean, std)(tf.constant(RGB), SEED).numpy()
   evaluated = preprocess.EvalPreprocess(cfg, 3, mean, std)(tf.constant(RGB)).numpy()
   np.testing.assert_allclose(train, evaluated, atol=1e-6)
+
+
+def test_jpeg_partial_decode_gives_the_same_crop_as_full_decode():
+  smooth = np.clip(np.add.outer(np.arange(48) * 4, np.arange(40) * 3)[..., None] + [0, 40, 80], 0, 255)
+  for encode in (tf.io.encode_jpeg, tf.io.encode_png):
+    encoded = encode(tf.constant(smooth.astype(np.uint8)))
+    for s in range(4):
+      seed = tf.constant([s, 2], tf.int64)
+      fast = preprocess.decode_and_inception_crop(encoded, seed, 16, 0.08, 3).numpy()
+      full = preprocess.inception_crop(preprocess.decode(encoded, 3), seed, 16, 0.08).numpy()
+      assert fast.shape == (16, 16, 3)
+      np.testing.assert_allclose(fast, full, atol=1.0)

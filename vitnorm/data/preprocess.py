@@ -1,8 +1,8 @@
 """Per-example preprocessing in TensorFlow, with stateless randomness.
 
-Train (DeiT order): decode -> channels -> geometry (inception crop, or shorter-side resize and
-centre crop) -> random shift (pad + crop) -> horizontal flip -> RandAugment -> /255, normalize ->
-random erasing. Eval: decode -> channels -> resize the shorter side to image_size /
+Train (DeiT order): decode -> channels -> geometry (inception crop, for which JPEGs decode only
+the crop window; or shorter-side resize and centre crop) -> random shift (pad + crop) ->
+horizontal flip -> RandAugment -> /255, normalize -> random erasing. Eval: decode -> channels -> resize the shorter side to image_size /
 eval_crop_fraction -> centre crop -> /255, normalize.
 
 Every random draw of one example comes from one shape-[2] int64 seed, so an example's augmentation
@@ -71,15 +71,37 @@ def resize_small_and_center_crop(image, size: int, crop_fraction: float = 1.0):
   return tf.ensure_shape(image, [size, size, image.shape[-1]])
 
 
+def _sample_crop(shape, seed, area_min):
+  """(offset_y, offset_x, height, width) of an inception crop of an image of `shape` [H, W, C]."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+      area_range=(area_min, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return begin[0], begin[1], crop_size[0], crop_size[1]
+
+
 def inception_crop(image, seed, size: int, area_min: float):
   """Random resized crop: area fraction in [area_min, 1], aspect ratio in [3/4, 4/3] (10 tries, else
   the whole image), resized to size x size. Returns float32 0..255."""
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
-      area_range=(area_min, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-  image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, image.shape[-1]])
+  top, left, height, width = _sample_crop(tf.shape(image), seed, area_min)
+  image = tf.ensure_shape(image[top:top + height, left:left + width], [None, None, image.shape[-1]])
   return _resize(image, size, size)
+
+
+def decode_and_inception_crop(encoded, seed, size: int, area_min: float, channels: int):
+  """`inception_crop(decode(encoded))`, but JPEGs decode only the crop window (same crop, less work)."""
+
+  def jpeg():
+    top, left, height, width = _sample_crop(tf.image.extract_jpeg_shape(encoded), seed, area_min)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]), channels=channels)
+
+  def other():
+    image = decode(encoded, channels)
+    top, left, height, width = _sample_crop(tf.shape(image), seed, area_min)
+    return image[top:top + height, left:left + width]
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  return _resize(tf.ensure_shape(image, [None, None, channels]), size, size)
 
 
 def random_shift(image, seed, pad: int):
@@ -139,11 +161,12 @@ class TrainPreprocess:
   def __call__(self, image, seed):
     cfg = self.cfg
     s_crop, s_shift, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    image = tf.ensure_shape(decode(image, self.channels), [None, None, self.channels])
-    if cfg.inception_crop:
-      image = inception_crop(image, s_crop, cfg.image_size, cfg.crop_scale_min)
+    if cfg.inception_crop and image.dtype == tf.string:
+      image = decode_and_inception_crop(image, s_crop, cfg.image_size, cfg.crop_scale_min, self.channels)
+    elif cfg.inception_crop:
+      image = inception_crop(decode(image, self.channels), s_crop, cfg.image_size, cfg.crop_scale_min)
     else:
-      image = resize_small_and_center_crop(image, cfg.image_size, 1.0)
+      image = resize_small_and_center_crop(decode(image, self.channels), cfg.image_size, 1.0)
     if cfg.random_shift_pad:
       image = random_shift(image, s_shift, cfg.random_shift_pad)
     if cfg.hflip:
