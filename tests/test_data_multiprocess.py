@@ -1,0 +1,78 @@
+"""Two real JAX processes on localhost (2 CPU devices each) read one dataset through the defaults.
+
+Each process takes its part from jax.process_index(); the parts are disjoint and cover the split;
+both yield the same number of eval batches; to_global_arrays assembles a global batch.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import vitnorm.data as data
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    port, pid, data_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    import vitnorm.data as data
+    from vitnorm.data import device
+
+    cfg = data.default_data_config(name="digits", data_dir=data_dir, image_size=8, inception_crop=False,
+                                   hflip=False, normalize_mean=(0.0,), normalize_std=(1 / 255,),
+                                   eval_crop_fraction=1.0, cache=True)
+    batch = next(data.train_batches(cfg, global_batch_size=8, seed=0))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.NamedSharding(mesh, jax.P("data"))
+    global_batch = device.to_global_arrays(batch, sharding)
+    gathered = multihost_utils.process_allgather(global_batch["label"], tiled=True)
+    evals = list(data.eval_batches(cfg, global_batch_size=64))
+    rows = [(b["image"][i].round().astype(np.uint8).tobytes().hex(), int(b["label"][i]))
+            for b in evals for i in np.flatnonzero(b["mask"])]
+    json.dump({"global_shape": list(global_batch["image"].shape), "local_label": batch["label"].tolist(),
+               "gathered": np.asarray(gathered).tolist(), "num_eval": len(evals),
+               "expected_eval": data.num_eval_batches(cfg, global_batch_size=64), "rows": rows},
+              open(out, "w"))
+    jax.distributed.shutdown()
+""")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_read_disjoint_covering_parts(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  data.dataset_info({"name": "digits", "data_dir": data_dir, "normalize_mean": (0.5,), "normalize_std": (0.5,)})
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), data_dir, str(tmp_path / f"{i}.json")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out.decode()[-3000:]
+  results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+  for r in results:
+    assert r["global_shape"] == [8, 8, 8, 1]
+    assert r["num_eval"] == r["expected_eval"] == 6  # 360 / 2 = 180 per process: 6 batches of 32, padded
+  # The global batch holds process 0's rows, then process 1's.
+  np.testing.assert_array_equal(results[0]["gathered"], results[0]["local_label"] + results[1]["local_label"])
+  rows = [tuple(r) for res in results for r in res["rows"]]
+  assert len(rows) == 360  # every example once over both processes (the multiset check below)
+  expected = data.eval_batches(data.default_data_config(
+      name="digits", data_dir=data_dir, image_size=8, inception_crop=False, hflip=False,
+      normalize_mean=(0.0,), normalize_std=(1 / 255,), eval_crop_fraction=1.0), global_batch_size=360)
+  (whole,) = list(expected)
+  assert sorted(rows) == sorted((img.round().astype(np.uint8).tobytes().hex(), int(label))
+                                for img, label in zip(whole["image"], whole["label"]))
