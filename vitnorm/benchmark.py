@@ -52,28 +52,34 @@ DEFAULT_MODELS = ("ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "rms", "n
 BASELINE, FLOOR = "ln", "none"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("variant", "S/16", "ViT size preset NAME/PATCH (Ti/16, S/16, B/16, L/16, ...).")
-flags.DEFINE_integer("image_size", 224, "Square input image side in pixels.")
-flags.DEFINE_integer("num_channels", 3, "Input image channels.")
-flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
-flags.DEFINE_enum("classifier", "token", vit.CLASSIFIERS, "Pooling: CLS token or global average.")
-flags.DEFINE_enum("ffn_norm_position", "pre_act", vit.FFN_NORM_POSITIONS,
-                  "Where the FFN BN of the bn_ffnbn models sits: before or after the GELU.")
-flags.DEFINE_integer("hidden_size", None, "Override the preset's width.")
-flags.DEFINE_integer("num_layers", None, "Override the preset's depth.")
-flags.DEFINE_integer("mlp_dim", None, "Override the preset's FFN width.")
-flags.DEFINE_integer("num_heads", None, "Override the preset's attention heads.")
-flags.DEFINE_integer("patch_size", None, "Override the preset's patch size.")
-flags.DEFINE_list("models", list(DEFAULT_MODELS), f"Models to compare, from: {', '.join(MODELS)}.")
-flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes (each a multiple of the device count).")
-flags.DEFINE_enum("dtype", "float32", list(vit.DTYPES), "Compute dtype of the models and of the matmul peak.")
-flags.DEFINE_integer("warmup", 2, "Untimed calls per model before timing.")
-flags.DEFINE_integer("iterations", 10, "Timed calls per model per repeat.")
-flags.DEFINE_integer("repeats", 5, "Interleaved rounds (A B C ...); the spread is over these.")
-flags.DEFINE_integer("matmul_size", 0, "Side of the square matmul of the peak measurement; 0: "
-                     "1024 on CPU, 8192 on accelerators.")
-flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
-flags.DEFINE_integer("seed", 0, "Seed of the random weights and statistics.")
+
+
+def define_flags():
+  """Defines the command-line flags (once; only the CLI does, so importing this module is free)."""
+  if "iterations" in FLAGS:
+    return
+  flags.DEFINE_string("variant", "S/16", "ViT size preset NAME/PATCH (Ti/16, S/16, B/16, L/16, ...).")
+  flags.DEFINE_integer("image_size", 224, "Square input image side in pixels.")
+  flags.DEFINE_integer("num_channels", 3, "Input image channels.")
+  flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+  flags.DEFINE_enum("classifier", "token", vit.CLASSIFIERS, "Pooling: CLS token or global average.")
+  flags.DEFINE_enum("ffn_norm_position", "pre_act", vit.FFN_NORM_POSITIONS,
+                    "Where the FFN BN of the bn_ffnbn models sits: before or after the GELU.")
+  flags.DEFINE_integer("hidden_size", None, "Override the preset's width.")
+  flags.DEFINE_integer("num_layers", None, "Override the preset's depth.")
+  flags.DEFINE_integer("mlp_dim", None, "Override the preset's FFN width.")
+  flags.DEFINE_integer("num_heads", None, "Override the preset's attention heads.")
+  flags.DEFINE_integer("patch_size", None, "Override the preset's patch size.")
+  flags.DEFINE_list("models", list(DEFAULT_MODELS), f"Models to compare, from: {', '.join(MODELS)}.")
+  flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes (each a multiple of the device count).")
+  flags.DEFINE_enum("dtype", "float32", list(vit.DTYPES), "Compute dtype of the models and of the matmul peak.")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls per model before timing.")
+  flags.DEFINE_integer("iterations", 10, "Timed calls per model per repeat.")
+  flags.DEFINE_integer("repeats", 5, "Interleaved rounds (A B C ...); the spread is over these.")
+  flags.DEFINE_integer("matmul_size", 0, "Side of the square matmul of the peak measurement; 0: "
+                       "1024 on CPU, 8192 on accelerators.")
+  flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights and statistics.")
 
 
 def parse_int_list(values: Sequence[str], field: str) -> List[int]:
@@ -199,7 +205,7 @@ def _row(result: throughput.Result, results: Dict[str, throughput.Result], peak:
   row["ratio_to_ln"] = _ratio(ips, base.median_images_per_second if base else None)
   row["ratio_to_no_norm"] = _ratio(ips, floor.median_images_per_second if floor else None)
   row["fraction_of_matmul_peak"] = _ratio(result.achieved_flops_per_second, peak["flops_per_second"])
-  return throughput._nan_to_none(row)  # pylint: disable=protected-access
+  return throughput.nan_to_none(row)
 
 
 def format_report(report: dict) -> str:
@@ -252,13 +258,26 @@ def main(argv):
 
 @exit_on_user_error
 def _main_checked(argv):
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   main(argv)
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (exit 2), as for a UserError."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, ValueError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def run():
   """Console entry point `vitnorm-benchmark`."""
   parallel.use_all_cpu_cores()
-  app.run(_main_checked)
+  define_flags()
+  app.run(_main_checked, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

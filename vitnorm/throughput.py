@@ -134,14 +134,14 @@ class Result:
                                       per_repeat=self.images_per_second),
                latency_ms=self.latency_ms,
                achieved_flops_per_second=self.achieved_flops_per_second)
-    return _nan_to_none(out)
+    return nan_to_none(out)
 
 
-def _nan_to_none(tree):
+def nan_to_none(tree):
   if isinstance(tree, dict):
-    return {k: _nan_to_none(v) for k, v in tree.items()}
+    return {k: nan_to_none(v) for k, v in tree.items()}
   if isinstance(tree, list):
-    return [_nan_to_none(v) for v in tree]
+    return [nan_to_none(v) for v in tree]
   if isinstance(tree, float) and not np.isfinite(tree):
     return None
   return tree
