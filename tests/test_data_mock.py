@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import vitnorm.data as data
+from vitnorm.errors import ConfigError
 
 DEIT = dict(inception_crop=True, hflip=True, randaugment_layers=2, randaugment_magnitude=9.0,
             randaugment_magnitude_std=0.5, random_erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
@@ -61,3 +62,8 @@ def test_mock_model_check_and_plain_train_values(mock_17):
   assert set(np.unique(batch["label"])) == {0.0, 1.0}
   np.testing.assert_array_equal(batch["label"].sum(1), 1.0)
   assert IMAGENET_LOW - 1e-4 <= batch["image"].min() and batch["image"].max() <= IMAGENET_HIGH + 1e-4
+
+
+def test_imagenet_test_split_has_no_labels(mock_17):
+  with pytest.raises(ConfigError, match=r"data.eval_split: imagenet2012's 'test' split has no labels"):
+    data.dataset_info({"name": "imagenet2012"})

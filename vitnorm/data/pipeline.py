@@ -247,6 +247,12 @@ def _resolve(data_cfg):
   image_key, label_key = _keys(builder)
   channels = cfg.channels or _source_channels(builder, image_key)
   mean, std = config_lib.check_normalization(cfg, channels)
+  for field in ("train_split", "eval_split"):
+    split = getattr(cfg, field)
+    if builder.name == "imagenet2012" and split.split("[")[0].strip() == "test":
+      raise ConfigError(f"data.{field}", f"imagenet2012's {split!r} split has no labels (all -1 in "
+                        "tfds); evaluate on 'validation' (or hold out part of 'train', e.g. "
+                        "'train[99%:]')")
   if cfg.randaugment_layers and cfg.image_size < 3:
     raise ConfigError("data.randaugment_layers", f"RandAugment needs images of at least 3x3 pixels, "
                       f"data.image_size is {cfg.image_size}; set randaugment_layers=0")
