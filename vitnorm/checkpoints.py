@@ -55,11 +55,10 @@ def _reader(workdir: str) -> Optional[ocp.CheckpointManager]:
 
 def all_steps(workdir: str) -> list:
   """Sorted steps of the complete checkpoints in WORKDIR/checkpoints ([] if none)."""
-  reader = _reader(workdir)
-  if reader is None:
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
     return []
-  with reader:
-    return sorted(int(s) for s in reader.all_steps())
+  return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
 
 
 def latest_step(workdir: str) -> Optional[int]:

@@ -1,0 +1,174 @@
+# Shared defaults for every vitnorm config; not a config itself. Used by configs/*.py, e.g.
+#   python -m vitnorm.train --config configs/quickstart.py --workdir /tmp/vitnorm/quickstart
+"""Shared config defaults (one place) and the `:key=value,...` argument parser of config files.
+
+Every field is commented here. Fields whose default is None are `placeholder`s so they stay
+overridable from the command line (`--config.num_steps=500`, `--config.model.bn_group_size=64`).
+"""
+from typing import Any, Mapping, Optional
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+# Short and long names of the normalization kinds (vitnorm.norms.NORM_KINDS).
+NORM_ALIASES = {"ln": "layer", "layer": "layer", "layernorm": "layer",
+                "bn": "batch", "batch": "batch", "batchnorm": "batch",
+                "rms": "rms", "rmsnorm": "rms", "none": "none", "identity": "none"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def norm_name(value: str, field: str = "norm") -> str:
+  """'bn' -> 'batch', 'ln' -> 'layer', ...; ValueError naming the field for anything else."""
+  key = str(value).strip().lower()
+  if key not in NORM_ALIASES:
+    raise ValueError(f"config argument {field}={value!r}: unknown norm; choose one of "
+                     f"{', '.join(sorted(NORM_ALIASES))}")
+  return NORM_ALIASES[key]
+
+
+def parse_args(arg: Optional[str], defaults: Mapping[str, Any]) -> dict:
+  """'key=value,key=value' -> dict over `defaults`, each value converted to its default's type.
+
+  Unknown keys and unconvertible values raise ValueError naming the key and the valid keys.
+  Booleans accept true/false/1/0/yes/no; a default of None takes the value as a string.
+  """
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value; valid keys: {', '.join(defaults)}")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
+    default = defaults[key]
+    try:
+      if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+          raise ValueError(value)
+        out[key] = value.lower() in ("true", "1", "yes")
+      elif isinstance(default, int):
+        out[key] = int(value)
+      elif isinstance(default, float):
+        out[key] = float(value)
+      else:
+        out[key] = value
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r} is not a valid {type(default).__name__}") from None
+  return out
+
+
+def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_norm: str = "none",
+                 num_classes: int = 1000, image_size: int = 224, num_channels: int = 3
+                 ) -> ml_collections.ConfigDict:
+  """config.model: the ViT (vitnorm.vit.resolve_model_config validates it)."""
+  m = ml_collections.ConfigDict()
+  # Size preset NAME/PATCH: Ti, S, B, L, H or deit_ti/deit_s/deit_b, e.g. 'S/16'. The five size
+  # fields below override the preset when set; with variant None all five must be set.
+  m.variant = placeholder(str) if variant is None else variant
+  m.hidden_size = placeholder(int)  # Token width (None: from the variant).
+  m.num_layers = placeholder(int)  # Encoder blocks (None: from the variant).
+  m.mlp_dim = placeholder(int)  # FFN hidden width (None: from the variant).
+  m.num_heads = placeholder(int)  # Attention heads; must divide hidden_size (None: from the variant).
+  m.patch_size = placeholder(int)  # Patch side in pixels; must divide image_size (None: from the variant).
+  m.num_classes = num_classes  # Classifier outputs; must match the dataset (checked at start).
+  m.image_size = image_size  # Input side in pixels; must match data.image_size.
+  m.num_channels = num_channels  # Input channels; must match the data pipeline's output.
+  m.classifier = "token"  # 'token' (CLS token, ViT/DeiT) or 'gap' (mean of the patch tokens).
+  m.norm = norm_name(norm)  # Block and final norm: 'layer' | 'batch' | 'rms' | 'none' (ln/bn accepted).
+  m.ffn_norm = norm_name(ffn_norm, "ffn_norm")  # Extra norm inside the FFN (the paper's fix: 'batch').
+  m.ffn_norm_position = "pre_act"  # FFN norm between fc1 and GELU ('pre_act') or after GELU ('post_act').
+  m.dropout_rate = 0.0  # Dropout after attention / FFN outputs and on the embeddings.
+  m.attention_dropout_rate = 0.0  # Dropout on the attention weights.
+  m.drop_path_rate = 0.0  # Stochastic depth of the last block (linear from 0 at the first).
+  m.bn_momentum = 0.9  # BN running-average decay, Flax convention (0.9 = PyTorch momentum 0.1).
+  m.bn_epsilon = 1e-5  # BN epsilon.
+  m.bn_include_cls = True  # Whether the CLS token takes part in the BN statistics.
+  m.bn_group_size = placeholder(int)  # Ghost-batch size for BN statistics; None = the whole global batch.
+  m.ln_epsilon = 1e-6  # LayerNorm / RMSNorm epsilon.
+  m.representation_size = placeholder(int)  # Optional tanh pre-logits layer width (None: no layer).
+  m.head_bias_init = 0.0  # Initial classifier bias.
+  m.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  return m
+
+
+def data_config(*, name: str = "imagenet2012", image_size: int = 224) -> ml_collections.ConfigDict:
+  """config.data: the input pipeline (vitnorm.data); crop and flip on, the heavier DeiT
+  augmentations off (configs/deit.py turns them on)."""
+  d = ml_collections.ConfigDict()
+  d.name = name  # tfds dataset name, or the offline 'mnist5k' / 'digits'.
+  d.data_dir = placeholder(str)  # tfds data dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  d.train_split = "train"  # tfds split to train on (e.g. 'train[:90%]').
+  d.eval_split = "test"  # tfds split for evaluation ('validation' for imagenet2012).
+  d.image_size = image_size  # Side of the images the pipeline outputs.
+  d.channels = placeholder(int)  # Convert to this many channels (1 or 3); None keeps the dataset's.
+  d.inception_crop = True  # Random resized (Inception) crop for training; else resize + center crop.
+  d.crop_scale_min = 0.08  # Smallest area fraction of the Inception crop.
+  d.hflip = True  # Random horizontal flips for training (turn off for digits).
+  d.randaugment_layers = 0  # RandAugment ops per image; 0 = off (DeiT: 2).
+  d.randaugment_magnitude = 9.0  # RandAugment magnitude (DeiT: 9).
+  d.randaugment_magnitude_std = 0.5  # Per-op noise on the magnitude (DeiT: 0.5).
+  d.random_erasing_prob = 0.0  # Probability of random erasing (DeiT: 0.25).
+  d.normalize_mean = IMAGENET_MEAN  # Per-channel mean subtracted, in [0, 1] pixel units.
+  d.normalize_std = IMAGENET_STD  # Per-channel std divided by, in [0, 1] pixel units.
+  d.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0 = off (DeiT: 0.8).
+  d.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (DeiT: 1.0).
+  d.mixup_switch_prob = 0.5  # With both on: probability of CutMix instead of mixup for a batch.
+  d.mixup_prob = 1.0  # Probability that a batch gets mixup / CutMix at all.
+  d.label_smoothing = 0.0  # Label smoothing of the soft targets (DeiT: 0.1).
+  d.eval_crop_fraction = 0.875  # Eval: resize to image_size / fraction, then center crop.
+  d.shuffle_buffer = 50_000  # Shuffle buffer (examples) for datasets streamed from disk.
+  d.cache = False  # Keep the decoded split in memory (small datasets).
+  d.random_shift_pad = 0  # Pad by this many pixels and crop back at random (small images); 0 = off.
+  return d
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  """config.optim: AdamW with warm-up + cosine (vitnorm.optim), DeiT defaults."""
+  o = ml_collections.ConfigDict()
+  o.base_lr = 5e-4  # Peak learning rate for a global batch of lr_scaling_batch.
+  o.lr_scaling_batch = 512  # Peak lr = base_lr * batch_size / this (DeiT); None = base_lr as is.
+  o.min_lr = 1e-5  # Learning rate at the end of the cosine.
+  o.warmup_steps = placeholder(int)  # Linear warm-up steps from 0; None: from warmup_epochs.
+  o.warmup_epochs = 5.0  # Warm-up length in epochs, used when warmup_steps is None.
+  o.b1 = 0.9  # Adam beta1.
+  o.b2 = 0.999  # Adam beta2.
+  o.eps = 1e-8  # Adam epsilon.
+  o.weight_decay = 0.05  # Decoupled weight decay, on Dense/Conv kernels only (not norms, biases, pos-emb, cls).
+  o.grad_clip_norm = placeholder(float)  # Clip gradients to this global norm; None = no clipping.
+  o.ema_decay = 0.0  # EMA of the weights per step (DeiT: 0.99996); 0 = off. Evaluated as eval_ema/*.
+  return o
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full config tree with DeiT-S/16 ImageNet defaults; config files change what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds initialization, dropout and the data order (same seed + config = same run).
+  c.parallelism = "jit"  # 'jit': one Mesh over all devices, sharded batches; 'pmap': pmean over axis 'batch'.
+  c.batch_size = 1024  # Global batch per optimizer step (all devices, all processes).
+  c.accum_steps = 1  # Split each step's batch into this many micro-batches and average their gradients.
+  c.num_steps = placeholder(int)  # Optimizer steps; None: from num_epochs.
+  c.num_epochs = 300.0  # Training length in epochs of the train split, used when num_steps is None.
+  c.eval_batch_size = placeholder(int)  # Global eval batch; None: batch_size // accum_steps.
+  c.log_every = 50  # Train metrics (averaged over the interval) every this many steps.
+  c.eval_every = 2000  # Eval-split evaluation every this many steps (and always at the end); 0 = end only.
+  c.checkpoint_every = 1000  # Checkpoint every this many steps (and always at the end).
+  c.keep_checkpoints = 3  # Keep this many most recent checkpoints.
+  c.async_checkpoints = True  # Write checkpoints in the background while training continues.
+  c.diagnostics_every = 500  # Per-block residual/FFN RMS, max attention logit, grad norms; 0 = off.
+  c.loss_spike_factor = 10.0  # Diverged if loss > factor x running mean and above chance level; 0 = off.
+  c.progress_bar = "auto"  # 'auto' (a bar on a terminal, log lines otherwise), 'on' or 'off'.
+  c.num_cpu_devices = placeholder(int)  # CPU-only hosts: JAX CPU devices; None = one per core.
+  c.model = model_config()
+  c.data = data_config()
+  c.optim = optim_config()
+  c.distributed = ml_collections.ConfigDict()
+  # Several processes: coordinator HOST:PORT (or $JAX_COORDINATOR_ADDRESS); None = single process.
+  c.distributed.coordinator_address = placeholder(str)
+  c.distributed.num_processes = placeholder(int)  # Number of processes (or $JAX_NUM_PROCESSES).
+  c.distributed.process_id = placeholder(int)  # This process's index (or $JAX_PROCESS_ID).
+  c.distributed.auto = False  # jax.distributed.initialize() with auto-detection (TPU pods, SLURM).
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nan_at_step = placeholder(int)  # Feed NaN images at this step (tests divergence handling).
+  c.debug.preempt_at_step = placeholder(int)  # Send this process SIGTERM after this step (tests preemption).
+  return c
