@@ -125,6 +125,28 @@ def markdown_table(runs: List[dict]) -> str:
   return "\n".join(lines)
 
 
+def benchmark_table(bench: dict) -> str:
+  """The benchmark.json of `python -m vitnorm.benchmark --output` as a compact markdown table."""
+  lines = ["| model | batch | img/s (median) | min-max | vs LN | vs no-norm | of matmul peak |",
+           "|---|---|---|---|---|---|---|"]
+  for r in bench.get("results", []):
+    ips = r.get("images_per_second") or {}
+    if r.get("status", "ok") != "ok" or ips.get("median") is None:
+      lines.append(f"| {r.get('model')} | {r.get('batch_size')} | {r.get('status')} | - | - | - | - |")
+      continue
+    frac = r.get("fraction_of_matmul_peak")
+    lines.append(f"| {r.get('model')} | {r.get('batch_size')} | {ips['median']:.1f} | "
+                 f"{_number(ips.get('min'), '{:.1f}')}-{_number(ips.get('max'), '{:.1f}')} | "
+                 f"{_number(r.get('ratio_to_ln'), '{:.3f}')} | {_number(r.get('ratio_to_no_norm'), '{:.3f}')} | "
+                 + ("-" if frac is None else f"{100 * frac:.1f}%") + " |")
+  setup = bench.get("setup") or {}
+  model = setup.get("model") or {}
+  head = (f"{model.get('variant')} @ {model.get('image_size')} px, {model.get('dtype', 'float32')}, "
+          f"{setup.get('num_devices')} {setup.get('backend')} device(s) ({setup.get('device_kind')}), "
+          f"{setup.get('repeats')} interleaved rounds of {setup.get('iterations')} calls")
+  return head + "\n\n" + "\n".join(lines)
+
+
 def _benchmark_section(doc: dict) -> str:
   bench = doc.get("benchmark") or {}
   sweep_dir = doc["dir"]
@@ -132,12 +154,14 @@ def _benchmark_section(doc: dict) -> str:
     return "_benchmark not run yet_"
   text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else ""),
           "", "command: `" + " ".join(bench.get("command", [])) + "`", ""]
-  try:
+  output = results_lib.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
+  if output and output.get("results"):
+    return "\n".join(text + [benchmark_table(output)])
+  try:  # no JSON: show what the benchmark printed last
     with open(os.path.join(sweep_dir, bench.get("log", "benchmark.log")), encoding="utf-8") as f:
       log = f.read()
   except OSError:
     log = ""
-  # The benchmark prints its table last; show the output of the last invocation.
   table = log.rsplit("\n$ ", 1)[-1].split("\n", 1)[-1].strip() if log else ""
   if table:
     text += ["```", table, "```"]
@@ -261,7 +285,8 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)
   lines.append(markdown_table(doc["runs"]))
-  notes = [f"- `{r['name']}`: {r['note']}" for r in doc["runs"] if r.get("note")]
+  notes = [f"- `{r['name']}`: {r['note']}" + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
+           for r in doc["runs"] if r.get("note") or r.get("reason")]
   if notes:
     lines += [""] + notes
   os.makedirs(plot_dir, exist_ok=True)

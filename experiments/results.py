@@ -217,7 +217,7 @@ def summarize_run(run, workdir: str) -> dict:
   else:
     state = "incomplete" if (series or os.path.isdir(os.path.join(workdir, "checkpoints"))) else "not_run"
     step = max((pts[-1][0] for pts in series.values() if pts), default=None)
-  return {
+  summary = {
       "name": run.name,
       "note": run.note,
       "config": run.config,
@@ -229,3 +229,6 @@ def summarize_run(run, workdir: str) -> dict:
       "model": model_fields(read_json(os.path.join(workdir, "config.json")), run),
       "throughput": throughput(evaluation),
   }
+  if status is not None and status.get("reason"):
+    summary["reason"] = str(status["reason"])  # why a diverged run was stopped
+  return summary

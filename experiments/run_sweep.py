@@ -52,10 +52,13 @@ class Interrupted(Exception):
 
 
 def train_command(run: sweeps_lib.Run, workdir: str, *, num_steps: Optional[int] = None,
-                  python: str = sys.executable, train_module: str = "vitnorm.train") -> List[str]:
+                  scale: Optional[str] = None, python: str = sys.executable,
+                  train_module: str = "vitnorm.train") -> List[str]:
+  """python -m vitnorm.train --config=C --workdir=D [--config.num_steps=N] [logging] [overrides]."""
   cmd = [python, "-m", train_module, f"--config={run.config}", f"--workdir={workdir}"]
   if num_steps is not None:
     cmd.append(f"--config.num_steps={num_steps}")
+  cmd += [f"--config.{field}={value}" for field, value in sweeps_lib.logging_overrides(scale, num_steps)]
   return cmd + run.override_flags()
 
 
@@ -225,7 +228,7 @@ def print_dry_run(sweep, root: str, *, num_steps, evaluate, out=None, **modules)
       out.write(f"# {run.name}: already {status['status']} (skipped)\n")
     else:
       out.write(f"# {run.name}: {run.note}\n")
-    out.write(shlex.join(train_command(run, workdir, num_steps=num_steps,
+    out.write(shlex.join(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
                                        **_pick(modules, "python", "train_module"))) + "\n")
     if evaluate:
       out.write(shlex.join(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module"))) + "\n")
@@ -307,7 +310,7 @@ def _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, m
                 f" -- log: {os.path.join(workdir, 'train.log')}\n")
       out.flush()
       start = time.time()
-      rc, last = execute(train_command(run, workdir, num_steps=num_steps,
+      rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
                                        **_pick(modules, "python", "train_module")),
                          os.path.join(workdir, "train.log"), verbose=verbose, out=out)
       note = extra.setdefault(run.name, {})

@@ -60,7 +60,7 @@ FAKE_TRAINER = textwrap.dedent('''
         rec[f"diag/block_{b}/grad_norm"] = 1.0 / step
       log.write(json.dumps(rec) + "\\n")
       if step == diverge_at:
-        json.dump({"status": "diverged", "step": step, "metrics": last},
+        json.dump({"status": "diverged", "step": step, "metrics": last, "reason": "non-finite loss"},
                   open(os.path.join(wd, "status.json"), "w"))
         print("error: training diverged at step %d (loss nan)" % step, file=sys.stderr)
         sys.exit(1)
@@ -202,10 +202,20 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   wd = root / "bn_momentum_cpu"
   assert lines[0] == (f"{py} -m vitnorm.train --config=configs/quickstart.py:norm=bn,ffn_norm=bn "
                       f"--workdir={wd / 'momentum_0.5'} --config.num_steps=50 "
+                      "--config.log_every=1 --config.eval_every=5 --config.diagnostics_every=1 "
                       "--config.model.bn_momentum=0.5")
   assert lines[1] == f"{py} -m vitnorm.evaluate --workdir={wd / 'momentum_0.5'} --batch_sizes=64"
   assert len(lines) == 6 and lines[4].endswith("--config.model.bn_momentum=0.99")
   assert not root.exists()
+  # Without --num_steps: the config's own length, and the CPU runs log densely enough to plot.
+  run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root), "--dry_run"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert lines[0].endswith("--workdir=%s --config.log_every=25 --config.eval_every=125 "
+                           "--config.diagnostics_every=25" % (root / "norm_variants_cpu" / "ln"))
+  run_sweep.main(["--sweep", "norm_variants_imagenet", "--root", str(root), "--dry_run"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert lines[2] == (f"{py} -m vitnorm.train --config=configs/deit.py:variant=Ti/16,norm=bn,ffn_norm=bn "
+                      f"--workdir={root / 'norm_variants_imagenet' / 'bn_ffnbn'}")
   run_sweep.main(["--sweep", "inference_speed_cpu", "--root", str(root), "--dry_run"])
   (bench,) = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert bench.startswith(f"{py} -m vitnorm.benchmark --variant=S/16 --image_size=224")
@@ -266,7 +276,7 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   assert runs["bad"]["error"] == "error: model.bn_momentum: fake trainer refuses 0.5"
   assert _invocations(sweep_dir / "ln")[0] == (
       f"--config=configs/quickstart.py:norm=ln,ffn_norm=none --workdir={sweep_dir / 'ln'} "
-      "--config.num_steps=6")
+      "--config.num_steps=6 --config.log_every=1 --config.eval_every=1 --config.diagnostics_every=1")
   assert "error: training diverged" in (sweep_dir / "bn" / "train.log").read_text()
 
   # Running again needs --resume; with another --num_steps it is refused too.
@@ -366,6 +376,7 @@ def test_report_tables_and_plots(tmp_path, fake_modules, capsys):
   assert table[3] == "| bn | bn | none | - | 0.9 | 52.00% | 0.5000 | 1.0000 | diverged at step 3 | - |"
   assert table[4].startswith("| bn_ffnbn | bn | bn | pre_act | 0.99 | 56.00% |")
   assert table[5].startswith("| bad | bn | bn | pre_act | 0.5 | - | - | - | failed: error: model.bn_momentum")
+  assert "- `bn`: BN only -- stopped: non-finite loss" in text
   for name in ("loss.png", "eval_top1.png", "diagnostics.png"):
     path = out_dir / "fake_cpu" / name
     assert f"![{name}](fake_cpu/{name})" in text
@@ -373,6 +384,45 @@ def test_report_tables_and_plots(tmp_path, fake_modules, capsys):
     assert width >= 600 and height >= 300
   # 3 runs with diagnostics (the failed one has none): 3 rows of panels.
   assert _png_size(out_dir / "fake_cpu" / "diagnostics.png")[1] > _png_size(out_dir / "fake_cpu" / "loss.png")[1]
+
+
+FAKE_BENCHMARK = textwrap.dedent('''
+    import json, sys
+    out = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--output=")][0]
+    def row(model, ips, ln, floor):
+      return {"model": model, "batch_size": 8, "status": "ok", "ratio_to_ln": ips / ln,
+              "ratio_to_no_norm": ips / floor, "fraction_of_matmul_peak": 0.25,
+              "images_per_second": {"median": ips, "min": ips - 1, "max": ips + 1}}
+    rows = [row("ln", 100.0, 100.0, 125.0), row("bn_folded", 120.0, 100.0, 125.0),
+            row("none", 125.0, 100.0, 125.0),
+            {"model": "bn_unfolded", "batch_size": 8, "status": "out_of_memory", "images_per_second": {}}]
+    json.dump({"setup": {"model": {"variant": "S/16", "image_size": 224}, "num_devices": 2,
+                         "backend": "cpu", "device_kind": "cpu", "repeats": 3, "iterations": 5},
+               "results": rows}, open(out, "w"))
+    print("| model | img/s |")
+''')
+
+
+def test_benchmark_sweep_runs_once_and_reports_its_table(tmp_path, monkeypatch, capsys):
+  mod_dir = tmp_path / "mods"
+  mod_dir.mkdir()
+  (mod_dir / "fake_benchmark.py").write_text(FAKE_BENCHMARK)
+  monkeypatch.setenv("PYTHONPATH", f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  root = tmp_path / "runs"
+  args = ["--sweep", "inference_speed_cpu", "--root", str(root), "--benchmark_module=fake_benchmark"]
+  assert run_sweep.main(args) == 0
+  doc = json.loads((root / "inference_speed_cpu" / "results.json").read_text())
+  assert doc["benchmark"]["status"] == "completed" and doc["benchmark"]["output"] == "benchmark.json"
+  assert doc["benchmark"]["command"][-1] == f"--output={root / 'inference_speed_cpu' / 'benchmark.json'}"
+  with pytest.raises(SystemExit):  # a benchmark sweep has no training length
+    run_sweep.main(args + ["--resume", "--num_steps", "5"])
+  assert "--num_steps: inference_speed_cpu trains nothing" in capsys.readouterr().err
+  assert run_sweep.main(args + ["--resume"]) == 0
+  assert "benchmark already completed (skipped)" in capsys.readouterr().out
+  text = report.make_report(str(root))
+  assert "S/16 @ 224 px, float32, 2 cpu device(s) (cpu), 3 interleaved rounds of 5 calls" in text
+  assert "| bn_folded | 8 | 120.0 | 119.0-121.0 | 1.200 | 0.960 | 25.0% |" in text
+  assert "| bn_unfolded | 8 | out_of_memory | - | - | - | - |" in text
 
 
 def test_report_without_sweeps_is_a_one_line_error(tmp_path, capsys):
@@ -384,3 +434,44 @@ def test_report_without_sweeps_is_a_one_line_error(tmp_path, capsys):
   with pytest.raises(SystemExit):
     report.main(["--root", str(tmp_path / "missing")])
   assert "is not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the real trainer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_real_two_run_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+  """LN vs BN + FFN-BN (momentum 0.99) on `digits` with a tiny ViT, 3 steps each, then the report."""
+  tiny = (("data.name", "digits"), ("data.image_size", 8), ("data.data_dir", tmp_path / "data"),
+          ("model.image_size", 8), ("model.patch_size", 4), ("model.hidden_size", 16),
+          ("model.num_layers", 2), ("model.mlp_dim", 32), ("model.num_heads", 2), ("batch_size", 32))
+  tiny = tuple((k, str(v)) for k, v in tiny)
+  sweep = sweeps_lib.Sweep("e2e_cpu", "cpu", "Does the real trainer run under the sweep runner?", runs=(
+      sweeps_lib.Run("ln", "configs/quickstart.py:norm=ln,ffn_norm=none", tiny, note="LN"),
+      sweeps_lib.Run("bn_ffnbn", "configs/quickstart.py:norm=bn,ffn_norm=bn",
+                     tiny + (("model.bn_momentum", "0.99"),), note="BN + FFN-BN")))
+  monkeypatch.setitem(sweeps_lib.SWEEPS, sweep.name, sweep)
+  # The trainings are separate processes: 2 CPU devices start and compile faster than 8.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  root = tmp_path / "runs"
+  assert run_sweep.main(["--sweep", "e2e_cpu", "--root", str(root), "--num_steps", "3"]) == 0
+  doc = json.loads((root / "e2e_cpu" / "results.json").read_text())
+  runs = {r["name"]: r for r in doc["runs"]}
+  for name, norm, ffn_norm, momentum in (("ln", "ln", "none", 0.9), ("bn_ffnbn", "bn", "bn", 0.99)):
+    r = runs[name]
+    assert (r["status"], r["step"]) == ("completed", 3), r
+    assert (r["model"]["norm"], r["model"]["ffn_norm"], r["model"]["bn_momentum"]) == (norm, ffn_norm, momentum)
+    assert 0.0 <= r["final"]["eval/top1"] <= 1.0 and math.isfinite(r["final"]["eval/loss"])
+    series = results_lib.read_metrics(str(root / "e2e_cpu" / name))
+    assert [s for s, _ in series["train/loss"]] == [1, 2, 3]  # log_every=1 for a 3-step CPU run
+    assert set(results_lib.block_diagnostics(series)) >= {"residual_rms", "ffn_hidden_rms", "max_attention_logit"}
+    assert sorted(results_lib.block_diagnostics(series)["residual_rms"]) == [0, 1]
+  capsys.readouterr()
+  # Re-running with --resume finds both finished and trains nothing.
+  assert run_sweep.main(["--sweep", "e2e_cpu", "--root", str(root), "--num_steps", "3", "--resume"]) == 0
+  out = capsys.readouterr().out
+  assert "[1/2] ln: already completed at step 3" in out and "[2/2] bn_ffnbn: already completed" in out
+  text = report.make_report(str(root))
+  assert "| ln | ln | none | - | 0.9 |" in text and "| bn_ffnbn | bn | bn | pre_act | 0.99 |" in text
+  assert (root / "e2e_cpu" / "diagnostics.png").stat().st_size > 10_000
