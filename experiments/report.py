@@ -285,8 +285,10 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)
   lines.append(markdown_table(doc["runs"]))
-  notes = [f"- `{r['name']}`: {r['note']}" + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
-           for r in doc["runs"] if r.get("note") or r.get("reason")]
+  notes = [f"- `{r['name']}`: {r.get('note', '')}"
+           + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
+           + (f" -- evaluation failed: {r['eval_error']}" if r.get("eval_error") else "")
+           for r in doc["runs"] if r.get("note") or r.get("reason") or r.get("eval_error")]
   if notes:
     lines += [""] + notes
   os.makedirs(plot_dir, exist_ok=True)

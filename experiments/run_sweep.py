@@ -3,13 +3,16 @@
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ [--num_steps 300]
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --dry_run   # commands only
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --resume    # continue it
+    python -m experiments.run_sweep --sweep norm_variants_imagenet --root runs/ \
+        --set data.data_dir=/data/tfds --set batch_size=512     # extra overrides for every run
 
 Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/train.log).
 - A diverged run (the paper's "crash") is a result, not an error: it is recorded and the sweep goes on.
 - Finished runs (status.json: completed or diverged) are never run again. An interrupted run is
   run again with the same command and the trainer resumes it from its latest checkpoint.
-- A sweep directory that already exists is only continued with --resume (with the --num_steps it
-  was started with), so results of different settings never mix and nothing is overwritten.
+- A sweep directory that already exists is only continued with --resume (with the --num_steps and
+  --set overrides it was started with), so results of different settings never mix and nothing
+  is overwritten.
 - With --evaluate, `python -m vitnorm.evaluate --workdir <run>` runs after each completed training.
 - After every run, ROOT/<sweep>/results.json is rewritten with what is known so far.
 - Ctrl-C or SIGTERM: the training in progress saves a checkpoint and stops (the trainer does
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from experiments import results as results_lib
 from experiments import sweeps as sweeps_lib
@@ -51,15 +54,28 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+def parse_overrides(items: Sequence[str]) -> List[Tuple[str, str]]:
+  """['data.data_dir=/x', ...] (the --set values) -> [('data.data_dir', '/x'), ...]."""
+  out = []
+  for item in items or ():
+    field, sep, value = item.partition("=")
+    if not sep or not field.strip() or " " in field.strip() or field.startswith("-"):
+      raise UserError(f"--set: expected FIELD=VALUE (a config field, e.g. data.data_dir=/data/tfds), got {item!r}")
+    out.append((field.strip(), value))
+  return out
+
+
 def train_command(run: sweeps_lib.Run, workdir: str, *, num_steps: Optional[int] = None,
-                  scale: Optional[str] = None, python: str = sys.executable,
-                  train_module: str = "vitnorm.train") -> List[str]:
-  """python -m vitnorm.train --config=C --workdir=D [--config.num_steps=N] [logging] [overrides]."""
+                  scale: Optional[str] = None, overrides: Sequence[str] = (),
+                  python: str = sys.executable, train_module: str = "vitnorm.train") -> List[str]:
+  """python -m vitnorm.train --config=C --workdir=D [--config.num_steps=N] [logging] [run's
+  overrides] [--set overrides, which apply to every run and come last]."""
   cmd = [python, "-m", train_module, f"--config={run.config}", f"--workdir={workdir}"]
   if num_steps is not None:
     cmd.append(f"--config.num_steps={num_steps}")
   cmd += [f"--config.{field}={value}" for field, value in sweeps_lib.logging_overrides(scale, num_steps)]
-  return cmd + run.override_flags()
+  cmd += run.override_flags()
+  return cmd + [f"--config.{field}={value}" for field, value in parse_overrides(overrides)]
 
 
 def evaluate_command(sweep: sweeps_lib.Sweep, workdir: str, *, python: str = sys.executable,
@@ -89,7 +105,8 @@ def _check_writable(root: str) -> None:
     raise UserError(f"--root: cannot write to {root} ({e.strerror or e}); choose a writable directory") from None
 
 
-def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool) -> str:
+def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool,
+                      overrides: Sequence[str] = ()) -> str:
   """Checks the root and the --resume rules; creates ROOT/<sweep> and its manifest."""
   _check_writable(root)
   sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
@@ -107,10 +124,14 @@ def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: boo
         f"--num_steps: {sweep_dir} was started with --num_steps {manifest.get('num_steps')}, not "
         f"{num_steps}; resume with the same value (results of different lengths must not mix) or "
         "choose another --root")
+  if manifest is not None and list(manifest.get("overrides") or []) != list(overrides):
+    raise UserError(
+        f"--set: {sweep_dir} was started with --set {' '.join(manifest.get('overrides') or []) or '(none)'}"
+        f", not {' '.join(overrides) or '(none)'}; resume with the same overrides or choose another --root")
   os.makedirs(sweep_dir, exist_ok=True)
   if manifest is None:
     results_lib.write_json(manifest_path, {
-        "sweep": sweep.name, "num_steps": num_steps,
+        "sweep": sweep.name, "num_steps": num_steps, "overrides": list(overrides),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
   return sweep_dir
 
@@ -214,7 +235,7 @@ def collect(sweep, sweep_dir: str, extra: Optional[dict] = None) -> List[dict]:
   return summaries
 
 
-def print_dry_run(sweep, root: str, *, num_steps, evaluate, out=None, **modules) -> None:
+def print_dry_run(sweep, root: str, *, num_steps, evaluate, overrides=(), out=None, **modules) -> None:
   out = out or sys.stdout
   sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
   out.write(f"# sweep {sweep.name}: {sweep.question}\n# commands run from {PROJECT_ROOT}\n")
@@ -229,6 +250,7 @@ def print_dry_run(sweep, root: str, *, num_steps, evaluate, out=None, **modules)
     else:
       out.write(f"# {run.name}: {run.note}\n")
     out.write(shlex.join(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
+                                       overrides=overrides,
                                        **_pick(modules, "python", "train_module"))) + "\n")
     if evaluate:
       out.write(shlex.join(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module"))) + "\n")
@@ -264,7 +286,7 @@ def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) 
 
 
 def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool = False,
-              evaluate: bool = False, verbose: bool = False, out=None, **modules) -> dict:
+              evaluate: bool = False, overrides: Sequence[str] = (), verbose: bool = False, out=None, **modules) -> dict:
   """Runs (or continues) a sweep and returns the results document written to results.json.
 
   `modules` may replace the commands' python / train_module / evaluate_module /
@@ -273,7 +295,10 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
   out = out or sys.stdout
   if sweep.is_benchmark and num_steps is not None:
     raise UserError(f"--num_steps: {sweep.name} trains nothing (it runs the benchmark); leave it out")
-  sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume)
+  if sweep.is_benchmark and overrides:
+    raise UserError(f"--set: {sweep.name} trains nothing (it runs the benchmark); leave it out")
+  parse_overrides(overrides)  # bad --set values fail before anything is created
+  sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume, overrides=overrides)
   results_path = os.path.join(sweep_dir, RESULTS)
   if sweep.is_benchmark:
     return _results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
@@ -291,13 +316,13 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
 
   save()
   try:
-    _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, modules)
+    _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules)
   finally:
     doc = save()  # also when interrupted: what is known so far, failures included
   return doc
 
 
-def _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, modules):
+def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules):
   for i, run in enumerate(sweep.runs, 1):
     tag = f"[{i}/{len(sweep.runs)}] {run.name}"
     workdir = os.path.join(sweep_dir, run.name)
@@ -311,7 +336,7 @@ def _run_all(sweep, sweep_dir, num_steps, evaluate, verbose, out, extra, save, m
       out.flush()
       start = time.time()
       rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
-                                       **_pick(modules, "python", "train_module")),
+                                       overrides=overrides, **_pick(modules, "python", "train_module")),
                          os.path.join(workdir, "train.log"), verbose=verbose, out=out)
       note = extra.setdefault(run.name, {})
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
@@ -355,6 +380,8 @@ def parse_args(argv):
   parser.add_argument("--dry_run", action="store_true", help="print the exact commands and run nothing")
   parser.add_argument("--num_steps", type=_positive_int, default=None,
                       help="training steps of every run (default: each config's own)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override for every run, e.g. --set data.data_dir=/data/tfds (repeatable)")
   parser.add_argument("--resume", action="store_true", help="continue a sweep that was started before")
   parser.add_argument("--evaluate", action="store_true",
                       help="run python -m vitnorm.evaluate (accuracy + img/s) after each completed run")
@@ -372,11 +399,13 @@ def main(argv=None):
   modules = dict(train_module=args.train_module, evaluate_module=args.evaluate_module,
                  benchmark_module=args.benchmark_module)
   if args.dry_run:
-    print_dry_run(sweep, args.root, num_steps=args.num_steps, evaluate=args.evaluate, **modules)
+    parse_overrides(args.set)
+    print_dry_run(sweep, args.root, num_steps=args.num_steps, evaluate=args.evaluate,
+                  overrides=args.set, **modules)
     return 0
   previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
-    doc = run_sweep(sweep, args.root, num_steps=args.num_steps, resume=args.resume,
+    doc = run_sweep(sweep, args.root, num_steps=args.num_steps, resume=args.resume, overrides=args.set,
                     evaluate=args.evaluate, verbose=args.verbose, **modules)
   except (Interrupted, KeyboardInterrupt) as e:
     signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

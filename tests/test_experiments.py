@@ -216,6 +216,16 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert lines[2] == (f"{py} -m vitnorm.train --config=configs/deit.py:variant=Ti/16,norm=bn,ffn_norm=bn "
                       f"--workdir={root / 'norm_variants_imagenet' / 'bn_ffnbn'}")
+  # --set overrides go to every run, after the run's own overrides.
+  run_sweep.main(["--sweep", "bn_cls_imagenet", "--root", str(root), "--dry_run",
+                  "--set", "data.data_dir=/data/tfds", "--set", "batch_size=512"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert [l.split(" --config.model.classifier=token ")[1] for l in lines] == [
+      f"--config.model.bn_include_cls={b} --config.data.data_dir=/data/tfds --config.batch_size=512"
+      for b in (True, False)]
+  with pytest.raises(SystemExit):
+    run_sweep.main(["--sweep", "bn_cls_imagenet", "--root", str(root), "--dry_run", "--set", "batch_size"])
+  assert capsys.readouterr().err.startswith("error: --set: expected FIELD=VALUE")
   run_sweep.main(["--sweep", "inference_speed_cpu", "--root", str(root), "--dry_run"])
   (bench,) = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert bench.startswith(f"{py} -m vitnorm.benchmark --variant=S/16 --image_size=224")
@@ -286,6 +296,10 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   with pytest.raises(SystemExit):
     run_sweep.main(args[:4] + ["--num_steps", "7", "--resume", *fake_modules])
   assert "--num_steps: " in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run_sweep.main(args + ["--resume", "--set", "seed=1"])
+  err = capsys.readouterr().err
+  assert err.startswith("error: --set: ") and "was started with --set (none), not seed=1" in err
   # --resume: finished runs (completed, diverged) are skipped, the failed one runs again.
   assert run_sweep.main(args + ["--resume"]) == 1
   out = capsys.readouterr().out
