@@ -229,7 +229,7 @@ def collect(sweep, sweep_dir: str, extra: Optional[dict] = None) -> List[dict]:
     summary = results_lib.summarize_run(run, os.path.join(sweep_dir, run.name))
     summary["workdir"] = run.name  # relative to the sweep directory
     summary.update((extra or {}).get(run.name, {}))
-    if summary.get("error") and summary["status"] not in results_lib.FINISHED + ("preempted",):
+    if summary.get("error") and summary["status"] not in results_lib.FINISHED:
       summary["status"] = "failed"  # the trainer stopped with an error and wrote no status
     summaries.append(summary)
   return summaries
@@ -342,8 +342,9 @@ def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, ext
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
       note.pop("error", None)
       summary = results_lib.summarize_run(run, workdir)
-      if summary["status"] not in results_lib.FINISHED + ("preempted",):
-        note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 but wrote no status.json"
+      # An error exit leaves an earlier attempt's status.json (e.g. 'preempted') in place.
+      if summary["status"] not in results_lib.FINISHED and (rc or summary["status"] != "preempted"):
+        note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 without a final status.json"
         summary["status"] = "failed"
       summary["error"] = note.get("error")
       out.write(f"{tag}: {_describe(summary)} ({_elapsed(time.time() - start)})\n")

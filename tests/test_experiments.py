@@ -322,6 +322,19 @@ def test_interrupted_run_is_resumed_by_running_it_again(tmp_path, fake_modules, 
   assert "(resuming)" in capsys.readouterr().out
 
 
+def test_an_error_exit_is_a_failure_even_over_an_earlier_preempted_status(tmp_path, fake_modules):
+  sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[3:])  # 'bad': exits 2
+  workdir = tmp_path / "fake_cpu" / "bad"
+  workdir.mkdir(parents=True)
+  (workdir / "status.json").write_text(json.dumps({"status": "preempted", "step": 2, "metrics": {}}))
+  with pytest.raises(UserError, match="pass --resume"):
+    run_sweep.run_sweep(sweep, str(tmp_path), train_module="fake_train")
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), resume=True, train_module="fake_train")
+  (run,) = doc["runs"]
+  assert run["status"] == "failed" and run["error"].startswith("error: model.bn_momentum")
+  assert report.status_text(run).startswith("failed: error: model.bn_momentum")
+
+
 def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path):
   """SIGTERM to the runner is forwarded to the training, results.json is written, exit 143."""
   mod_dir = tmp_path / "mods"
