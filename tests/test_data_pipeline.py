@@ -173,3 +173,13 @@ def test_bad_dataset_inputs_fail_fast_with_instructions(tmp_path, data_dir):
     data.train_batches(cfg(data_dir), global_batch_size=10, seed=0, process_index=0, process_count=3)
   with pytest.raises(ConfigError, match=r"model.num_classes: 5 is smaller than the 10 classes"):
     data.train_batches(cfg(data_dir), global_batch_size=8, seed=0, num_classes=5)
+
+
+def test_prepare_command(data_dir, capsys):
+  from vitnorm.data.__main__ import main  # pylint: disable=import-outside-toplevel
+  main(["--data_dir", data_dir, "digits"])
+  assert "digits: train 1437, test 360 examples" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--data_dir", data_dir, "cifar10"])
+  assert exit_info.value.code == 2
+  assert "error: unknown offline dataset 'cifar10'; choose from mnist5k, digits" in capsys.readouterr().err
