@@ -141,11 +141,15 @@ def random_erasing(image, seed, prob: float, *, area_range=(0.02, 1.0 / 3.0), lo
   # top in [0, h - bh] inclusive, like random.randint in timm.
   top = tf.cast(tf.floor(tf.random.stateless_uniform([], s_top) * tf.cast(h - bh + 1, tf.float32)), tf.int32)
   left = tf.cast(tf.floor(tf.random.stateless_uniform([], s_left) * tf.cast(w - bw + 1, tf.float32)), tf.int32)
-  rows = tf.range(h)[:, None]
-  cols = tf.range(w)[None, :]
-  inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw) & do_erase
-  noise = tf.random.stateless_normal(shape, s_noise)
-  return tf.where(inside[..., None], noise, image)
+
+  def erase():
+    # Noise only for the box, padded into place: the box is at most a third of the image.
+    noise = tf.random.stateless_normal(tf.stack([bh, bw, shape[2]]), s_noise)
+    paddings = tf.stack([[top, h - top - bh], [left, w - left - bw], [0, 0]])
+    inside = tf.pad(tf.ones([bh, bw, 1], tf.bool), paddings[:, :], constant_values=False)
+    return tf.where(inside, tf.pad(noise, paddings), image)
+
+  return tf.cond(do_erase, erase, lambda: image)
 
 
 class TrainPreprocess:
