@@ -90,7 +90,9 @@ def status_text(run: dict) -> str:
     return "completed" + (f" ({step} steps)" if step is not None else "")
   if state == "failed":
     return f"failed: {run.get('error', '')}".replace("|", "/")
-  if state in ("preempted", "incomplete", "running"):
+  if state in ("running", "incomplete"):  # still training, or killed without a chance to say so
+    return f"running or killed at step {step}"
+  if state == "preempted":
     return f"interrupted at step {step} (resume with --resume)" if step is not None else "interrupted"
   return "not run"
 
@@ -180,6 +182,21 @@ def _plt():
   return plt
 
 
+def _plain_log_axis(ax):
+  """Log y axis with plain tick labels (3, 0.5) instead of 3x10^0."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  ax.set_yscale("log")
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  ax.yaxis.set_major_formatter(plain)
+
+  def minor(v, _):  # every minor tick within about a decade, else only the 2s and 5s
+    low, high = ax.get_ylim()
+    narrow = low > 0 and high / low < 8
+    return f"{v:.2g}" if narrow or f"{v:.0e}"[0] in "25" else ""
+
+  ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
+
+
 def _finite(points):
   pts = [(s, v) for s, v in points if math.isfinite(v)]
   return [s for s, _ in pts], [v for _, v in pts]
@@ -212,7 +229,7 @@ def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, per
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel + (" (%)" if percent else ""))
   if log_y:
-    ax.set_yscale("log")
+    _plain_log_axis(ax)
   ax.set_title(f"{doc['sweep']}: {ylabel}")
   ax.grid(True, alpha=0.3, which="both")
   ax.legend(fontsize=9)
@@ -245,7 +262,7 @@ def plot_diagnostics(doc: dict, path: str) -> bool:
                   lw=1.2, label=f"block {b}")
       if stop is not None:
         ax.axvline(stop, color="red", ls="--", lw=1)
-      ax.set_yscale("log")
+      _plain_log_axis(ax)
       ax.grid(True, alpha=0.3, which="both")
       if i == 0:
         ax.set_title(label)
