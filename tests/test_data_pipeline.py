@@ -80,18 +80,15 @@ def test_train_batches_shapes_dtypes_and_ranges(data_dir):
   np.testing.assert_allclose(heavy["label"].sum(1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_batches_are_a_function_of_seed_and_step_and_resume_exactly(data_dir, cache):
-  c = cfg(data_dir, cache=cache, shuffle_buffer=300, **HEAVY_AUG)
+@pytest.mark.parametrize("cache, randaugment_layers", [(True, 2), (False, 0)])
+def test_batches_are_a_function_of_seed_and_step_and_resume_exactly(data_dir, cache, randaugment_layers):
+  # RandAugment is on for one mode only: it is per-example like the rest, and slow to trace.
+  c = cfg(data_dir, cache=cache, shuffle_buffer=300, **{**HEAVY_AUG, "randaugment_layers": randaugment_layers})
   # digits: 1,437 / 4 processes -> 360 examples for process 0, 11.25 batches of 32: step 12 is
   # in epoch 1.
   kw = dict(global_batch_size=128, seed=7, process_index=0, process_count=4)
   first = [b for _, b in zip(range(14), data.train_batches(c, **kw))]
-  again = [b for _, b in zip(range(3), data.train_batches(c, **kw))]
   resumed = [b for _, b in zip(range(2), data.train_batches(c, start_step=12, **kw))]
-  for a, b in zip(first[:3], again):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
   for a, b in zip(first[12:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])

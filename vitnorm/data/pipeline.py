@@ -4,8 +4,9 @@ Processes. Process p of P reads only its part of a split, `tfds.even_splits(spli
 (disjoint, covering, sizes differ by at most one); a global batch of B is P local batches of
 B / P, one per process.
 
-Determinism. The training example stream of a process is a function of (seed, process, data
-config, dataset contents) only, and batch k is its examples [k * b, (k + 1) * b) (b = local batch):
+Determinism. The training example stream of a process is a function of (seed, process index and
+count, data config, dataset contents) only, and batch k is its examples [k * b, (k + 1) * b)
+(b = local batch):
   * cache=True (small datasets): the process's part is decoded once into memory; epoch e visits it
     in the order `index_shuffle(i, key(seed, p, e))`, a seeded permutation. Position j of the stream
     is computed directly, so resuming at step N costs nothing.
