@@ -173,6 +173,34 @@ def test_knob_sweeps_vary_their_knob_and_resolve_in_the_model(ablation, field):
     assert len(set(seen)) == len(seen) >= 2, (sweep.name, seen)
 
 
+def _parse_like_the_trainer(cmd):
+  """The ConfigDict `python -m vitnorm.train` builds from a command's --config flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  args = [a for a in cmd[3:] if a.startswith("--config")]
+  args[0] = "--config=" + os.path.join(run_sweep.PROJECT_ROOT, args[0].split("=", 1)[1])
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=["prog"] + args)
+  values(["prog"] + args)
+  return values.config
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading a config file
+def test_every_sweep_command_parses_with_the_trainers_config_flags():
+  """Each run's config file, :args and overrides give the model the sweep says it trains."""
+  for sweep in sweeps_lib.SWEEPS.values():
+    for run in sweep.runs:
+      cmd = run_sweep.train_command(run, "/tmp/unused", num_steps=20, scale=sweep.scale,
+                                    overrides=["seed=3"])
+      config = _parse_like_the_trainer(cmd)
+      assert (config.num_steps, config.seed) == (20, 3)
+      assert config.data.name == ("mnist5k" if sweep.scale == "cpu" else "imagenet2012")
+      assert config.eval_every == (2 if sweep.scale == "cpu" else config.eval_every)
+      declared = results_lib.model_fields(None, run)
+      assert results_lib.model_fields(config.to_dict()) == declared, (sweep.name, run.name)
+      vit.resolve_model_config(config.model)  # a valid model
+
+
 def test_unknown_sweep_is_a_one_line_error_listing_the_names(capsys):
   with pytest.raises(SystemExit) as exc:
     run_sweep.main(["--sweep", "norm_variant", "--root", "/tmp/unused"])
