@@ -2,8 +2,9 @@
 
 Train (DeiT order): decode -> channels -> geometry (inception crop, for which JPEGs decode only
 the crop window; or shorter-side resize and centre crop) -> random shift (pad + crop) ->
-horizontal flip -> RandAugment -> /255, normalize -> random erasing. Eval: decode -> channels -> resize the shorter side to image_size /
-eval_crop_fraction -> centre crop -> /255, normalize.
+horizontal flip -> RandAugment -> /255, normalize -> random erasing.
+Eval: decode -> channels -> resize the shorter side to image_size / eval_crop_fraction ->
+centre crop -> /255, normalize.
 
 Every random draw of one example comes from one shape-[2] int64 seed, so an example's augmentation
 is a pure function of (its seed, the config): the pipeline derives that seed from
@@ -160,7 +161,7 @@ class TrainPreprocess:
     self.channels = channels
     self.mean = mean
     self.std = std
-    self.fill = tuple(round(255.0 * m) for m in mean)
+    self.fill = tuple(min(max(round(255.0 * m), 0), 255) for m in mean)  # RandAugment fill, as timm
 
   def __call__(self, image, seed):
     cfg = self.cfg
