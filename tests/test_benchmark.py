@@ -56,9 +56,12 @@ def test_folded_models_cost_exactly_the_no_norm_flops(report):
   assert flops["none"] > 2 * 4 * 8 * 8 * 3 * 32
 
 
-def test_achieved_flops_as_fraction_of_the_matmul_peak(report):
-  peak = report["matmul_peak"]["flops_per_second"]
+def test_achieved_flops_as_fraction_of_the_matmul_peak_of_the_same_rounds(report):
+  peaks = report["matmul_peak"]["per_batch_size"]
+  assert set(peaks) == {"8", "16"} and all(p > 0 for p in peaks.values())
   for r in report["results"]:
+    peak = peaks[str(r["batch_size"])]
+    assert r["matmul_peak_flops_per_second"] == peak
     achieved = r["flops_per_image"] * r["images_per_second"]["median"]
     assert r["achieved_flops_per_second"] == pytest.approx(achieved)
     assert r["fraction_of_matmul_peak"] == pytest.approx(achieved / peak)
@@ -102,10 +105,11 @@ def _cli(*args):
 def test_cli_writes_json_and_prints_the_table(tmp_path):
   out = tmp_path / "bench.json"
   proc = _cli(*TINY_FLAGS, "--batch_sizes=8", "--models=ln,bn_folded,none", "--iterations=1",
-              "--repeats=1", "--warmup=0", "--matmul_size=32", f"--output={out}")
+              "--repeats=1", "--warmup=0", "--matmul_size=32", "--dtype=bfloat16", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
   assert [r["model"] for r in report["results"]] == ["ln", "bn_folded", "none"]
+  assert {r["dtype"] for r in report["results"]} == {"bfloat16"} and report["matmul_peak"]["dtype"] == "bfloat16"
   assert "| bn_folded " in proc.stdout and "vs no-norm" in proc.stdout
 
 

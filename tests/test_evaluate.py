@@ -138,6 +138,18 @@ def test_chosen_step_and_ema_weights(tmp_path, data_dir):
   assert first["throughput"] == {"skipped": "--no_throughput"}
 
 
+def test_bfloat16_evaluation_of_a_float32_run(report, workdir, tmp_path):
+  rep = evaluate.evaluate(workdir=workdir, dtype="bfloat16", batch_sizes=["8"], warmup=0, iterations=1,
+                          repeats=1, eval_batch_size_override=120, output_dir=str(tmp_path))
+  assert {r["dtype"] for r in rep["throughput"]} == {"bfloat16"} and "dtype=bfloat16" in rep["markdown"]
+  acc = rep["accuracy"]
+  assert acc["folded_agrees"]
+  assert acc["as_trained"]["loss"] == pytest.approx(report["accuracy"]["as_trained"]["loss"], rel=2e-2)
+  assert acc["as_trained"]["loss"] != report["accuracy"]["as_trained"]["loss"]  # really computed in bf16
+  with pytest.raises(ConfigError, match="^--dtype: unknown dtype 'float16'"):
+    evaluate.evaluate(workdir=workdir, dtype="float16", measure=False)
+
+
 def test_layernorm_model_from_config_is_not_folded_and_missing_data_is_skipped(tmp_path):
   config = tiny_config(tmp_path / "empty", norm="layer", ffn_norm="batch")
   config.data.name = "cifar10"  # not prepared there: accuracy is skipped (never downloaded)
@@ -192,11 +204,12 @@ def test_cli_errors_are_one_line_and_exit_code_2(tmp_path):
 
 def test_cli_prints_the_tables(workdir, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "vitnorm.evaluate", f"--workdir={workdir}", "--step=5",
-                         "--batch_sizes=8", "--iterations=1", "--repeats=1", "--eval_batch_size=72",
+                         "--batch_sizes=8", "--iterations=1", "--repeats=1", "--no_accuracy",
                          f"--output_dir={tmp_path}"],
                         capture_output=True, text=True, timeout=300, env=dict(os.environ), check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "(step 5)" in proc.stdout and "## Accuracy" in proc.stdout and "## Inference throughput" in proc.stdout
+  assert "(step 5)" in proc.stdout and "Skipped: --no_accuracy." in proc.stdout
+  assert "## Inference throughput" in proc.stdout
   assert "| folded     | 8     |" in proc.stdout
   with open(tmp_path / "evaluation.md", encoding="utf-8") as f:
     assert f.read() == proc.stdout

@@ -50,9 +50,16 @@ def test_measure_runs_each_model_exactly_as_asked_and_interleaved():
   log = []
   mesh = parallel.data_mesh(jax.local_devices()[:1])  # one device: one callback per execution
   cands = [_counting_candidate(n, log) for n in ("A", "B", "C")]
-  results = throughput.measure(cands, 4, (4, 4, 3), warmup=2, iterations=3, repeats=2, mesh=mesh)
+  matmul = throughput.MatmulProgram(call=lambda: log.append("M"), flops_per_call=1e6, size=1,
+                                    dtype="float32", num_devices=1)
+  results = throughput.measure(cands, 4, (4, 4, 3), warmup=2, iterations=3, repeats=2, mesh=mesh,
+                               matmul=matmul)
   jax.effects_barrier()
-  assert log == ["A"] * 2 + ["B"] * 2 + ["C"] * 2 + (["A"] * 3 + ["B"] * 3 + ["C"] * 3) * 2
+  assert log == (["A"] * 2 + ["B"] * 2 + ["C"] * 2 + ["M"] * 2 +
+                 (["A"] * 3 + ["B"] * 3 + ["C"] * 3 + ["M"] * 3) * 2)
+  peak = results["A"].matmul_peak_flops_per_second
+  assert peak > 0 and all(r.matmul_peak_flops_per_second == peak for r in results.values())
+  assert results["A"].fraction_of_matmul_peak == pytest.approx(results["A"].achieved_flops_per_second / peak)
   for name in "ABC":
     r = results[name]
     assert r.ok and r.iterations == 3 and len(r.seconds_per_repeat) == 2
@@ -112,6 +119,13 @@ def test_other_errors_are_not_swallowed(monkeypatch):
   monkeypatch.setattr(throughput, "compile_forward", broken)
   with pytest.raises(jax.errors.JaxRuntimeError):
     throughput.measure([throughput.Candidate("x", lambda v, x: x, {})], 8, (1, 1, 1))
+
+
+def test_prepared_matmul_computes_a_per_device_matmul():
+  program = throughput.prepare_matmul("float32", size=16)
+  out = program.call()
+  assert out.shape == (8, 16, 16) and program.flops_per_call == 2 * 16 ** 3 * 8
+  assert len(out.sharding.device_set) == 8
 
 
 def test_matmul_peak_reports_flops_per_second_over_all_devices():

@@ -17,8 +17,9 @@ model alike and their ratios stay fair. With a single model it is a plain measur
 A batch size that does not fit in memory (XLA RESOURCE_EXHAUSTED at compile or run time) gives a
 result with status 'out_of_memory' and the harness carries on with the next one.
 
-`matmul_peak` measures the device's dense matmul FLOP/s in the same process, so a model's
-achieved FLOP/s (flops_per_image * images/s) can be read as a fraction of what the hardware does.
+A dense matmul (`prepare_matmul`) can join the rounds, so the device's matmul FLOP/s is measured
+under the same conditions as the models and each model's achieved FLOP/s (flops_per_image *
+images/s) reads as a fraction of what the hardware does (`matmul_peak` measures it on its own).
 """
 import dataclasses
 import statistics
@@ -89,6 +90,8 @@ class Result:
   iterations: int = 0  # timed calls per repeat
   warmup: int = 0
   seconds_per_repeat: List[float] = dataclasses.field(default_factory=list)
+  # Dense matmul FLOP/s (median) timed in the same interleaved rounds, if measure() was given one.
+  matmul_peak_flops_per_second: float = float("nan")
 
   @property
   def ok(self) -> bool:
@@ -112,7 +115,8 @@ class Result:
 
   @property
   def latency_ms(self) -> float:
-    """Median milliseconds per batch (one forward pass of batch_size images)."""
+    """Median milliseconds per batch: a repeat's time over its calls (back-to-back calls, so on
+    an accelerator this is the pipelined time per batch, not an isolated request's latency)."""
     if not self.ok:
       return float("nan")
     return 1000 * statistics.median(s / self.iterations for s in self.seconds_per_repeat)
@@ -120,6 +124,10 @@ class Result:
   @property
   def achieved_flops_per_second(self) -> float:
     return self.flops_per_image * self.median_images_per_second
+
+  @property
+  def fraction_of_matmul_peak(self) -> float:
+    return self.achieved_flops_per_second / self.matmul_peak_flops_per_second
 
   def to_json(self) -> dict:
     """JSON-able dict; NaN (not measured) becomes null."""
@@ -133,7 +141,9 @@ class Result:
                                       max=self.max_images_per_second,
                                       per_repeat=self.images_per_second),
                latency_ms=self.latency_ms,
-               achieved_flops_per_second=self.achieved_flops_per_second)
+               achieved_flops_per_second=self.achieved_flops_per_second,
+               matmul_peak_flops_per_second=self.matmul_peak_flops_per_second,
+               fraction_of_matmul_peak=self.fraction_of_matmul_peak)
     return nan_to_none(out)
 
 
@@ -242,12 +252,16 @@ class Candidate:
 
 def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Sequence[int], *,
             warmup: int = 2, iterations: int = 10, repeats: int = 5, mesh: Optional[Mesh] = None,
+            matmul: Optional["MatmulProgram"] = None,
             log: Callable[[str], None] = lambda _: None) -> Dict[str, Result]:
   """Times every candidate at one batch size, interleaved: repeats rounds of A B C ...
 
   Each candidate is compiled once and warmed up; then in every round each candidate runs
   `iterations` timed calls in turn. A candidate that runs out of memory is reported as such
-  and left out of the remaining rounds. Returns {name: Result} in the candidates' order.
+  and left out of the remaining rounds. With `matmul` (see `prepare_matmul`), each round ends
+  with `iterations` timed dense matmuls too, so the peak each result is compared with
+  (`Result.matmul_peak_flops_per_second`) was measured under the same conditions.
+  Returns {name: Result} in the candidates' order.
   """
   mesh = mesh or local_mesh()
   check_batch_size(batch_size, mesh)
@@ -268,6 +282,9 @@ def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Seque
         raise
       result.status, result.message = "out_of_memory", _first_line(e)
       log(f"{c.name} @ batch {batch_size}: out of memory ({result.message}); skipped")
+  if matmul is not None:
+    warm_up(matmul.call, warmup)
+  matmul_seconds = []
   for _ in range(repeats):
     for name in list(compiled):
       try:
@@ -278,6 +295,12 @@ def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Seque
         results[name].status, results[name].message = "out_of_memory", _first_line(e)
         results[name].seconds_per_repeat = []
         del compiled[name]
+    if matmul is not None:
+      matmul_seconds += timed_loop(matmul.call, iterations=iterations)
+  if matmul_seconds:
+    peak = statistics.median(matmul.flops_per_call * iterations / s for s in matmul_seconds)
+    for result in results.values():
+      result.matmul_peak_flops_per_second = peak
   return results
 
 
@@ -304,15 +327,22 @@ def default_matmul_size() -> int:
   return 1024 if jax.default_backend() == "cpu" else 8192
 
 
-def matmul_peak(dtype="float32", *, size: Optional[int] = None, mesh: Optional[Mesh] = None,
-                warmup: int = 2, iterations: int = 5, repeats: int = 3) -> dict:
-  """Dense matmul FLOP/s of all local devices together (one size x size matmul per device).
+@dataclasses.dataclass
+class MatmulProgram:
+  """A compiled dense matmul on every local device, ready to call; FLOPs of one call (all devices)."""
 
-  Returns dict(flops_per_second=median, min_flops_per_second, max_flops_per_second, size, dtype,
-  num_devices). Uses the default matmul precision, as the models do.
-  """
+  call: Callable[[], Any]
+  flops_per_call: float
+  size: int
+  dtype: str
+  num_devices: int
+
+
+def prepare_matmul(dtype="float32", *, size: Optional[int] = None,
+                   mesh: Optional[Mesh] = None) -> MatmulProgram:
+  """One size x size @ size x size matmul per device (inputs sharded over 'data'), compiled."""
   mesh = mesh or local_mesh()
-  size = size or default_matmul_size()
+  size = int(size or default_matmul_size())
   n = int(mesh.devices.size)
   shard = parallel.batch_sharding(mesh)
   rng = np.random.default_rng(0)
@@ -320,11 +350,24 @@ def matmul_peak(dtype="float32", *, size: Optional[int] = None, mesh: Optional[M
   b = jax.device_put(rng.standard_normal((n, size, size), np.float32).astype(jnp.dtype(dtype)), shard)
   compiled = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), in_shardings=(shard, shard),
                      out_shardings=shard).lower(a, b).compile()
-  seconds = timed_loop(lambda: compiled(a, b), iterations=iterations, repeats=repeats, warmup=warmup)
-  flops = 2.0 * size ** 3 * n * iterations
-  rates = [flops / s for s in seconds]
+  return MatmulProgram(call=lambda: compiled(a, b), flops_per_call=2.0 * size ** 3 * n, size=size,
+                       dtype=dtype_name(dtype), num_devices=n)
+
+
+def matmul_peak(dtype="float32", *, size: Optional[int] = None, mesh: Optional[Mesh] = None,
+                warmup: int = 2, iterations: int = 5, repeats: int = 3) -> dict:
+  """Dense matmul FLOP/s of all local devices together, measured on its own.
+
+  Returns dict(flops_per_second=median, min_flops_per_second, max_flops_per_second, size, dtype,
+  num_devices). Uses the default matmul precision, as the models do. To compare models with the
+  peak under the same conditions, pass `prepare_matmul(...)` to `measure` instead.
+  """
+  program = prepare_matmul(dtype, size=size, mesh=mesh)
+  seconds = timed_loop(program.call, iterations=iterations, repeats=repeats, warmup=warmup)
+  rates = [program.flops_per_call * iterations / s for s in seconds]
   return dict(flops_per_second=statistics.median(rates), min_flops_per_second=min(rates),
-              max_flops_per_second=max(rates), size=size, dtype=dtype_name(dtype), num_devices=n)
+              max_flops_per_second=max(rates), size=program.size, dtype=program.dtype,
+              num_devices=program.num_devices)
 
 
 # ----------------------------------------------------------------------------------------------
