@@ -16,6 +16,7 @@ Exit codes of the CLI: 0 completed or preempted (checkpoint saved, re-run to res
 import copy
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -175,15 +176,33 @@ class TrainState(train_state.TrainState):
   ema_params: Any = None  # None when optim.ema_decay is 0
 
 
+# In-process reuse (tests, notebooks, several runs in one process): the optimizer and the
+# compiled steps of an identical setup are built once. The optimizer is part of the state's
+# static structure, so a new (unequal) optax object would force a new compilation.
+_CACHE = {}
+
+
+def _cached(kind: str, plan: Plan, build, *extra):
+  c = plan.config
+  key = (kind, json.dumps(dict(model=c.model.to_dict(), optim=c.optim.to_dict(), batch=c.batch_size,
+                               accum=c.accum_steps, steps=plan.num_steps, warmup=plan.warmup_steps),
+                          sort_keys=True, default=str)) + extra
+  if key not in _CACHE:
+    if len(_CACHE) >= 16:
+      _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = build()
+  return _CACHE[key]
+
+
 def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
   """Initial state (host side). The model is built without a pmap axis: init needs none."""
   cfg = plan.config
   model = vit.build_model(cfg.model)
   variables = vit.init_variables(model, rng, vit.input_shape(cfg.model, 1))
   params = variables["params"]
-  schedule = make_schedule(plan)
+  tx = _cached("tx", plan, lambda: optim.make_optimizer(cfg.optim, make_schedule(plan)))
   return TrainState.create(
-      apply_fn=model.apply, params=params, tx=optim.make_optimizer(cfg.optim, schedule),
+      apply_fn=model.apply, params=params, tx=tx,
       batch_stats=variables.get("batch_stats", {}),
       ema_params=jax.tree.map(jnp.copy, params) if cfg.optim.ema_decay else None)
 
@@ -297,13 +316,16 @@ class JitPlacement:
     step = functools.partial(
         train_step, model=vit.build_model(cfg.model), schedule=make_schedule(plan),
         accum_steps=cfg.accum_steps, ema_decay=float(cfg.optim.ema_decay), micro_sharding=shard)
-    self._steps = {flag: jax.jit(functools.partial(step, diagnostics=flag), donate_argnums=0,
-                                 in_shardings=(rep, shard, rep), out_shardings=(rep, rep))
-                   for flag in (False, True)}
+    self._steps = _cached("jit", plan, lambda: {
+        flag: jax.jit(functools.partial(step, diagnostics=flag), donate_argnums=0,
+                      in_shardings=(rep, shard, rep), out_shardings=(rep, rep))
+        for flag in (False, True)}, mesh)
+    self._copy = _cached("copy", plan, lambda: jax.jit(lambda s: jax.tree.map(jnp.copy, s),
+                                                       out_shardings=rep), mesh)
 
   def put_state(self, state: TrainState) -> TrainState:
     # A copy: the step donates its input, and the caller's arrays must stay valid.
-    return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=self._rep)(state)
+    return self._copy(state)
 
   def put_batch(self, batch):
     return data_device.to_global_arrays(batch, self._shard)
@@ -331,9 +353,10 @@ class PmapPlacement:
         train_step, model=vit.build_model(cfg.model, bn_axis_name=parallel.PMAP_AXIS),
         schedule=make_schedule(plan), accum_steps=cfg.accum_steps,
         ema_decay=float(cfg.optim.ema_decay), axis_name=parallel.PMAP_AXIS)
-    self._steps = {flag: jax.pmap(functools.partial(step, diagnostics=flag), axis_name=parallel.PMAP_AXIS,
-                                  in_axes=(0, 0, None), donate_argnums=0)
-                   for flag in (False, True)}
+    self._steps = _cached("pmap", plan, lambda: {
+        flag: jax.pmap(functools.partial(step, diagnostics=flag), axis_name=parallel.PMAP_AXIS,
+                       in_axes=(0, 0, None), donate_argnums=0)
+        for flag in (False, True)}, tuple(jax.local_devices()))
 
   def put_state(self, state: TrainState) -> TrainState:
     return flax.jax_utils.replicate(jax.tree.map(_local, state))

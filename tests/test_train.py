@@ -1,0 +1,164 @@
+"""The training loop, in-process on 8 CPU devices with a tiny ViT on the offline 8x8 `digits`:
+outputs, resume == uninterrupted, preemption, divergence, refused resumes, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from vitnorm import checkpoints, run_logging, train
+from vitnorm.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = common.base_config()
+  c.model = common.model_config(variant=None, norm="bn", ffn_norm="bn", num_classes=10, image_size=8,
+                                num_channels=1)
+  c.model.update(dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4))
+  c.data = common.data_config(name="digits", image_size=8)
+  c.data.update(dict(channels=1, cache=True, inception_crop=False, hflip=False,
+                     normalize_mean=(0.5,), normalize_std=(0.5,), eval_crop_fraction=1.0))
+  c.batch_size = 64
+  c.num_steps = 24
+  c.optim.update(dict(base_lr=3e-3, lr_scaling_batch=None, warmup_steps=3, grad_clip_norm=1.0))
+  c.log_every, c.eval_every, c.checkpoint_every, c.diagnostics_every = 4, 12, 8, 6
+  c.progress_bar = "off"
+  c.async_checkpoints = False
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return c
+
+
+def final_params(workdir):
+  variables, step = checkpoints.restore_variables(workdir)
+  return jax.tree.map(np.asarray, variables), step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_run_writes_metrics_status_config_and_checkpoints(uninterrupted):
+  workdir, summary = uninterrupted
+  assert summary["status"] == "completed" and summary["step"] == 24
+  rows = run_logging.read_metrics(workdir)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [4, 8, 12, 16, 20, 24]
+  assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]  # it learns
+  for key in ("train/top1", "train/lr", "train/grad_norm", "train/img_per_s", "train/step_time_s"):
+    assert key in train_rows[-1]
+  evals = [r for r in rows if "eval/top1" in r]
+  assert [r["step"] for r in evals] == [12, 24]
+  diag = [r for r in rows if "diag/block_1/max_attention_logit" in r]
+  assert [r["step"] for r in diag] == [6, 12, 18, 24]
+  assert {"diag/block_0/residual_rms", "diag/block_0/ffn_hidden_rms", "diag/block_0/grad_norm"} <= set(diag[0])
+  status = run_logging.read_status(workdir)
+  assert status["status"] == "completed" and status["step"] == 24
+  assert status["metrics"]["eval/top1"] == evals[-1]["eval/top1"] > 0.2  # chance is 0.1
+  assert checkpoints.all_steps(workdir) == [8, 16, 24][-3:]
+  saved = checkpoints.load_run_config(workdir)
+  assert saved.model.norm == "batch" and saved.num_steps == 24
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  variables, step = final_params(workdir)
+  assert step == 24 and "batch_stats" in variables
+
+
+def test_preempted_and_resumed_run_ends_identical_to_uninterrupted(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "resumed")
+  # SIGTERM after step 10: the loop saves a checkpoint at step 10 and returns cleanly.
+  first = train.train_and_evaluate(tiny_config(**{"debug.preempt_at_step": 10}), workdir)
+  assert first["status"] == "preempted" and first["step"] == 10
+  assert run_logging.read_status(workdir)["status"] == "preempted"
+  assert checkpoints.latest_step(workdir) == 10
+  # Re-running the same command resumes from step 10 (the data order continues exactly).
+  second = train.train_and_evaluate(tiny_config(), workdir)
+  assert second["status"] == "completed" and second["step"] == 24
+  resumed, _ = final_params(workdir)
+  expected, _ = final_params(uninterrupted[0])
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)  # bit-identical
+  # metrics.jsonl has each step once.
+  steps = [r["step"] for r in run_logging.read_metrics(workdir) if "train/loss" in r]
+  assert steps == sorted(set(steps))
+  # A finished run re-run does nothing new and stays completed.
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again["status"] == "completed" and again["step"] == 24
+
+
+def test_injected_nan_stops_with_diverged_status_and_keeps_the_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.TrainingDiverged) as err:
+    train.train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 11}), workdir)
+  assert err.value.step == 11
+  status = run_logging.read_status(workdir)
+  assert status["status"] == "diverged" and status["step"] == 11
+  assert np.isfinite(status["metrics"]["train/loss"])  # the last finite metrics
+  assert checkpoints.all_steps(workdir) == [8]
+  variables, step = final_params(workdir)
+  assert step == 8
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_resuming_with_a_different_model_is_refused(uninterrupted):
+  with pytest.raises(UserError, match=r"different model \(model.norm: 'batch' -> 'layer'"):
+    train.prepare(tiny_config(**{"model.norm": "ln"}), uninterrupted[0])
+  # Regularization may change on resume.
+  train.prepare(tiny_config(**{"model.dropout_rate": 0.1}), uninterrupted[0])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"batch_size": 60}, "batch_size"),
+    ({"accum_steps": 3}, "batch_size"),
+    ({"model.bn_group_size": 3}, "model.bn_group_size"),
+    ({"eval_batch_size": 12}, "eval_batch_size"),
+    ({"parallelism": "dp"}, "parallelism"),
+    ({"data.name": "no_such_dataset"}, None),
+    ({"model.num_classes": 7}, None),
+    ({"optim.base_lr": -1.0}, "optim.base_lr"),
+    ({"num_steps": 0}, "num_steps"),
+])
+def test_bad_input_is_a_one_line_user_error(overrides, field):
+  with pytest.raises(UserError) as err:
+    train.prepare(tiny_config(**overrides))
+  message = str(err.value)
+  assert "\n" not in message
+  if field:
+    assert message.startswith(field + ":"), message
+
+
+def test_norm_short_names_and_epochs_derive_steps():
+  plan = train.prepare(tiny_config(**{"model.norm": "ln", "model.ffn_norm": "bn", "num_steps": None,
+                                      "num_epochs": 2.0, "optim.warmup_steps": None,
+                                      "optim.warmup_epochs": 1.0}))
+  assert (plan.config.model.norm, plan.config.model.ffn_norm) == ("layer", "batch")
+  per_epoch = plan.num_train_examples / 64
+  assert plan.num_steps == int(np.ceil(2 * per_epoch))
+  assert plan.warmup_steps == round(per_epoch)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "vitnorm.train", *args], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=120)
+
+
+def test_cli_rejects_an_unknown_override_in_one_line(tmp_path):
+  proc = _cli("--config", "configs/quickstart.py", "--workdir", str(tmp_path),
+              "--config.model.no_such_field=3")
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "no_such_field" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.listdir(tmp_path)
