@@ -121,7 +121,8 @@ def test_process_parts_are_disjoint_covering_permutations(data_dir, cache):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_eval_sees_every_example_exactly_once(data_dir, cache):
-  for split, global_batch, expected_batches in (("test", 48, 8), ("test[:100]", 48, 3), ("test", 720, 1)):
+  for split, global_batch, expected_batches in (("test", 48, 8), ("test[:100]", 48, 3), ("test", 720, 1),
+                                                ("test[:2]", 3, 1)):  # process 2 gets no example
     c = cfg(data_dir, cache=cache, eval_split=split)
     assert data.num_eval_batches(c, global_batch_size=global_batch, process_count=3) == expected_batches
     seen = collections.Counter()

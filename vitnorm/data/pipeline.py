@@ -404,18 +404,21 @@ def eval_dataset(data_cfg, *, global_batch_size: int, process_index: Optional[in
   (cfg, builder, image_key, label_key, channels, mean, std, p_index, p_count, local_batch, sizes,
    num_batches) = _eval_plan(data_cfg, global_batch_size, process_index, process_count)
   part = _process_part(cfg.eval_split, p_index, p_count)
-  if cfg.cache:
-    ds = tf.data.Dataset.from_tensor_slices(_load_in_memory(builder, part, image_key, label_key))
-  else:
-    ds = _stream(builder, part, image_key, label_key)
-  eval_fn = preprocess.EvalPreprocess(cfg, channels, mean, std)
-  ds = ds.map(lambda image, label: {"image": eval_fn(image), "label": tf.cast(label, tf.int32),
-                                    "mask": tf.constant(1.0)},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  padding = num_batches * local_batch - sizes[p_index]
   pad = {"image": tf.zeros([cfg.image_size, cfg.image_size, channels], tf.float32),
          "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  padding = tf.data.Dataset.from_tensors(pad).repeat(num_batches * local_batch - sizes[p_index])
+  if sizes[p_index] == 0:  # a split smaller than the process count: this process only pads
+    ds = padding
+  else:
+    if cfg.cache:
+      ds = tf.data.Dataset.from_tensor_slices(_load_in_memory(builder, part, image_key, label_key))
+    else:
+      ds = _stream(builder, part, image_key, label_key)
+    eval_fn = preprocess.EvalPreprocess(cfg, channels, mean, std)
+    ds = ds.map(lambda image, label: {"image": eval_fn(image), "label": tf.cast(label, tf.int32),
+                                      "mask": tf.constant(1.0)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.concatenate(padding)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
