@@ -302,6 +302,10 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)
   lines.append(markdown_table(doc["runs"]))
+  if any(r.get("throughput") for r in doc["runs"]):
+    lines += ["", "img/s: inference images/s from each run's `vitnorm.evaluate` (best median over its "
+              "batch sizes; unfolded / BN folded into the Dense layers). Each run is measured on its "
+              "own, at a different time: compare speeds with the interleaved `inference_speed_*` sweep."]
   notes = [f"- `{r['name']}`: {r.get('note', '')}"
            + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
            + (f" -- evaluation failed: {r['eval_error']}" if r.get("eval_error") else "")
