@@ -284,9 +284,14 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
     raise ConfigError("--output_dir", f"{output_dir} does not exist; create it first")
   if dtype is not None and dtype not in vit.DTYPES:
     raise ConfigError("--dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(vit.DTYPES)}")
+  # Check the eval batch size on the config before restoring anything.
+  preview = config if config is not None else (
+      checkpoints.load_run_config(workdir) if workdir is not None else None)
+  eval_bs = None
+  if accuracy and preview is not None:
+    eval_bs = eval_batch_size(preview, eval_batch_size_override, jax.device_count())
   config, model, variables, source = load_model(workdir, config, step=step, use_ema=use_ema,
                                                 dtype=dtype)
-  eval_bs = eval_batch_size(config, eval_batch_size_override, jax.device_count()) if accuracy else None
   foldable, reason = fold.foldability(model)
   models = {AS_TRAINED: (model, variables)}
   applied = has_batchnorm(model) and foldable
