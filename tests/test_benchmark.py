@@ -18,7 +18,7 @@ TINY_FLAGS = ["--variant=Ti/16", "--hidden_size=32", "--num_layers=2", "--mlp_di
 @pytest.fixture(scope="module")
 def report():
   cfg = benchmark.model_config("Ti/16", 16, num_classes=10, **TINY)
-  return benchmark.run_benchmark(cfg, batch_sizes=(8, 16), warmup=1, iterations=2, repeats=2,
+  return benchmark.run_benchmark(cfg, batch_sizes=(8, 16), warmup=1, iterations=2, repeats=3,
                                  matmul_size=64, log=lambda _: None)
 
 
@@ -30,7 +30,7 @@ def test_every_default_model_is_measured_at_every_batch_size(report):
   assert [(r["model"], r["batch_size"]) for r in report["results"]] == [
       (m, b) for b in (8, 16) for m in benchmark.DEFAULT_MODELS]
   for r in report["results"]:
-    assert r["status"] == "ok" and r["num_devices"] == 8 and r["repeats"] == 2 and r["iterations"] == 2
+    assert r["status"] == "ok" and r["num_devices"] == 8 and r["repeats"] == 3 and r["iterations"] == 2
     assert r["images_per_second"]["min"] <= r["images_per_second"]["median"] <= r["images_per_second"]["max"]
   assert report["setup"]["interleaved"] and report["matmul_peak"]["size"] == 64
 
@@ -38,12 +38,11 @@ def test_every_default_model_is_measured_at_every_batch_size(report):
 def test_ratios_to_ln_and_to_no_norm(report):
   for batch in (8, 16):
     rows = _rows(report, batch)
-    ln, none = (rows[m]["images_per_second"]["median"] for m in ("ln", "none"))
     assert rows["ln"]["ratio_to_ln"] == 1.0 and rows["none"]["ratio_to_no_norm"] == 1.0
-    for r in rows.values():
-      ips = r["images_per_second"]["median"]
-      assert r["ratio_to_ln"] == pytest.approx(ips / ln)
-      assert r["ratio_to_no_norm"] == pytest.approx(ips / none)
+    per_round = {m: np.array(r["images_per_second"]["per_repeat"]) for m, r in rows.items()}
+    for m, r in rows.items():  # paired: the median over rounds of the ratio within each round
+      assert r["ratio_to_ln"] == pytest.approx(np.median(per_round[m] / per_round["ln"]))
+      assert r["ratio_to_no_norm"] == pytest.approx(np.median(per_round[m] / per_round["none"]))
 
 
 def test_folded_models_cost_exactly_the_no_norm_flops(report):
@@ -118,3 +117,12 @@ def test_cli_bad_batch_size_is_one_line_error_before_any_work():
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --batch_sizes: 12 is not divisible by the 8 devices; use a multiple of 8")
   assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stderr
+
+
+def test_paired_ratio_cancels_drift_between_rounds():
+  from vitnorm import throughput  # pylint: disable=g-import-not-at-top
+  # The machine slows down 2x between rounds; B is always 10% faster than A within a round.
+  a = throughput.Result("a", 8, 1, "float32", iterations=1, seconds_per_repeat=[1.0, 2.0, 4.0])
+  b = throughput.Result("b", 8, 1, "float32", iterations=1, seconds_per_repeat=[1 / 1.1, 2 / 1.1, 4 / 1.1])
+  assert benchmark.paired_ratio(b, a) == pytest.approx(1.1)
+  assert np.isnan(benchmark.paired_ratio(b, None))

@@ -12,7 +12,8 @@ For one model size (default ViT-S/16 at 224 px) it builds the variants
 
 and times them interleaved (A B C A B C ..., see vitnorm.throughput) at each batch size, so machine
 drift hits every model alike. It prints images/s (median and min-max over the repeats), latency per
-batch, the ratio to the LN model and to the no-norm model, FLOPs per image (XLA cost analysis), the
+batch, the ratio to the LN model and to the no-norm model (median over rounds of the ratio within
+each round), FLOPs per image (XLA cost analysis), the
 achieved FLOP/s and its fraction of the device's dense matmul FLOP/s, measured in the same
 interleaved rounds (a matmul joins every round), so the fraction is not skewed by drift either.
 
@@ -199,17 +200,24 @@ def run_benchmark(base_cfg: dict, *, models: Sequence[str] = DEFAULT_MODELS, bat
       matmul_peak=peak, results=rows)
 
 
-def _ratio(a: float, b: Optional[float]) -> float:
-  return a / b if b and np.isfinite(b) and np.isfinite(a) else float("nan")
+def paired_ratio(result: throughput.Result, reference: Optional[throughput.Result]) -> float:
+  """Median over rounds of (images/s of `result` / images/s of `reference` in the same round).
+
+  The models of one round ran back to back, so each round's ratio is free of the drift between
+  rounds; the median over rounds is then robust to a round that a neighbour job disturbed.
+  """
+  if reference is None or not result.ok or not reference.ok:
+    return float("nan")
+  a, b = result.images_per_second, reference.images_per_second
+  if len(a) != len(b):
+    return float("nan")
+  return float(np.median([x / y for x, y in zip(a, b)]))
 
 
 def _row(result: throughput.Result, results: Dict[str, throughput.Result]) -> dict:
   row = result.to_json()
-  ips = result.median_images_per_second
-  base = results.get(BASELINE)
-  floor = results.get(FLOOR)
-  row["ratio_to_ln"] = _ratio(ips, base.median_images_per_second if base else None)
-  row["ratio_to_no_norm"] = _ratio(ips, floor.median_images_per_second if floor else None)
+  row["ratio_to_ln"] = paired_ratio(result, results.get(BASELINE))
+  row["ratio_to_no_norm"] = paired_ratio(result, results.get(FLOOR))
   return throughput.nan_to_none(row)
 
 
