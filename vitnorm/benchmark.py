@@ -246,7 +246,13 @@ def format_report(report: dict) -> str:
                  f("ratio_to_ln", ".3f"), f("ratio_to_no_norm", ".3f"), f("flops_per_image", ".3g", 1e-9),
                  f("achieved_flops_per_second", ".1f", 1e-9), f("fraction_of_matmul_peak", ".1%"),
                  f("compile_seconds")])
-  return head + "\n\n" + throughput.markdown_table(headers, rows)
+  notes = []
+  for r in report["results"]:  # A/A check: a folded BN model *is* the no-norm model
+    if r["model"] in ("bn_folded", "bn_ffnbn_folded") and r.get("ratio_to_no_norm") is not None:
+      notes.append(f"{r['model']} and none run the same program (batch {r['batch_size']}): their "
+                   f"ratio {r['ratio_to_no_norm']:.3f} shows the noise of this measurement.")
+  return (head + "\n\n" + throughput.markdown_table(headers, rows) +
+          ("\n\n" + "\n".join(notes) if notes else ""))
 
 
 def main(argv):
