@@ -11,11 +11,11 @@ from vitnorm import parallel, train
 NUM_CLASSES = 10
 
 
-def tiny_plan(norm="batch", ffn_norm="batch", batch=32, accum=1, parallelism="jit", warmup=1):
+def tiny_plan(norm="batch", ffn_norm="batch", batch=32, accum=1, parallelism="jit", warmup=1, layers=2):
   c = common.base_config()
   c.model = common.model_config(variant=None, norm=norm, ffn_norm=ffn_norm, num_classes=NUM_CLASSES,
                                 image_size=8, num_channels=1)
-  c.model.update(dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4))
+  c.model.update(dict(hidden_size=32, num_layers=layers, mlp_dim=64, num_heads=2, patch_size=4))
   c.batch_size, c.accum_steps, c.parallelism = batch, accum, parallelism
   c.optim.base_lr, c.optim.lr_scaling_batch, c.optim.grad_clip_norm = 3e-3, None, 1.0
   c.optim.warmup_steps = warmup
@@ -107,8 +107,8 @@ def test_gradient_accumulation_equals_one_big_batch():
   # LayerNorm: each example's loss is independent of the others, so the mean gradient of 4
   # micro-batches of 8 is the gradient of the batch of 32.
   batches = synthetic_batches(2, 32, seed=1)
-  _, whole, m1 = run_steps(tiny_plan(norm="layer", ffn_norm="none", accum=1), batches)
-  _, accum, m4 = run_steps(tiny_plan(norm="layer", ffn_norm="none", accum=4), batches)
+  _, whole, m1 = run_steps(tiny_plan(norm="layer", ffn_norm="none", accum=1, layers=1), batches)
+  _, accum, m4 = run_steps(tiny_plan(norm="layer", ffn_norm="none", accum=4, layers=1), batches)
   np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m4], rtol=1e-5)
   np.testing.assert_allclose([m["grad_norm"] for m in m1], [m["grad_norm"] for m in m4], rtol=1e-4)
   assert _max_abs_diff(whole.params, accum.params) < 1e-5

@@ -195,16 +195,23 @@ def _cached(kind: str, plan: Plan, build, *extra):
 
 
 def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
-  """Initial state (host side). The model is built without a pmap axis: init needs none."""
+  """Initial state. The model is built without a pmap axis: initialization needs none."""
   cfg = plan.config
   model = vit.build_model(cfg.model)
-  variables = vit.init_variables(model, rng, vit.input_shape(cfg.model, 1))
+  shape = vit.input_shape(cfg.model, 1)
+  init = _cached("init", plan, lambda: jax.jit(
+      lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False)))
+  variables = init(rng)
   params = variables["params"]
   tx = _cached("tx", plan, lambda: optim.make_optimizer(cfg.optim, make_schedule(plan)))
-  return TrainState.create(
-      apply_fn=model.apply, params=params, tx=tx,
+  # apply_fn stays None: the step calls the model it was built with, and a bound method
+  # (compared by identity) in the state's static structure would defeat the compilation cache.
+  state = TrainState.create(
+      apply_fn=None, params=params, tx=tx,
       batch_stats=variables.get("batch_stats", {}),
       ema_params=jax.tree.map(jnp.copy, params) if cfg.optim.ema_decay else None)
+  # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def make_schedule(plan: Plan) -> optax.Schedule:
