@@ -1,5 +1,5 @@
-# Shared defaults for every vitnorm config; not a config itself. Used by configs/*.py, e.g.
-#   python -m vitnorm.train --config configs/quickstart.py --workdir /tmp/vitnorm/quickstart
+# python -m vitnorm.train --config configs/quickstart.py --workdir /tmp/vitnorm/quickstart
+# (shared defaults for every config in configs/; not a config file itself)
 """Shared config defaults (one place) and the `:key=value,...` argument parser of config files.
 
 Every field is commented here. Fields whose default is None are `placeholder`s so they stay
