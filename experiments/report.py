@@ -91,7 +91,7 @@ def status_text(run: dict) -> str:
   if state == "failed":
     return f"failed: {run.get('error', '')}".replace("|", "/")
   if state in ("running", "incomplete"):  # still training, or killed without a chance to say so
-    return f"running or killed at step {step}"
+    return "running or killed " + (f"at step {step}" if step is not None else "before its first log")
   if state == "preempted":
     return f"interrupted at step {step} (resume with --resume)" if step is not None else "interrupted"
   return "not run"
@@ -192,7 +192,7 @@ def _plain_log_axis(ax):
   def minor(v, _):  # every minor tick within about a decade, else only the 2s and 5s
     low, high = ax.get_ylim()
     narrow = low > 0 and high / low < 8
-    return f"{v:.2g}" if narrow or f"{v:.0e}"[0] in "25" else ""
+    return f"{float(f'{v:.2g}'):g}" if narrow or f"{v:.0e}"[0] in "25" else ""
 
   ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
 
