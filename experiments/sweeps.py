@@ -20,6 +20,7 @@ The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Trans
   bn_momentum      decay of the running averages used at inference (Flax convention: 0.9 = PyTorch 0.1).
   bn_epsilon       the BN epsilon.
   bn_cls           the CLS token inside vs outside the BN statistics.
+  lr_stress        LN vs BN vs BN + FFN-BN under 4x the learning rate and no gradient clipping.
   inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm, img/s.
 
 The BN knob sweeps vary one knob of the paper's model (BN + FFN-BN, pre_act) and keep the rest.
@@ -183,6 +184,25 @@ def _bn_cls(scale):
                evaluate_args=EVALUATE_ARGS[scale])
 
 
+# A harsher recipe than the config's: 4x its peak learning rate and no gradient clipping (a clip
+# norm of 1e9 never triggers), where an un-normalized FFN has the most room to blow up.
+_STRESS_LR = {"cpu": 8e-3, "imagenet": 2e-3}  # quickstart 2e-3; DeiT 5e-4 per 512 images
+
+
+def _lr_stress(scale):
+  harsh = (("optim.base_lr", _STRESS_LR[scale]), ("optim.grad_clip_norm", 1e9))
+  return Sweep(
+      f"lr_stress_{scale}", scale,
+      "Under a harsher recipe (4x the peak learning rate, no gradient clipping), does BN everywhere "
+      "crash where LN and BN + FFN-BN keep training?",
+      (
+          _run(scale, "ln", "ln", "none", harsh, note="LN, harsh recipe"),
+          _run(scale, "bn", "bn", "none", harsh, note="BN everywhere, harsh recipe"),
+          _run(scale, "bn_ffnbn", "bn", "bn", harsh, note="BN + FFN-BN, harsh recipe"),
+      ),
+      evaluate_args=EVALUATE_ARGS[scale])
+
+
 # `python -m vitnorm.benchmark`: the paper's inference comparison (LN, BN folded / unfolded,
 # BN + FFN-BN folded, RMSNorm, no norm), measured interleaved in one process.
 _BENCHMARK_ARGS = {
@@ -200,7 +220,7 @@ def _inference_speed(scale):
 
 
 _ABLATIONS = (_norm_variants, _ffn_position, _bn_sync, _bn_momentum, _bn_epsilon, _bn_cls,
-              _inference_speed)
+              _lr_stress, _inference_speed)
 
 SWEEPS = {s.name: s for s in (make(scale) for scale in SCALES for make in _ABLATIONS)}
 

@@ -121,7 +121,7 @@ def _invocations(workdir):
 # ----------------------------------------------------------------------------------------------
 
 ABLATIONS = ("norm_variants", "ffn_position", "bn_sync", "bn_momentum", "bn_epsilon", "bn_cls",
-             "inference_speed")
+             "lr_stress", "inference_speed")
 
 
 def test_every_ablation_exists_at_both_scales_with_the_scale_config():
