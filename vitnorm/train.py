@@ -499,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     checkpoints.write_run_config(workdir, cfg)
     run_logging.truncate_metrics(workdir, start_step)
+    run_logging.write_status(workdir, "running", start_step, {}, num_steps=plan.num_steps)
   logger = run_logging.RunLogger(workdir, total_steps=plan.num_steps, start_step=start_step,
                                  is_main=is_main, progress_bar=cfg.progress_bar)
   monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step)
