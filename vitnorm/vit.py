@@ -353,5 +353,10 @@ def input_shape(cfg: Mapping, batch_size: int = 1):
 
 
 def init_variables(model: ViT, rng, shape):
-  """Initial {'params': ..., ['batch_stats': ...]} for images of `shape` (f32)."""
-  return jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False))(rng)
+  """Initial {'params': ..., ['batch_stats': ...]} for images of `shape` (f32).
+
+  `model.init` makes every collection mutable, so the sown `diagnostics` are dropped here.
+  """
+  init = lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False)  # noqa: E731
+  variables = jax.jit(init)(rng)
+  return {k: v for k, v in variables.items() if k != "diagnostics"}
