@@ -128,3 +128,16 @@ def test_non_finite_step_leaves_the_state_unchanged(jit_and_pmap_runs):
   after = jax.tree.map(np.asarray, state)
   jax.tree.map(np.testing.assert_array_equal, before, after)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  plan = tiny_plan(norm="layer", ffn_norm="none", layers=1)
+  plan.config.model.dtype = "bfloat16"
+  batches = synthetic_batches(2, 32, seed=3)
+  _, state, metrics = run_steps(plan, batches)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype")
+             and jnp.issubdtype(x.dtype, jnp.floating))
+  # Same first loss as float32 within bfloat16 precision (zero-initialized head: log(10) exactly).
+  assert metrics[0]["loss"] == pytest.approx(np.log(NUM_CLASSES), rel=1e-2)
+  assert np.isfinite(metrics[1]["loss"]) and metrics[1]["grad_norm"] > 0

@@ -480,6 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   status.json when the run diverges. Returns normally when completed or preempted
   (summary['status'] says which).
   """
+  started = time.time()
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
   cfg = plan.config
@@ -519,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
     logger.write(step, results)
     logger.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return results
+    return dict(results, **{"eval/step": step})
 
   def save(step):
     host = placement.global_state(state)
@@ -609,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics["train/img_per_s_overall"] = train_examples / train_time
   summary = dict(status=status, step=step, metrics=metrics, workdir=workdir,
                  checkpoint_dir=ckpt.directory, last_checkpoint_step=checkpoints.latest_step(workdir),
-                 train_seconds=train_time)
+                 train_seconds=train_time, wall_seconds=time.time() - started)
   if is_main:
     run_logging.write_status(workdir, status, step, metrics, last_checkpoint_step=summary["last_checkpoint_step"],
                              train_seconds=train_time)
@@ -641,10 +642,12 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
 def summary_text(summary: dict) -> str:
   """The final summary printed by the CLI: accuracy, throughput, where results are."""
   m, w = summary["metrics"], summary["workdir"]
-  lines = [f"Run {summary['status']} at step {summary['step']} "
-           f"(training time {run_logging.format_duration(summary.get('train_seconds', 0))})."]
+  lines = [f"Run {summary['status']} at step {summary['step']} in "
+           f"{run_logging.format_duration(summary.get('wall_seconds', 0))} "
+           f"({run_logging.format_duration(summary.get('train_seconds', 0))} in train steps)."]
   if "eval/top1" in m:
-    lines.append(f"  eval top-1 {100 * m['eval/top1']:.2f}%  loss {m['eval/loss']:.4f}" +
+    lines.append(f"  eval top-1 {100 * m['eval/top1']:.2f}%  loss {m['eval/loss']:.4f} at step "
+                 f"{m.get('eval/step', summary['step'])}" +
                  (f"  (EMA top-1 {100 * m['eval_ema/top1']:.2f}%)" if "eval_ema/top1" in m else ""))
   if "train/img_per_s_overall" in m:
     lines.append(f"  train throughput {m['train/img_per_s_overall']:.0f} img/s (including compilation)")
