@@ -197,6 +197,17 @@ def _plain_log_axis(ax):
   ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
+def _save(fig, path: str, dpi: int) -> None:
+  """PNG with a 256-colour palette: a third of the size of matplotlib's RGBA, same look."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib depends on pillow)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  buf.seek(0)
+  with Image.open(buf) as image:
+    image.convert("RGB").quantize(colors=256).save(path, optimize=True)
+
+
 def _finite(points):
   pts = [(s, v) for s, v in points if math.isfinite(v)]
   return [s for s, _ in pts], [v for _, v in pts]
@@ -234,7 +245,7 @@ def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, per
   ax.grid(True, alpha=0.3, which="both")
   ax.legend(fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path, dpi=110)
   plt.close(fig)
   return True
 
@@ -281,7 +292,7 @@ def plot_diagnostics(doc: dict, path: str) -> bool:
     fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(len(handles), 12))
   fig.suptitle(f"{doc['sweep']}: per-block diagnostics (red dashes: divergence)", x=0.01, ha="left")
   fig.tight_layout(rect=(0, 0, 1, 0.97))
-  fig.savefig(path, dpi=90)
+  _save(fig, path, dpi=90)
   plt.close(fig)
   return True
 
