@@ -16,7 +16,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from experiments import results as results_lib
 from experiments import run_sweep
