@@ -49,7 +49,7 @@ def load_sweep(sweep_dir: str) -> Optional[dict]:
   doc = doc or {"sweep": name, "runs": []}
   sweep = sweeps_lib.SWEEPS.get(name)
   if sweep is not None:
-    extra = {r["name"]: {k: r[k] for k in ("error", "wall_s", "eval_error") if k in r}
+    extra = {r["name"]: {k: r[k] for k in run_sweep.RUNNER_NOTES if k in r}
              for r in doc.get("runs", []) if isinstance(r, dict) and "name" in r}
     doc["runs"] = run_sweep.collect(sweep, sweep_dir, extra)
     doc.setdefault("question", sweep.question)
@@ -313,6 +313,7 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)
   lines.append(markdown_table(doc["runs"]))
+  lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
   if any(r.get("throughput") for r in doc["runs"]):
     lines += ["", "img/s: inference images/s from each run's `vitnorm.evaluate` (best median over its "
               "batch sizes; unfolded / BN folded into the Dense layers). Each run is measured on its "

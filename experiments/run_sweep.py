@@ -22,6 +22,8 @@ the trainer, e.g. a bad override), 2 for bad arguments, 130/143 when interrupted
 """
 import argparse
 import datetime
+import glob
+import hashlib
 import os
 import shlex
 import signal
@@ -39,6 +41,8 @@ from vitnorm.errors import UserError, exit_on_user_error
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "sweep.json"
 RESULTS = "results.json"
+# What the runner knows about a run beyond the run's own files; kept in results.json across resumes.
+RUNNER_NOTES = ("error", "wall_s", "eval_error", "source")
 
 
 class Interrupted(Exception):
@@ -87,6 +91,48 @@ def benchmark_command(sweep: sweeps_lib.Sweep, sweep_dir: str, *, python: str = 
                       benchmark_module: str = "vitnorm.benchmark") -> List[str]:
   return [python, "-m", benchmark_module, *sweep.benchmark_args,
           f"--output={os.path.join(sweep_dir, 'benchmark.json')}"]
+
+
+def source_fingerprint(root: str = PROJECT_ROOT) -> dict:
+  """What a run is made with: hashes of the config files (configs/**.py) and of the vitnorm code
+  (vitnorm/**.py) as they are on disk now, and the git commit when there is one.
+
+  Runs of one sweep are comparable only if they were trained with the same configs and code; the
+  runner warns when they were not, and the report says so under the table.
+  """
+  def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, folder, "**", "*.py"), recursive=True)):
+      h.update(os.path.relpath(path, root).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:12]
+
+  out = {"configs": digest("configs"), "code": digest("vitnorm"), "git": None}
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=10)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "configs", "vitnorm"],
+                           capture_output=True, text=True, timeout=10)
+    if commit.returncode == 0:
+      out["git"] = commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return out
+
+
+def source_drift(summaries: List[dict]) -> List[str]:
+  """One line per kind of source (configs, code) that differs between the runs that recorded it."""
+  lines = []
+  for kind, what in (("configs", "config files (configs/)"), ("code", "vitnorm code")):
+    groups = {}
+    for r in summaries:
+      if (r.get("source") or {}).get(kind):
+        groups.setdefault(r["source"][kind], []).append(r["name"])
+    if len(groups) > 1:
+      lines.append(f"runs were trained with different {what}: " + "; ".join(
+          f"{', '.join(names)} ({kind} {digest})" for digest, names in groups.items()))
+  return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +351,7 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
 
   # Runner notes that are not in the run's own files (failures, wall time), kept across resumes.
   previous = results_lib.read_json(results_path) or {}
-  extra = {r["name"]: {k: r[k] for k in ("error", "wall_s", "eval_error") if k in r}
+  extra = {r["name"]: {k: r[k] for k in RUNNER_NOTES if k in r}
            for r in previous.get("runs", []) if isinstance(r, dict) and "name" in r}
   out.write(f"sweep {sweep.name} ({len(sweep.runs)} runs) in {sweep_dir}\n")
 
@@ -333,12 +379,15 @@ def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, ext
       os.makedirs(workdir, exist_ok=True)
       out.write(f"{tag}: training{' (resuming)' if summary['status'] != 'not_run' else ''}"
                 f" -- log: {os.path.join(workdir, 'train.log')}\n")
+      note = extra.setdefault(run.name, {})
+      note["source"] = source_fingerprint()
+      for line in source_drift([dict(name=n, source=e.get("source")) for n, e in extra.items()]):
+        out.write(f"{tag}: warning: {line}; results will not be comparable (a new --root redoes them)\n")
       out.flush()
       start = time.time()
       rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
                                        overrides=overrides, **_pick(modules, "python", "train_module")),
                          os.path.join(workdir, "train.log"), verbose=verbose, out=out)
-      note = extra.setdefault(run.name, {})
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
       note.pop("error", None)
       summary = results_lib.summarize_run(run, workdir)

@@ -335,6 +335,37 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   assert [len(_invocations(sweep_dir / n)) for n in ("ln", "bn", "bn_ffnbn", "bad")] == [1, 1, 1, 2]
 
 
+def test_source_fingerprint_tells_config_changes_from_code_changes(tmp_path):
+  for folder, name in (("configs", "quickstart.py"), ("vitnorm", "train.py"), ("vitnorm/data", "x.py")):
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / name).write_text("a = 1\n")
+  before = run_sweep.source_fingerprint(str(tmp_path))
+  assert before["git"] is None  # not a git checkout
+  (tmp_path / "configs" / "quickstart.py").write_text("a = 2\n")
+  after_config = run_sweep.source_fingerprint(str(tmp_path))
+  assert after_config["configs"] != before["configs"] and after_config["code"] == before["code"]
+  (tmp_path / "vitnorm" / "data" / "x.py").write_text("b = 1\n")
+  assert run_sweep.source_fingerprint(str(tmp_path))["code"] != before["code"]
+
+
+def test_runs_trained_with_changed_configs_are_flagged(tmp_path, fake_modules, monkeypatch, capsys):
+  """Another engineer editing configs/ mid-sweep makes the runs incomparable: say so, loudly."""
+  sources = iter([{"configs": "aaa", "code": "ccc", "git": "1"}, {"configs": "aaa", "code": "ccc", "git": "1"},
+                  {"configs": "bbb", "code": "ccc", "git": "1+uncommitted"}])
+  monkeypatch.setattr(run_sweep, "source_fingerprint", lambda: next(sources))
+  sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[:3])
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=4, train_module="fake_train")
+  out = capsys.readouterr().out
+  assert "[1/3] ln: warning" not in out and "[2/3] bn: warning" not in out
+  assert ("[3/3] bn_ffnbn: warning: runs were trained with different config files (configs/): "
+          "ln, bn (configs aaa); bn_ffnbn (configs bbb)") in out
+  assert [r["source"]["configs"] for r in doc["runs"]] == ["aaa", "aaa", "bbb"]
+  text = report.make_report(str(tmp_path))
+  assert ("**Warning: runs were trained with different config files (configs/): ln, bn (configs aaa); "
+          "bn_ffnbn (configs bbb).**") in text
+  assert "vitnorm code" not in text
+
+
 def test_interrupted_run_is_resumed_by_running_it_again(tmp_path, fake_modules, monkeypatch, capsys):
   monkeypatch.setenv("FAKE_KILL_AT", "4")
   sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[:1])
