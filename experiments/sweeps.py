@@ -50,7 +50,8 @@ EVALUATE_ARGS = {
 
 # How often the short CPU runs log, evaluate and record the per-block diagnostics, so the report's
 # curves have points: about 50 train-loss points, 10 evaluations and 50 diagnostics per run.
-# The quickstart's own length (num_steps None) is 40 epochs of 4,000 images at batch 128 = 1,250.
+# Without --num_steps the quickstart's own length applies (40-60 epochs of 4,000 images at batch
+# 128: 1,250-1,900 steps); the intervals are then set for a nominal 1,250 steps.
 _CPU_DEFAULT_STEPS = 1250
 
 
