@@ -54,6 +54,8 @@ def load_sweep(sweep_dir: str) -> Optional[dict]:
     doc["runs"] = run_sweep.collect(sweep, sweep_dir, extra)
     doc.setdefault("question", sweep.question)
   doc["dir"] = sweep_dir
+  manifest = results_lib.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
+  doc["overrides"] = manifest.get("overrides") or []
   for r in doc.get("runs", []):
     r["series"] = results_lib.read_metrics(os.path.join(sweep_dir, r.get("workdir", r["name"])))
   return doc
@@ -309,6 +311,8 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += [f"_{doc['question']}_", ""]
   if doc.get("num_steps"):
     lines += [f"{doc['num_steps']} training steps per run.", ""]
+  if doc.get("overrides"):
+    lines += ["Every run with " + " ".join(f"`--set {o}`" for o in doc["overrides"]) + ".", ""]
   if "benchmark" in doc or (not doc.get("runs") and doc["sweep"].startswith("inference_speed")):
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)

@@ -354,7 +354,8 @@ def test_runs_trained_with_changed_configs_are_flagged(tmp_path, fake_modules, m
                   {"configs": "bbb", "code": "ccc", "git": "1+uncommitted"}])
   monkeypatch.setattr(run_sweep, "source_fingerprint", lambda: next(sources))
   sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[:3])
-  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=4, train_module="fake_train")
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=4, train_module="fake_train",
+                            overrides=["seed=3", "optim.base_lr=0.002"])
   out = capsys.readouterr().out
   assert "[1/3] ln: warning" not in out and "[2/3] bn: warning" not in out
   assert ("[3/3] bn_ffnbn: warning: runs were trained with different config files (configs/): "
@@ -364,6 +365,7 @@ def test_runs_trained_with_changed_configs_are_flagged(tmp_path, fake_modules, m
   assert ("**Warning: runs were trained with different config files (configs/): ln, bn (configs aaa); "
           "bn_ffnbn (configs bbb).**") in text
   assert "vitnorm code" not in text
+  assert "Every run with `--set seed=3` `--set optim.base_lr=0.002`." in text
 
 
 def test_interrupted_run_is_resumed_by_running_it_again(tmp_path, fake_modules, monkeypatch, capsys):
