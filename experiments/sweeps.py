@@ -50,9 +50,9 @@ EVALUATE_ARGS = {
 
 # How often the short CPU runs log, evaluate and record the per-block diagnostics, so the report's
 # curves have points: about 50 train-loss points, 10 evaluations and 50 diagnostics per run.
-# Without --num_steps the quickstart's own length applies (40-60 epochs of 4,000 images at batch
-# 128: 1,250-1,900 steps); the intervals are then set for a nominal 1,250 steps.
-_CPU_DEFAULT_STEPS = 1250
+# Without --num_steps the quickstart's own length applies (100 epochs of 4,000 images at batch 64:
+# 6,250 steps); the intervals are then set for that length.
+_CPU_DEFAULT_STEPS = 6250
 
 
 def logging_overrides(scale: str, num_steps: Optional[int]) -> Tuple[Tuple[str, str], ...]:
@@ -140,8 +140,8 @@ def _ffn_position(scale):
 
 
 # Ghost-batch sizes: the per-device batch of a typical multi-device run, and a smaller one.
-# cpu: quickstart batch 128 on 2 CPU devices (64 each); imagenet: DeiT's 1024 over 8 GPUs (128 each).
-_GHOST_SIZES = {"cpu": (64, 16), "imagenet": (128, 32)}
+# cpu: quickstart batch 64 on 2 CPU devices (32 each); imagenet: DeiT's 1024 over 8 GPUs (128 each).
+_GHOST_SIZES = {"cpu": (32, 8), "imagenet": (128, 32)}
 _MOMENTA = {"cpu": (0.5, 0.9, 0.99), "imagenet": (0.9, 0.99, 0.999)}
 _EPSILONS = (1e-5, 1e-3, 1e-1)
 

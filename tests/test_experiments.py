@@ -238,8 +238,8 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   # Without --num_steps: the config's own length, and the CPU runs log densely enough to plot.
   run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
-  assert lines[0].endswith("--workdir=%s --config.log_every=25 --config.eval_every=125 "
-                           "--config.diagnostics_every=25" % (root / "norm_variants_cpu" / "ln"))
+  assert lines[0].endswith("--workdir=%s --config.log_every=25 --config.eval_every=625 "
+                           "--config.diagnostics_every=125" % (root / "norm_variants_cpu" / "ln"))
   run_sweep.main(["--sweep", "norm_variants_imagenet", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert lines[2] == (f"{py} -m vitnorm.train --config=configs/deit.py:variant=Ti/16,norm=bn,ffn_norm=bn "
