@@ -18,7 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
-from experiments import results as results_lib
+from experiments import run_files
 from experiments import run_sweep
 from experiments import sweeps as sweeps_lib
 from vitnorm.errors import UserError, exit_on_user_error
@@ -43,8 +43,8 @@ _KNOBS = (("bn_group_size", "BN group"), ("bn_momentum", "BN momentum"),
 def load_sweep(sweep_dir: str) -> Optional[dict]:
   """The sweep's results document, refreshed from the runs' files; None if not a sweep dir."""
   name = os.path.basename(os.path.normpath(sweep_dir))
-  doc = results_lib.read_json(os.path.join(sweep_dir, run_sweep.RESULTS))
-  if doc is None and results_lib.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) is None:
+  doc = run_files.read_json(os.path.join(sweep_dir, run_sweep.RESULTS))
+  if doc is None and run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) is None:
     return None
   doc = doc or {"sweep": name, "runs": []}
   sweep = sweeps_lib.SWEEPS.get(name)
@@ -54,10 +54,10 @@ def load_sweep(sweep_dir: str) -> Optional[dict]:
     doc["runs"] = run_sweep.collect(sweep, sweep_dir, extra)
     doc.setdefault("question", sweep.question)
   doc["dir"] = sweep_dir
-  manifest = results_lib.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
+  manifest = run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
   doc["overrides"] = manifest.get("overrides") or []
   for r in doc.get("runs", []):
-    r["series"] = results_lib.read_metrics(os.path.join(sweep_dir, r.get("workdir", r["name"])))
+    r["series"] = run_files.read_metrics(os.path.join(sweep_dir, r.get("workdir", r["name"])))
   return doc
 
 
@@ -158,7 +158,7 @@ def _benchmark_section(doc: dict) -> str:
     return "_benchmark not run yet_"
   text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else ""),
           "", "command: `" + " ".join(bench.get("command", [])) + "`", ""]
-  output = results_lib.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
+  output = run_files.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
   if output and output.get("results"):
     return "\n".join(text + [benchmark_table(output)])
   try:  # no JSON: show what the benchmark printed last
@@ -254,7 +254,7 @@ def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, per
 
 def plot_diagnostics(doc: dict, path: str) -> bool:
   """A row per run, a column per diagnostic, a line per block (dark = first, light = last)."""
-  rows = [(r, results_lib.block_diagnostics(r["series"])) for r in doc["runs"]]
+  rows = [(r, run_files.block_diagnostics(r["series"])) for r in doc["runs"]]
   rows = [(r, d) for r, d in rows if d]
   cols = [(k, label) for k, label in DIAGNOSTICS if any(k in d for _, d in rows)]
   if not rows or not cols:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from experiments import results as results_lib
+from experiments import run_files
 from experiments import sweeps as sweeps_lib
 from vitnorm.errors import UserError, exit_on_user_error
 
@@ -157,7 +157,7 @@ def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: boo
   _check_writable(root)
   sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
   manifest_path = os.path.join(sweep_dir, MANIFEST)
-  manifest = results_lib.read_json(manifest_path)
+  manifest = run_files.read_json(manifest_path)
   started = manifest is not None or (os.path.isdir(sweep_dir) and any(
       os.path.isdir(os.path.join(sweep_dir, r.name)) for r in sweep.runs))
   if started and not resume:
@@ -176,7 +176,7 @@ def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: boo
         f", not {' '.join(overrides) or '(none)'}; resume with the same overrides or choose another --root")
   os.makedirs(sweep_dir, exist_ok=True)
   if manifest is None:
-    results_lib.write_json(manifest_path, {
+    run_files.write_json(manifest_path, {
         "sweep": sweep.name, "num_steps": num_steps, "overrides": list(overrides),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
   return sweep_dir
@@ -272,10 +272,10 @@ def collect(sweep, sweep_dir: str, extra: Optional[dict] = None) -> List[dict]:
   """Summaries of every run of the sweep, as found on disk (+ runner notes from `extra`)."""
   summaries = []
   for run in sweep.runs:
-    summary = results_lib.summarize_run(run, os.path.join(sweep_dir, run.name))
+    summary = run_files.summarize_run(run, os.path.join(sweep_dir, run.name))
     summary["workdir"] = run.name  # relative to the sweep directory
     summary.update((extra or {}).get(run.name, {}))
-    if summary.get("error") and summary["status"] not in results_lib.FINISHED:
+    if summary.get("error") and summary["status"] not in run_files.FINISHED:
       summary["status"] = "failed"  # the trainer stopped with an error and wrote no status
     summaries.append(summary)
   return summaries
@@ -290,8 +290,8 @@ def print_dry_run(sweep, root: str, *, num_steps, evaluate, overrides=(), out=No
     return
   for run in sweep.runs:
     workdir = os.path.join(sweep_dir, run.name)
-    status = results_lib.read_status(workdir)
-    if status and status.get("status") in results_lib.FINISHED:
+    status = run_files.read_status(workdir)
+    if status and status.get("status") in run_files.FINISHED:
       out.write(f"# {run.name}: already {status['status']} (skipped)\n")
     else:
       out.write(f"# {run.name}: {run.note}\n")
@@ -308,7 +308,7 @@ def _pick(d, *keys):
 
 def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) -> dict:
   out = out or sys.stdout
-  previous = results_lib.read_json(os.path.join(sweep_dir, RESULTS)) or {}
+  previous = run_files.read_json(os.path.join(sweep_dir, RESULTS)) or {}
   bench = previous.get("benchmark") or {}
   if bench.get("status") == "completed":
     out.write(f"{sweep.name}: benchmark already completed (skipped)\n")
@@ -325,7 +325,7 @@ def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) 
     bench["error"] = last
   if os.path.exists(os.path.join(sweep_dir, "benchmark.json")):
     bench["output"] = "benchmark.json"
-  results_lib.write_json(os.path.join(sweep_dir, RESULTS), _results_doc(sweep, None, [], bench))
+  run_files.write_json(os.path.join(sweep_dir, RESULTS), _results_doc(sweep, None, [], bench))
   out.write(f"{sweep.name}: benchmark {bench['status']} ({_elapsed(bench['wall_s'])})"
             + (f": {last}" if rc else "") + "\n")
   return bench
@@ -350,14 +350,14 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
     return _results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
 
   # Runner notes that are not in the run's own files (failures, wall time), kept across resumes.
-  previous = results_lib.read_json(results_path) or {}
+  previous = run_files.read_json(results_path) or {}
   extra = {r["name"]: {k: r[k] for k in RUNNER_NOTES if k in r}
            for r in previous.get("runs", []) if isinstance(r, dict) and "name" in r}
   out.write(f"sweep {sweep.name} ({len(sweep.runs)} runs) in {sweep_dir}\n")
 
   def save():
     doc = _results_doc(sweep, num_steps, collect(sweep, sweep_dir, extra))
-    results_lib.write_json(results_path, doc)
+    run_files.write_json(results_path, doc)
     return doc
 
   save()
@@ -372,8 +372,8 @@ def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, ext
   for i, run in enumerate(sweep.runs, 1):
     tag = f"[{i}/{len(sweep.runs)}] {run.name}"
     workdir = os.path.join(sweep_dir, run.name)
-    summary = results_lib.summarize_run(run, workdir)
-    if summary["status"] in results_lib.FINISHED:
+    summary = run_files.summarize_run(run, workdir)
+    if summary["status"] in run_files.FINISHED:
       out.write(f"{tag}: already {_describe(summary)} (skipped)\n")
     else:
       os.makedirs(workdir, exist_ok=True)
@@ -390,9 +390,9 @@ def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, ext
                          os.path.join(workdir, "train.log"), verbose=verbose, out=out)
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
       note.pop("error", None)
-      summary = results_lib.summarize_run(run, workdir)
+      summary = run_files.summarize_run(run, workdir)
       # An error exit leaves an earlier attempt's status.json (e.g. 'preempted') in place.
-      if summary["status"] not in results_lib.FINISHED and (rc or summary["status"] != "preempted"):
+      if summary["status"] not in run_files.FINISHED and (rc or summary["status"] != "preempted"):
         note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 without a final status.json"
         summary["status"] = "failed"
       summary["error"] = note.get("error")

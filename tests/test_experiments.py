@@ -11,7 +11,7 @@ import time
 import pytest
 
 from experiments import report
-from experiments import results as results_lib
+from experiments import run_files
 from experiments import run_sweep
 from experiments import sweeps as sweeps_lib
 from vitnorm import vit
@@ -137,7 +137,7 @@ def test_every_ablation_exists_at_both_scales_with_the_scale_config():
 
 def test_norm_variants_cover_the_papers_models():
   for scale in ("cpu", "imagenet"):
-    pairs = {r.name: results_lib.model_fields(None, r)
+    pairs = {r.name: run_files.model_fields(None, r)
              for r in sweeps_lib.SWEEPS[f"norm_variants_{scale}"].runs}
     got = {name: (m["norm"], m["ffn_norm"]) for name, m in pairs.items()}
     assert got == {"ln": ("ln", "none"), "bn": ("bn", "none"), "bn_ffnbn": ("bn", "bn"),
@@ -153,14 +153,14 @@ def test_knob_sweeps_vary_their_knob_and_resolve_in_the_model(ablation, field):
     sweep = sweeps_lib.SWEEPS[f"{ablation}_{scale}"]
     seen = []
     for run in sweep.runs:
-      fields = results_lib.model_fields(None, run)
+      fields = run_files.model_fields(None, run)
       # The overrides name real model fields with valid values: the ViT config accepts them.
       cfg = dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=4,
                  num_classes=10, image_size=8, num_channels=1,
                  norm=short[fields["norm"]], ffn_norm=short[fields["ffn_norm"]])
       for key, value in run.overrides:
         assert key.startswith("model."), key
-        cfg[key[len("model."):]] = results_lib._parse_value(value)
+        cfg[key[len("model."):]] = run_files._parse_value(value)
       resolved = vit.resolve_model_config(cfg)
       options = resolved["norm_options"]
       value = {"bn_group_size": options.bn_group_size, "bn_momentum": options.bn_momentum,
@@ -196,8 +196,8 @@ def test_every_sweep_command_parses_with_the_trainers_config_flags():
       assert (config.num_steps, config.seed) == (20, 3)
       assert config.data.name == ("mnist5k" if sweep.scale == "cpu" else "imagenet2012")
       assert config.eval_every == (2 if sweep.scale == "cpu" else config.eval_every)
-      declared = results_lib.model_fields(None, run)
-      assert results_lib.model_fields(config.to_dict()) == declared, (sweep.name, run.name)
+      declared = run_files.model_fields(None, run)
+      assert run_files.model_fields(config.to_dict()) == declared, (sweep.name, run.name)
       vit.resolve_model_config(config.model)  # a valid model
 
 
@@ -274,18 +274,18 @@ def test_read_metrics_keeps_what_the_finished_attempt_logged(tmp_path):
   text = "\n".join(json.dumps(l) for l in lines) + '\n{"step": 5, "train/lo'  # cut-off line
   text = text.replace('{"step": 3, "train/loss": 1.5}', '{"step": 4, "tr{"step": 3, "train/loss": 1.5}')
   (tmp_path / "metrics.jsonl").write_text(text.replace("null", "NaN"))
-  series = results_lib.read_metrics(str(tmp_path))
+  series = run_files.read_metrics(str(tmp_path))
   assert series["train/loss"][:3] == [(1, 3.0), (2, 2.0), (3, 1.5)]
   assert series["train/loss"][3][0] == 4 and math.isnan(series["train/loss"][3][1])
   assert math.isnan(series["train/lr"][0][1])
   assert series["eval/top1"] == [(2, 0.2)]
-  assert results_lib.last_finite(series["train/loss"]) == (3, 1.5)
+  assert run_files.last_finite(series["train/loss"]) == (3, 1.5)
 
 
 def test_throughput_takes_the_best_median_of_folded_and_unfolded():
-  assert results_lib.throughput(FAKE_EVALUATION) == {"unfolded": 100.0, "folded": 125.0}
-  assert results_lib.throughput({"results": {"bn_unfolded": {"images_per_second": 7.0}}}) == {"unfolded": 7.0}
-  assert results_lib.throughput(None) == {}
+  assert run_files.throughput(FAKE_EVALUATION) == {"unfolded": 100.0, "folded": 125.0}
+  assert run_files.throughput({"results": {"bn_unfolded": {"images_per_second": 7.0}}}) == {"unfolded": 7.0}
+  assert run_files.throughput(None) == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_interrupted_run_is_resumed_by_running_it_again(tmp_path, fake_modules, 
   doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=6, resume=True, **modules)
   (run,) = doc["runs"]
   assert (run["status"], run["step"]) == ("completed", 6) and "error" not in run
-  series = results_lib.read_metrics(str(tmp_path / "fake_cpu" / "ln"))
+  series = run_files.read_metrics(str(tmp_path / "fake_cpu" / "ln"))
   assert [s for s, _ in series["train/loss"]] == [1, 2, 3, 4, 5, 6]
   assert "(resuming)" in capsys.readouterr().out
 
@@ -551,10 +551,10 @@ def test_real_two_run_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert (r["status"], r["step"]) == ("completed", 3), r
     assert (r["model"]["norm"], r["model"]["ffn_norm"], r["model"]["bn_momentum"]) == (norm, ffn_norm, momentum)
     assert 0.0 <= r["final"]["eval/top1"] <= 1.0 and math.isfinite(r["final"]["eval/loss"])
-    series = results_lib.read_metrics(str(root / "e2e_cpu" / name))
+    series = run_files.read_metrics(str(root / "e2e_cpu" / name))
     assert [s for s, _ in series["train/loss"]] == [1, 2, 3]  # log_every=1 for a 3-step CPU run
-    assert set(results_lib.block_diagnostics(series)) >= {"residual_rms", "ffn_hidden_rms", "max_attention_logit"}
-    assert sorted(results_lib.block_diagnostics(series)["residual_rms"]) == [0, 1]
+    assert set(run_files.block_diagnostics(series)) >= {"residual_rms", "ffn_hidden_rms", "max_attention_logit"}
+    assert sorted(run_files.block_diagnostics(series)["residual_rms"]) == [0, 1]
   capsys.readouterr()
   # Re-running with --resume finds both finished and trains nothing.
   assert run_sweep.main(["--sweep", "e2e_cpu", "--root", str(root), "--num_steps", "3", "--resume"]) == 0
