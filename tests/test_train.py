@@ -162,3 +162,22 @@ def test_cli_rejects_an_unknown_override_in_one_line(tmp_path):
   assert len(errors) == 1 and "no_such_field" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_loss_spike_past_the_factor_and_chance_level_is_divergence():
+  def metrics(loss):
+    return dict(loss=loss, top1=0.9, grad_norm=1.0, lr=1e-3, finite=True)
+  monitor = train._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
+  for step in range(1, 30):
+    monitor.observe(step, metrics(0.1))
+  monitor.observe(30, metrics(0.9))  # 9x the running mean: noise, not divergence
+  with pytest.raises(train.TrainingDiverged, match="loss spiked to 5"):
+    monitor.observe(31, metrics(5.0))
+  assert monitor.last_finite["train/loss"] == 0.9
+  # A large relative jump that stays below chance level (log 10) is not a blow-up.
+  quiet = train._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
+  for step in range(1, 30):
+    quiet.observe(step, metrics(0.01))
+  quiet.observe(30, metrics(1.0))
+  with pytest.raises(train.TrainingDiverged, match="non-finite"):
+    quiet.observe(31, dict(metrics(float("nan")), finite=False))
