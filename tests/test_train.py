@@ -159,8 +159,13 @@ def test_cli_rejects_an_unknown_override_in_one_line(tmp_path):
               "--config.model.no_such_field=3")
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and "no_such_field" in errors[0], proc.stderr[-2000:]
+  assert errors == ["error: config.model.no_such_field: no such config field; fix the name (fields and "
+                    "their comments: configs/common.py)"], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+  proc = _cli("--config", "configs/quickstart.py:norm=bogus", "--workdir", str(tmp_path))
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert len(errors) == 1 and errors[0].startswith("error: --config: config argument norm='bogus': unknown norm")
   assert not os.listdir(tmp_path)
 
 

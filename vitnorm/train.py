@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -680,7 +681,12 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it touches at INFO
     logging.set_verbosity(logging.WARNING)
-  config, workdir = _FLAGS[0].value, _FLAGS[1].value
+  workdir = _FLAGS[1].value
+  try:  # config_flags reports a config file it could not load only when the config is used
+    config = _FLAGS[0].value
+    config.get("num_cpu_devices")
+  except (OSError, ValueError) as e:
+    raise UserError(f"--config: {_last_error_line(str(e))}") from None
   parallel.use_all_cpu_cores(config.num_cpu_devices)
   parallel.maybe_initialize_distributed(
       config.distributed.coordinator_address, config.distributed.num_processes,
@@ -695,13 +701,33 @@ def main(argv):
     print(summary_text(summary), flush=True)
 
 
+def _last_error_line(message: str) -> str:
+  """The useful line of a config_flags error (which may embed a whole traceback)."""
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  if "Traceback (most recent call last)" in message and lines:
+    last = lines[-1]
+    return last.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", last) else last
+  if any("No such file" in l for l in lines):  # config file missing: say which and why
+    return next(l for l in lines if "No such file" in l)
+  return " ".join(message.split())
+
+
 def _parse_flags(argv):
   """absl flag parsing with one-line errors (unknown --config.field, bad config file args)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, UserError) as e:
-    message = " ".join(str(e).split())
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError, UserError) as e:
+    message = _last_error_line(str(e))
+    if isinstance(e, (AttributeError, KeyError)):  # an override names a field the config lacks
+      key = message.strip("\"'")
+      override = next((a for a in argv[1:] if a.startswith("--config.") and
+                       re.search(rf"[.]{re.escape(key)}$", a.split("=")[0])), None)
+      field = override.split("=")[0][2:] if override else key
+      message = (f"{field}: no such config field; fix the name (fields and their comments: "
+                 "configs/common.py)")
+    elif "Traceback" in str(e):
+      message = f"--config: {message}"
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
