@@ -1,6 +1,5 @@
 """Config files: each loads with its defaults and its :args, validates against the model and data
 modules, starts with its run command, and every field is commented."""
-import ast
 import glob
 import os
 import re

@@ -1,6 +1,5 @@
 """The training loop, in-process on 8 CPU devices with a tiny ViT on the offline 8x8 `digits`:
 outputs, resume == uninterrupted, preemption, divergence, refused resumes, bad input."""
-import json
 import os
 import subprocess
 import sys
