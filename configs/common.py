@@ -10,10 +10,7 @@ from typing import Any, Mapping, Optional
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# Short and long names of the normalization kinds (vitnorm.norms.NORM_KINDS).
-NORM_ALIASES = {"ln": "layer", "layer": "layer", "layernorm": "layer",
-                "bn": "batch", "batch": "batch", "batchnorm": "batch",
-                "rms": "rms", "rmsnorm": "rms", "none": "none", "identity": "none"}
+from vitnorm import norms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,11 +18,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def norm_name(value: str, field: str = "norm") -> str:
   """'bn' -> 'batch', 'ln' -> 'layer', ...; ValueError naming the field for anything else."""
-  key = str(value).strip().lower()
-  if key not in NORM_ALIASES:
+  kind = norms.canonical_kind(value)
+  if kind not in norms.NORM_KINDS:
     raise ValueError(f"config argument {field}={value!r}: unknown norm; choose one of "
-                     f"{', '.join(sorted(NORM_ALIASES))}")
-  return NORM_ALIASES[key]
+                     f"{', '.join(norms.NORM_KINDS)} (or ln, bn)")
+  return kind
 
 
 def parse_args(arg: Optional[str], defaults: Mapping[str, Any]) -> dict:
@@ -159,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss_spike_factor = 10.0  # Diverged if loss > factor x running mean and above chance level; 0 = off.
   c.progress_bar = "auto"  # 'auto' (a bar on a terminal, log lines otherwise), 'on' or 'off'.
   c.num_cpu_devices = placeholder(int)  # CPU-only hosts: JAX CPU devices; None = one per core.
+  # Start from a reference ViT / AugReg .npz (google-research/vision_transformer layout; needs
+  # model.norm='layer', ffn_norm='none' and the checkpoint's size). Position embeddings are resized to
+  # model.image_size and the head is new when num_classes differs. None: random initialization.
+  c.init_from = placeholder(str)
   c.model = model_config()
   c.data = data_config()
   c.optim = optim_config()

@@ -120,8 +120,8 @@ def test_results_are_written_as_json_and_markdown(report, workdir):
   assert md.startswith(f"# Evaluation of {os.path.abspath(workdir)} (step 10)")
   assert "| folded     | 8     |" in md and "(agree)" in md
   # The experiments report reads the folded and unfolded throughput out of this file.
-  from experiments import results  # pylint: disable=g-import-not-at-top
-  tp = results.throughput(doc)
+  from experiments import run_files  # pylint: disable=g-import-not-at-top
+  tp = run_files.throughput(doc)
   assert set(tp) == {"folded", "unfolded"}
   assert tp["folded"] == max(r["images_per_second"]["median"] for r in doc["throughput"]
                              if r["model"] == "folded")

@@ -185,3 +185,23 @@ def test_loss_spike_past_the_factor_and_chance_level_is_divergence():
   quiet.observe(30, metrics(1.0))
   with pytest.raises(train.TrainingDiverged, match="non-finite"):
     quiet.observe(31, dict(metrics(float("nan")), finite=False))
+
+
+def test_init_from_a_reference_checkpoint_starts_from_its_weights(tmp_path):
+  from vitnorm import pretrained, vit
+  config = tiny_config(**{"model.norm": "layer", "model.ffn_norm": "none"})
+  # A "reference" checkpoint of the same width trained at 16 px with 5 classes.
+  ref_cfg = dict(config.model.to_dict(), image_size=16, num_classes=5)
+  ref_params = vit.init_variables(vit.build_model(ref_cfg), jax.random.key(9), (1, 16, 16, 1))["params"]
+  path = str(tmp_path / "ref.npz")
+  pretrained.save_npz(path, ref_params)
+  plan = train.prepare(config)
+  state = train.create_train_state(plan, jax.random.key(0))
+  loaded = train.load_pretrained(state, path, vit.build_model(plan.config.model))
+  block = "encoderblock_1"
+  np.testing.assert_array_equal(loaded.params["Transformer"][block]["MlpBlock_0"]["Dense_0"]["kernel"],
+                                ref_params["Transformer"][block]["MlpBlock_0"]["Dense_0"]["kernel"])
+  assert loaded.params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 32)
+  np.testing.assert_array_equal(loaded.params["head"]["kernel"], state.params["head"]["kernel"])
+  with pytest.raises(UserError, match="init_from"):
+    train.prepare(tiny_config(init_from=str(tmp_path / "missing.npz")))

@@ -29,16 +29,14 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 from vitnorm import fold
 from vitnorm import parallel
 from vitnorm import throughput
 from vitnorm import vit
-from vitnorm.errors import ConfigError, UserError, exit_on_user_error
+from vitnorm.errors import ConfigError, UserError, run_cli
 
 # name -> (model config overrides, folded?)
 MODELS = {
@@ -105,8 +103,7 @@ def random_variables(model, model_cfg, seed: int) -> dict:
   Kernels ~ N(0, 1/fan_in), biases and embeddings ~ N(0, 0.02), norm scales ~ 1 + N(0, 0.1),
   BN means ~ N(0, 0.1) and variances ~ U(0.5, 2).
   """
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros(vit.input_shape(model_cfg, 1), jnp.float32), train=False))
+  shapes = vit.variable_shapes(model, vit.input_shape(model_cfg, 1))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -276,28 +273,11 @@ def main(argv):
   print(format_report(report), flush=True)
 
 
-@exit_on_user_error
-def _main_checked(argv):
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  main(argv)
-
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors (exit 2), as for a UserError."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, ValueError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def run():
   """Console entry point `vitnorm-benchmark`."""
   parallel.use_all_cpu_cores()
   define_flags()
-  app.run(_main_checked, flags_parser=parse_flags)
+  run_cli(main, parse_errors=(ValueError,), log_level="warning")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -216,9 +215,7 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
       raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} has no '{MODEL_ITEM}' item; "
                       "it was not written by vitnorm.train")
     model = vit.build_model(config.model)
-    expected = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(vit.input_shape(config.model), jnp.float32),
-                           train=False))
+    expected = vit.variable_shapes(model, vit.input_shape(config.model))
     diffs = _shape_differences(expected["params"], stored.get("params", {}), "params")
     diffs += _shape_differences(expected.get("batch_stats", {}), stored.get("batch_stats", {}),
                                 "batch_stats")

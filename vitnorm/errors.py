@@ -8,6 +8,7 @@ run's checkpoints.
 """
 import functools
 import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -22,6 +23,12 @@ class ConfigError(UserError, ValueError):
     super().__init__(f"{field}: {message}")
 
 
+def exit_with_error(message) -> NoReturn:
+  """Prints 'error: <message>' on one line to stderr and exits with status 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def exit_on_user_error(fn):
   """Decorator for CLI mains: a UserError becomes 'error: <message>' on stderr and exit code 2."""
 
@@ -30,7 +37,30 @@ def exit_on_user_error(fn):
     try:
       return fn(*args, **kwargs)
     except UserError as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      exit_with_error(e)
 
   return wrapper
+
+
+def run_cli(main, *, parse_errors=(), log_level="warning"):
+  """absl `app.run(main)` for an entry point whose flags are already defined.
+
+  Bad flags (absl flag errors and `parse_errors`) and UserErrors from `main` become one-line
+  errors with exit code 2; absl logging is turned down to `log_level` unless --verbosity is given
+  (orbax and tfds log every file they touch at INFO).
+  """
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, *parse_errors) as e:
+      exit_with_error(e)
+
+  @exit_on_user_error
+  def checked_main(argv):
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(log_level)
+    main(argv)
+
+  app.run(checked_main, flags_parser=parse)

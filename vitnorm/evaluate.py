@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 import jax
 import ml_collections
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -38,7 +37,7 @@ from vitnorm import fold
 from vitnorm import parallel
 from vitnorm import throughput
 from vitnorm import vit
-from vitnorm.errors import ConfigError, UserError, exit_on_user_error
+from vitnorm.errors import ConfigError, UserError, run_cli
 
 JSON_FILE = "evaluation.json"
 MARKDOWN_FILE = "evaluation.md"
@@ -365,28 +364,12 @@ def main(argv):
     sys.exit(1)
 
 
-@exit_on_user_error
-def _main_checked(argv):
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if not FLAGS["verbosity"].present:  # orbax and tfds log every file they touch
-    logging.set_verbosity(logging.ERROR)
-  main(argv)
-
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors (exit 2): unknown flags, bad --config file or fields."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, UserError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def run():
   """Console entry point `vitnorm-evaluate`."""
   parallel.use_all_cpu_cores()
   define_flags()
-  app.run(_main_checked, flags_parser=parse_flags)
+  run_cli(main, parse_errors=(ValueError, KeyError, AttributeError, TypeError, UserError),
+          log_level="error")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,12 @@ import optax
 import flax.jax_utils
 from flax.training import train_state
 
-from vitnorm import checkpoints, data, evaluation, optim, parallel, run_logging, vit
+from vitnorm import checkpoints, data, evaluation, norms, optim, parallel, pretrained, run_logging, vit
 from vitnorm.data import device as data_device
 from vitnorm.errors import ConfigError, UserError, exit_on_user_error
 
 PARALLELISM = ("jit", "pmap")
 PROGRESS_BAR = ("auto", "on", "off")
-NORM_ALIASES = {"ln": "layer", "layernorm": "layer", "bn": "batch", "batchnorm": "batch",
-                "rmsnorm": "rms", "identity": "none"}
 SPIKE_WARMUP_STEPS = 20  # steps before the loss-spike test starts (the running mean settles)
 SPIKE_MEAN_DECAY = 0.95  # decay of the running mean of the train loss for the spike test
 
@@ -89,8 +87,7 @@ def canonical_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   """A copy with short norm names (bn, ln) expanded; the caller's config is left as it is."""
   config = copy.deepcopy(config)
   for key in ("norm", "ffn_norm"):
-    name = str(config.model[key]).lower()
-    config.model[key] = NORM_ALIASES.get(name, name)
+    config.model[key] = norms.canonical_kind(config.model[key])
   return config
 
 
@@ -146,6 +143,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
   config.num_steps = num_steps
   config.optim.warmup_steps = min(warmup, num_steps)
 
+  if config.get("init_from") and not os.path.isfile(config.init_from):
+    raise ConfigError("init_from", f"{config.init_from!r} is not a file; give the path of a reference "
+                      "ViT / AugReg .npz checkpoint, or leave it unset for random initialization")
   if workdir is not None:
     check_resume_compatible(config, workdir)
   return Plan(config=config, num_steps=num_steps, warmup_steps=config.optim.warmup_steps,
@@ -213,6 +213,15 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
       ema_params=jax.tree.map(jnp.copy, params) if cfg.optim.ema_decay else None)
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def load_pretrained(state: TrainState, path: str, model: vit.ViT) -> TrainState:
+  """The state with its params (and EMA) replaced by a reference .npz checkpoint's, fitted to model."""
+  params = pretrained.adapt_to_model(pretrained.load_npz(path), state.params,
+                                     num_cls_tokens=model.num_cls_tokens)
+  params = jax.tree.map(jnp.asarray, params)
+  ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+  return state.replace(params=params, ema_params=ema)
 
 
 def make_schedule(plan: Plan) -> optax.Schedule:
@@ -497,6 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = ckpt.latest_step() or 0
   if start_step:
     state = _restore(ckpt, start_step, state, mesh)
+  elif cfg.get("init_from"):
+    state = load_pretrained(state, cfg.init_from, eval_model)
   state = placement.put_state(state)
   if is_main:
     checkpoints.write_run_config(workdir, cfg)

@@ -352,6 +352,11 @@ def input_shape(cfg: Mapping, batch_size: int = 1):
   return (batch_size, r["image_size"], r["image_size"], r["num_channels"])
 
 
+def variable_shapes(model: ViT, shape):
+  """The {'params', ['batch_stats']} tree of `init_variables` as ShapeDtypeStructs (no compute)."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+
+
 def init_variables(model: ViT, rng, shape):
   """Initial {'params': ..., ['batch_stats': ...]} for images of `shape` (f32).
 
