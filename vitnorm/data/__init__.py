@@ -10,16 +10,10 @@
 
 Importing this package registers the offline builders with tfds.
 """
-import os
-
-# TensorFlow only feeds data here: keep its C++ start-up chatter (oneDNN notices) off the terminal
-# unless the user asked for it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from vitnorm.data import offline  # noqa: E402  (registers 'mnist5k' and 'digits' with tfds)
-from vitnorm.data.config import (  # noqa: E402DATA_CONFIG_FIELDS, DataConfig, default_data_config,
+from vitnorm.data import offline  # registers 'mnist5k' and 'digits' with tfds
+from vitnorm.data.config import (DATA_CONFIG_FIELDS, DataConfig, default_data_config,
                                  resolve_data_config)
-from vitnorm.data.pipeline import (  # noqa: E402DatasetInfo, check_model_compatible, dataset_info, eval_batches,
+from vitnorm.data.pipeline import (DatasetInfo, check_model_compatible, dataset_info, eval_batches,
                                    eval_dataset, num_eval_batches, train_batches, train_dataset)
 
 __all__ = [
