@@ -43,13 +43,6 @@ def _compiled_step(model, mesh: Optional[Mesh]):
   return jax.jit(fn, in_shardings=(rep, shard, shard, shard), out_shardings=rep)
 
 
-def _to_host_scalar(x):
-  # A replicated result is fully present on each process: read this process's copy.
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = x.addressable_data(0)
-  return np.asarray(jax.device_get(x)).item()
-
-
 def evaluate_classifier(model, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]],
                         *, mesh: Optional[Mesh] = None) -> dict:
   """Top-1 accuracy and mean cross-entropy of `model` over `batches` (masked examples excluded).
@@ -88,9 +81,10 @@ def evaluate_classifier(model, variables: Mapping[str, Any], batches: Iterable[M
       image, label, mask = (jax.make_array_from_process_local_data(sharding, a)
                             for a in (image, label, mask))
     sums.append(step(variables, image, label, mask))
-  correct = sum(int(_to_host_scalar(s["correct"])) for s in sums)
-  loss_sum = sum(float(_to_host_scalar(s["loss"])) for s in sums)
-  count = sum(int(_to_host_scalar(s["count"])) for s in sums)
+  # A replicated result is fully present on each process: read this process's copy.
+  correct = sum(int(parallel.host_copy(s["correct"])) for s in sums)
+  loss_sum = sum(float(parallel.host_copy(s["loss"])) for s in sums)
+  count = sum(int(parallel.host_copy(s["count"])) for s in sums)
   if count == 0:
     return dict(top1=float("nan"), loss=float("nan"), num_examples=0)
   return dict(top1=correct / count, loss=loss_sum / count, num_examples=count)

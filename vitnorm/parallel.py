@@ -113,3 +113,10 @@ def check_batch_divisible(global_batch_size: int, field: str, num_devices: Optio
   if global_batch_size <= 0 or global_batch_size % num_devices:
     raise ConfigError(field, f"{global_batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
+
+
+def host_copy(x) -> np.ndarray:
+  """This process's copy of a replicated array as numpy (also for arrays spanning several hosts)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x))

@@ -314,13 +314,6 @@ def block_diagnostics(diags, grads, axis_name: Optional[str] = None) -> dict:
 # ==============================================================================================
 
 
-def _local(x):
-  """This process's copy of a replicated value, as numpy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = x.addressable_data(0)
-  return np.asarray(jax.device_get(x))
-
-
 class JitPlacement:
   """One data-parallel Mesh over every device of every process; BN statistics are global
   because XLA computes them over the sharded batch (the model has no axis name)."""
@@ -351,7 +344,7 @@ class JitPlacement:
     return self._steps[diagnostics](state, batch, rng)
 
   def metrics_to_host(self, metrics) -> dict:
-    return {k: _local(v).item() for k, v in metrics.items()}
+    return {k: parallel.host_copy(v).item() for k, v in metrics.items()}
 
   def global_state(self, state: TrainState) -> TrainState:
     """The state as arrays replicated over the mesh (for checkpoints and evaluation)."""
@@ -376,7 +369,7 @@ class PmapPlacement:
         for flag in (False, True)}, tuple(jax.local_devices()))
 
   def put_state(self, state: TrainState) -> TrainState:
-    return flax.jax_utils.replicate(jax.tree.map(_local, state))
+    return flax.jax_utils.replicate(jax.tree.map(parallel.host_copy, state))
 
   def put_batch(self, batch):
     return data_device.shard_for_pmap(batch)
