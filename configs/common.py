@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from vitnorm import norms
+from vitnorm.model import norms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +58,7 @@ def parse_args(arg: Optional[str], defaults: Mapping[str, Any]) -> dict:
 def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_norm: str = "none",
                  num_classes: int = 1000, image_size: int = 224, num_channels: int = 3
                  ) -> ml_collections.ConfigDict:
-  """config.model: the ViT (vitnorm.vit.resolve_model_config validates it)."""
+  """config.model: the ViT (vitnorm.model.vit.resolve_model_config validates it)."""
   m = ml_collections.ConfigDict()
   # Size preset NAME/PATCH: Ti, S, B, L, H or deit_ti/deit_s/deit_b, e.g. 'S/16'. The five size
   # fields below override the preset when set; with variant None all five must be set.
@@ -121,7 +121,7 @@ def data_config(*, name: str = "imagenet2012", image_size: int = 224) -> ml_coll
 
 
 def optim_config() -> ml_collections.ConfigDict:
-  """config.optim: AdamW with warm-up + cosine (vitnorm.optim), DeiT defaults."""
+  """config.optim: AdamW with warm-up + cosine (vitnorm.training.optim), DeiT defaults."""
   o = ml_collections.ConfigDict()
   o.base_lr = 5e-4  # Peak learning rate for a global batch of lr_scaling_batch.
   o.lr_scaling_batch = 512  # Peak lr = base_lr * batch_size / this (DeiT); None = base_lr as is.

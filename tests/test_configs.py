@@ -7,7 +7,9 @@ import re
 import pytest
 
 from configs import cifar, common, deit, quickstart
-from vitnorm import data, optim, vit
+from vitnorm import data
+from vitnorm.model import vit
+from vitnorm.training import optim
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))

@@ -14,7 +14,7 @@ from experiments import report
 from experiments import run_files
 from experiments import run_sweep
 from experiments import sweeps as sweeps_lib
-from vitnorm import vit
+from vitnorm.model import vit
 from vitnorm.errors import UserError
 
 # A stand-in for `python -m vitnorm.train` that follows the trainer's file contract:

@@ -1,14 +1,13 @@
 """vitnorm: normalization ablations for Vision Transformers in JAX/Flax.
 
-Modules (dependencies point downwards only):
-  norms        the normalization choice (layer / batch / rms / none), asked by name
-  vit          the ViT (reference vision_transformer parameter layout), presets, build_model
-  fold         BatchNorm folding into neighbouring Dense layers (inference)
-  pretrained   loading reference ViT / AugReg .npz checkpoints
-  data         tfds input pipelines and offline datasets (mnist5k, digits)
-  train        the trainer (python -m vitnorm.train)
-  evaluate     accuracy + throughput of a trained run (python -m vitnorm.evaluate)
-  benchmark    the paper's inference-speed comparison (python -m vitnorm.benchmark)
+Packages and modules (dependencies point downwards only):
+  model/       norms (the normalization choice, asked by name), vit, fold (BN folding), pretrained
+  data/        tfds input pipelines and offline datasets (mnist5k, digits)
+  training/    plan (config validation), state, step, placement, loop, optim, checkpoints, evaluation
+  inference/   throughput (timing harness), run_report (evaluate a run), comparison (benchmark)
+  workdir      a run's status.json, metrics.jsonl and TensorBoard files
+  parallel, errors
+  train, evaluate, benchmark   the thin command lines (python -m vitnorm.train | evaluate | benchmark)
 """
 
 __version__ = "0.1.0"

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitnorm import fold
-from vitnorm import vit
+from vitnorm.model import fold
+from vitnorm.model import vit
 from vitnorm.errors import UserError
 
 TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=4, num_classes=5,

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitnorm import checkpoints, run_logging, train
+from vitnorm.training import checkpoints
+from vitnorm import workdir as run_logging
+from vitnorm.training import loop, plan as plan_lib, state as state_lib
 from vitnorm.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(**overrides):
@@ -46,7 +48,7 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  summary = train.train_and_evaluate(tiny_config(), workdir)
+  summary = loop.train_and_evaluate(tiny_config(), workdir)
   return workdir, summary
 
 
@@ -78,12 +80,12 @@ def test_run_writes_metrics_status_config_and_checkpoints(uninterrupted):
 def test_preempted_and_resumed_run_ends_identical_to_uninterrupted(uninterrupted, tmp_path):
   workdir = str(tmp_path / "resumed")
   # SIGTERM after step 10: the loop saves a checkpoint at step 10 and returns cleanly.
-  first = train.train_and_evaluate(tiny_config(**{"debug.preempt_at_step": 10}), workdir)
+  first = loop.train_and_evaluate(tiny_config(**{"debug.preempt_at_step": 10}), workdir)
   assert first["status"] == "preempted" and first["step"] == 10
   assert run_logging.read_status(workdir)["status"] == "preempted"
   assert checkpoints.latest_step(workdir) == 10
   # Re-running the same command resumes from step 10 (the data order continues exactly).
-  second = train.train_and_evaluate(tiny_config(), workdir)
+  second = loop.train_and_evaluate(tiny_config(), workdir)
   assert second["status"] == "completed" and second["step"] == 24
   resumed, _ = final_params(workdir)
   expected, _ = final_params(uninterrupted[0])
@@ -92,14 +94,14 @@ def test_preempted_and_resumed_run_ends_identical_to_uninterrupted(uninterrupted
   steps = [r["step"] for r in run_logging.read_metrics(workdir) if "train/loss" in r]
   assert steps == sorted(set(steps))
   # A finished run re-run does nothing new and stays completed.
-  again = train.train_and_evaluate(tiny_config(), workdir)
+  again = loop.train_and_evaluate(tiny_config(), workdir)
   assert again["status"] == "completed" and again["step"] == 24
 
 
 def test_injected_nan_stops_with_diverged_status_and_keeps_the_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.TrainingDiverged) as err:
-    train.train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 11}), workdir)
+  with pytest.raises(loop.TrainingDiverged) as err:
+    loop.train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 11}), workdir)
   assert err.value.step == 11
   status = run_logging.read_status(workdir)
   assert status["status"] == "diverged" and status["step"] == 11
@@ -112,9 +114,9 @@ def test_injected_nan_stops_with_diverged_status_and_keeps_the_good_checkpoint(t
 
 def test_resuming_with_a_different_model_is_refused(uninterrupted):
   with pytest.raises(UserError, match=r"different model \(model.norm: 'batch' -> 'layer'"):
-    train.prepare(tiny_config(**{"model.norm": "ln"}), uninterrupted[0])
+    plan_lib.prepare(tiny_config(**{"model.norm": "ln"}), uninterrupted[0])
   # Regularization may change on resume.
-  train.prepare(tiny_config(**{"model.dropout_rate": 0.1}), uninterrupted[0])
+  plan_lib.prepare(tiny_config(**{"model.dropout_rate": 0.1}), uninterrupted[0])
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -130,7 +132,7 @@ def test_resuming_with_a_different_model_is_refused(uninterrupted):
 ])
 def test_bad_input_is_a_one_line_user_error(overrides, field):
   with pytest.raises(UserError) as err:
-    train.prepare(tiny_config(**overrides))
+    plan_lib.prepare(tiny_config(**overrides))
   message = str(err.value)
   assert "\n" not in message
   if field:
@@ -138,7 +140,7 @@ def test_bad_input_is_a_one_line_user_error(overrides, field):
 
 
 def test_norm_short_names_and_epochs_derive_steps():
-  plan = train.prepare(tiny_config(**{"model.norm": "ln", "model.ffn_norm": "bn", "num_steps": None,
+  plan = plan_lib.prepare(tiny_config(**{"model.norm": "ln", "model.ffn_norm": "bn", "num_steps": None,
                                       "num_epochs": 2.0, "optim.warmup_steps": None,
                                       "optim.warmup_epochs": 1.0}))
   assert (plan.config.model.norm, plan.config.model.ffn_norm) == ("layer", "batch")
@@ -171,37 +173,37 @@ def test_cli_rejects_an_unknown_override_in_one_line(tmp_path):
 def test_loss_spike_past_the_factor_and_chance_level_is_divergence():
   def metrics(loss):
     return dict(loss=loss, top1=0.9, grad_norm=1.0, lr=1e-3, finite=True)
-  monitor = train._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
+  monitor = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
   for step in range(1, 30):
     monitor.observe(step, metrics(0.1))
   monitor.observe(30, metrics(0.9))  # 9x the running mean: noise, not divergence
-  with pytest.raises(train.TrainingDiverged, match="loss spiked to 5"):
+  with pytest.raises(loop.TrainingDiverged, match="loss spiked to 5"):
     monitor.observe(31, metrics(5.0))
   assert monitor.last_finite["train/loss"] == 0.9
   # A large relative jump that stays below chance level (log 10) is not a blow-up.
-  quiet = train._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
+  quiet = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
   for step in range(1, 30):
     quiet.observe(step, metrics(0.01))
   quiet.observe(30, metrics(1.0))
-  with pytest.raises(train.TrainingDiverged, match="non-finite"):
+  with pytest.raises(loop.TrainingDiverged, match="non-finite"):
     quiet.observe(31, dict(metrics(float("nan")), finite=False))
 
 
 def test_init_from_a_reference_checkpoint_starts_from_its_weights(tmp_path):
-  from vitnorm import pretrained, vit
+  from vitnorm.model import pretrained, vit
   config = tiny_config(**{"model.norm": "layer", "model.ffn_norm": "none"})
   # A "reference" checkpoint of the same width trained at 16 px with 5 classes.
   ref_cfg = dict(config.model.to_dict(), image_size=16, num_classes=5)
   ref_params = vit.init_variables(vit.build_model(ref_cfg), jax.random.key(9), (1, 16, 16, 1))["params"]
   path = str(tmp_path / "ref.npz")
   pretrained.save_npz(path, ref_params)
-  plan = train.prepare(config)
-  state = train.create_train_state(plan, jax.random.key(0))
-  loaded = train.load_pretrained(state, path, vit.build_model(plan.config.model))
+  plan = plan_lib.prepare(config)
+  state = state_lib.create_train_state(plan, jax.random.key(0))
+  loaded = state_lib.load_pretrained(state, path, vit.build_model(plan.config.model))
   block = "encoderblock_1"
   np.testing.assert_array_equal(loaded.params["Transformer"][block]["MlpBlock_0"]["Dense_0"]["kernel"],
                                 ref_params["Transformer"][block]["MlpBlock_0"]["Dense_0"]["kernel"])
   assert loaded.params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 32)
   np.testing.assert_array_equal(loaded.params["head"]["kernel"], state.params["head"]["kernel"])
   with pytest.raises(UserError, match="init_from"):
-    train.prepare(tiny_config(init_from=str(tmp_path / "missing.npz")))
+    plan_lib.prepare(tiny_config(init_from=str(tmp_path / "missing.npz")))

@@ -1,4 +1,4 @@
-"""Tests for vitnorm.norms: BatchNorm over tokens (train/eval, CLS exclusion, ghost batches, sync)."""
+"""Tests for vitnorm.model.norms: BatchNorm over tokens (train/eval, CLS exclusion, ghost batches, sync)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vitnorm import norms
+from vitnorm.model import norms
 
 EPS = 1e-5
 

@@ -1,7 +1,7 @@
 """Vision Transformer (flax.linen) with a swappable normalization.
 
 The parameter tree follows google-research/vision_transformer, so reference and AugReg
-checkpoints load into the LayerNorm variant (see vitnorm.pretrained):
+checkpoints load into the LayerNorm variant (see vitnorm.model.pretrained):
 
   embedding                       Conv, patch x patch
   cls                             (1, 1, hidden), classifier='token' only
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitnorm import norms
+from vitnorm.model import norms
 from vitnorm.errors import ConfigError
 
 # name -> (hidden_size, num_layers, mlp_dim, num_heads); the patch size follows the slash.

@@ -6,7 +6,7 @@ The checkpoints of google-research/vision_transformer store a flat dict of array
   Linen (current):    encoderblock_i/LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0
   pre-Linen (AugReg): encoderblock_i/LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3
 
-`load_npz` reads either into the Linen layout that `vitnorm.vit.ViT(norm='layer')` uses;
+`load_npz` reads either into the Linen layout that `vitnorm.model.vit.ViT(norm='layer')` uses;
 `adapt_to_model` fits it to a model: the position embeddings are resized when the image size
 differs (bilinear on the patch grid, as the reference fine-tuning code does), and the head is
 replaced by the model's fresh head when the number of classes differs. Anything else that does not

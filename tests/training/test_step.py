@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitnorm import parallel, train
+from vitnorm import parallel
+from vitnorm.training import placement as placement_lib, plan as plan_lib, state as state_lib
 
 NUM_CLASSES = 10
 
@@ -19,7 +20,7 @@ def tiny_plan(norm="batch", ffn_norm="batch", batch=32, accum=1, parallelism="ji
   c.batch_size, c.accum_steps, c.parallelism = batch, accum, parallelism
   c.optim.base_lr, c.optim.lr_scaling_batch, c.optim.grad_clip_norm = 3e-3, None, 1.0
   c.optim.warmup_steps = warmup
-  return train.Plan(config=train.canonical_config(c), num_steps=20, warmup_steps=warmup,
+  return plan_lib.Plan(config=plan_lib.canonical_config(c), num_steps=20, warmup_steps=warmup,
                     steps_per_epoch=10.0, eval_batch_size=batch, num_classes=NUM_CLASSES,
                     num_train_examples=10 * batch, num_eval_examples=batch)
 
@@ -35,8 +36,8 @@ def synthetic_batches(n, batch, seed=0):
 
 def run_steps(plan, batches, diagnostics=False):
   mesh = parallel.data_mesh()
-  placement = train.make_placement(plan, mesh)
-  state = placement.put_state(train.create_train_state(plan, jax.random.PRNGKey(0)))
+  placement = placement_lib.make_placement(plan, mesh)
+  state = placement.put_state(state_lib.create_train_state(plan, jax.random.PRNGKey(0)))
   metrics = []
   for i, b in enumerate(batches):
     if plan.config.parallelism == "jit":
@@ -70,7 +71,7 @@ def test_jit_and_pmap_give_the_same_losses_params_and_bn_stats(jit_and_pmap_runs
   gj, gp = pj.global_state(sj), pp.global_state(sp)
   # Adam divides by sqrt(v): float32 reduction-order differences of 1e-7 in near-zero gradients
   # move parameters by a fraction of one update. Agreement to 2% of the total movement.
-  initial = train.create_train_state(tiny_plan(), jax.random.PRNGKey(0)).params
+  initial = state_lib.create_train_state(tiny_plan(), jax.random.PRNGKey(0)).params
   movement = _max_abs_diff(gj.params, initial)
   assert movement > 1e-3
   assert _max_abs_diff(gj.params, gp.params) < 0.02 * movement

@@ -6,7 +6,7 @@ Layout of a workdir written by the trainer:
   WORKDIR/checkpoints/<step>/    one orbax checkpoint per saved step, two items:
       model/  {'params', ['batch_stats'], ['ema_params']}   what inference needs
       train/  {'step', 'opt_state'}                         what only resuming needs
-  WORKDIR/metrics.jsonl, status.json, tensorboard/   (vitnorm.run_logging)
+  WORKDIR/metrics.jsonl, status.json, tensorboard/   (vitnorm.workdir)
 
 Keeping the model in its own item lets `restore_variables` load a model without knowing the
 optimizer, and lets evaluation and folding tools read any run. Orbax writes each step to a
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vitnorm import vit
+from vitnorm.model import vit
 from vitnorm.errors import UserError
 
 MODEL_ITEM = "model"

@@ -16,11 +16,11 @@ import optax
 import pytest
 
 from configs import common
-from vitnorm import benchmark
-from vitnorm import checkpoints
+from vitnorm.inference import comparison
+from vitnorm.training import checkpoints
 from vitnorm import data
-from vitnorm import evaluate
-from vitnorm import vit
+from vitnorm.inference import run_report
+from vitnorm.model import vit
 from vitnorm.errors import ConfigError, UserError
 
 NUM_TEST = 360  # digits test split
@@ -45,7 +45,7 @@ def write_workdir(workdir, config, steps=(5,), ema=False):
   model = vit.build_model(config.model)
   ck = checkpoints.Checkpointer(str(workdir), async_save=False)
   for i, step in enumerate(steps):
-    variables = benchmark.random_variables(model, config.model, seed=i)
+    variables = comparison.random_variables(model, config.model, seed=i)
     if ema:
       variables["ema_params"] = jax.tree_util.tree_map(lambda p: 0.5 * p, variables["params"])
     ck.save(step, variables, {"step": np.int32(step)})
@@ -66,7 +66,7 @@ def workdir(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def report(workdir):
-  return evaluate.evaluate(workdir=workdir, batch_sizes=["8", "16"], eval_batch_size_override=64,
+  return run_report.evaluate(workdir=workdir, batch_sizes=["8", "16"], eval_batch_size_override=64,
                            warmup=1, iterations=2, repeats=2)
 
 
@@ -129,8 +129,8 @@ def test_results_are_written_as_json_and_markdown(report, workdir):
 
 def test_chosen_step_and_ema_weights(tmp_path, data_dir):
   write_workdir(tmp_path, tiny_config(data_dir), steps=(3, 7), ema=True)
-  first = evaluate.evaluate(workdir=str(tmp_path), step=3, measure=False, eval_batch_size_override=120)
-  ema = evaluate.evaluate(workdir=str(tmp_path), step=3, use_ema=True, measure=False,
+  first = run_report.evaluate(workdir=str(tmp_path), step=3, measure=False, eval_batch_size_override=120)
+  ema = run_report.evaluate(workdir=str(tmp_path), step=3, use_ema=True, measure=False,
                           eval_batch_size_override=120)
   assert first["source"]["step"] == 3 and ema["source"]["use_ema"]
   assert first["accuracy"]["as_trained"]["loss"] != ema["accuracy"]["as_trained"]["loss"]
@@ -139,7 +139,7 @@ def test_chosen_step_and_ema_weights(tmp_path, data_dir):
 
 
 def test_bfloat16_evaluation_of_a_float32_run(report, workdir, tmp_path):
-  rep = evaluate.evaluate(workdir=workdir, dtype="bfloat16", batch_sizes=["8"], warmup=0, iterations=1,
+  rep = run_report.evaluate(workdir=workdir, dtype="bfloat16", batch_sizes=["8"], warmup=0, iterations=1,
                           repeats=1, eval_batch_size_override=120, output_dir=str(tmp_path))
   assert {r["dtype"] for r in rep["throughput"]} == {"bfloat16"} and "dtype=bfloat16" in rep["markdown"]
   acc = rep["accuracy"]
@@ -147,14 +147,14 @@ def test_bfloat16_evaluation_of_a_float32_run(report, workdir, tmp_path):
   assert acc["as_trained"]["loss"] == pytest.approx(report["accuracy"]["as_trained"]["loss"], rel=2e-2)
   assert acc["as_trained"]["loss"] != report["accuracy"]["as_trained"]["loss"]  # really computed in bf16
   with pytest.raises(ConfigError, match="^--dtype: unknown dtype 'float16'"):
-    evaluate.evaluate(workdir=workdir, dtype="float16", measure=False)
+    run_report.evaluate(workdir=workdir, dtype="float16", measure=False)
 
 
 def test_layernorm_model_from_config_is_not_folded_and_missing_data_is_skipped(tmp_path):
   config = tiny_config(tmp_path / "empty", norm="layer", ffn_norm="batch")
   config.data.name = "cifar10"  # not prepared there: accuracy is skipped (never downloaded)
   config.model.num_channels, config.model.num_classes = 3, 10
-  rep = evaluate.evaluate(config=config, config_name="tiny.py", batch_sizes=["8"], warmup=0,
+  rep = run_report.evaluate(config=config, config_name="tiny.py", batch_sizes=["8"], warmup=0,
                           iterations=1, repeats=1, output_dir=str(tmp_path))
   assert not rep["folding"]["foldable"] and not rep["folding"]["applied"]
   assert "model.norm='layer'" in rep["folding"]["reason"]
@@ -166,20 +166,20 @@ def test_layernorm_model_from_config_is_not_folded_and_missing_data_is_skipped(t
 
 def test_bad_inputs_are_one_line_user_errors(tmp_path, workdir, data_dir):
   with pytest.raises(ConfigError, match=r"^--batch_sizes: 12 is not divisible by the 8 devices; use a multiple of 8$"):
-    evaluate.evaluate(workdir=workdir, batch_sizes=["8", "12"])
+    run_report.evaluate(workdir=workdir, batch_sizes=["8", "12"])
   with pytest.raises(ConfigError, match=r"^--eval_batch_size: 100 is not divisible by the 8 devices"):
-    evaluate.evaluate(workdir=workdir, eval_batch_size_override=100, measure=False)
+    run_report.evaluate(workdir=workdir, eval_batch_size_override=100, measure=False)
   with pytest.raises(UserError, match="no checkpoint for step 4 .* available steps: 5, 10"):
-    evaluate.evaluate(workdir=workdir, step=4, measure=False)
+    run_report.evaluate(workdir=workdir, step=4, measure=False)
   with pytest.raises(UserError, match="kept no EMA"):
-    evaluate.evaluate(workdir=workdir, use_ema=True, measure=False, eval_batch_size_override=64)
+    run_report.evaluate(workdir=workdir, use_ema=True, measure=False, eval_batch_size_override=64)
   with pytest.raises(UserError, match="either --workdir"):
-    evaluate.evaluate(measure=False)
+    run_report.evaluate(measure=False)
   # A run that saved no checkpoint yet.
   empty = tmp_path / "empty_run"
   checkpoints.write_run_config(str(empty), tiny_config(data_dir))
   with pytest.raises(UserError, match="^no checkpoint in .*checkpoints: the run saved none yet"):
-    evaluate.evaluate(workdir=str(empty), measure=False)
+    run_report.evaluate(workdir=str(empty), measure=False)
   # A checkpoint that does not match the config (config.json edited to another width).
   mismatch = tmp_path / "mismatch"
   shutil.copytree(workdir, mismatch)
@@ -187,7 +187,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, workdir, data_dir):
   cfg.model.hidden_size = 48
   checkpoints.write_run_config(str(mismatch), cfg)
   with pytest.raises(UserError, match="does not match the model of its config.json"):
-    evaluate.evaluate(workdir=str(mismatch), measure=False)
+    run_report.evaluate(workdir=str(mismatch), measure=False)
 
 
 def _cli_error(*args):

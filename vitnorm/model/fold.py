@@ -7,7 +7,7 @@ An affine map next to a Dense layer merges into it:
   BN before a Dense  y = BN(x) W + c:   W' = diag(s) W,   c' = t W + c
   BN after a Dense   y = BN(x W + c):   W' = W diag(s),   c' = c * s + t
 
-In the ViT (see vitnorm.vit for the parameter layout) that gives, per encoder block:
+In the ViT (see vitnorm.model.vit for the parameter layout) that gives, per encoder block:
 
   BatchNorm_0 (pre-attention)       -> MultiHeadDotProductAttention_0/{query,key,value}
   BatchNorm_1 (pre-FFN)             -> MlpBlock_0/Dense_0
@@ -35,8 +35,8 @@ from typing import Mapping, Tuple
 import jax
 import jax.numpy as jnp
 
-from vitnorm import norms
-from vitnorm import vit as vit_lib
+from vitnorm.model import norms
+from vitnorm.model import vit as vit_lib
 from vitnorm.errors import UserError
 
 _NOT_FOLDABLE_WHY = {

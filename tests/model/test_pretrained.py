@@ -1,10 +1,10 @@
-"""Tests for vitnorm.pretrained: reference / AugReg .npz checkpoints load into the LN ViT."""
+"""Tests for vitnorm.model.pretrained: reference / AugReg .npz checkpoints load into the LN ViT."""
 import flax
 import jax
 import numpy as np
 import pytest
 
-from vitnorm import pretrained, vit
+from vitnorm.model import pretrained, vit
 from vitnorm.errors import UserError
 
 CFG = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=4, num_classes=10, image_size=16)

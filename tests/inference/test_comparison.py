@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from vitnorm import benchmark
+from vitnorm.inference import comparison
 from vitnorm.errors import ConfigError
 
 TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=8)
@@ -17,8 +17,8 @@ TINY_FLAGS = ["--variant=Ti/16", "--hidden_size=32", "--num_layers=2", "--mlp_di
 
 @pytest.fixture(scope="module")
 def report():
-  cfg = benchmark.model_config("Ti/16", 16, num_classes=10, **TINY)
-  return benchmark.run_benchmark(cfg, batch_sizes=(8, 16), warmup=1, iterations=2, repeats=3,
+  cfg = comparison.model_config("Ti/16", 16, num_classes=10, **TINY)
+  return comparison.run_benchmark(cfg, batch_sizes=(8, 16), warmup=1, iterations=2, repeats=3,
                                  matmul_size=64, log=lambda _: None)
 
 
@@ -28,7 +28,7 @@ def _rows(report, batch):
 
 def test_every_default_model_is_measured_at_every_batch_size(report):
   assert [(r["model"], r["batch_size"]) for r in report["results"]] == [
-      (m, b) for b in (8, 16) for m in benchmark.DEFAULT_MODELS]
+      (m, b) for b in (8, 16) for m in comparison.DEFAULT_MODELS]
   for r in report["results"]:
     assert r["status"] == "ok" and r["num_devices"] == 8 and r["repeats"] == 3 and r["iterations"] == 2
     assert r["images_per_second"]["min"] <= r["images_per_second"]["median"] <= r["images_per_second"]["max"]
@@ -66,18 +66,18 @@ def test_achieved_flops_as_fraction_of_the_matmul_peak_of_the_same_rounds(report
 
 
 def test_report_table_lists_every_row(report):
-  text = benchmark.format_report(report)
+  text = comparison.format_report(report)
   lines = text.splitlines()
   assert "dense matmul peak" in lines[0] and "8 cpu device(s)" in lines[0]
   table = [line for line in lines if line.startswith("|")]
-  assert lines[2].startswith("| model") and len(table) == 2 + 2 * len(benchmark.DEFAULT_MODELS)
+  assert lines[2].startswith("| model") and len(table) == 2 + 2 * len(comparison.DEFAULT_MODELS)
   assert sum(line.startswith("| bn_folded ") for line in lines) == 2
   assert sum("run the same program" in line for line in lines) == 4  # 2 folded models x 2 batches
 
 
 def test_folded_candidate_computes_what_the_unfolded_one_does():
-  cfg = benchmark.model_config("Ti/16", 16, num_classes=10, **TINY)
-  cands = {c.name: c for c in benchmark.build_candidates(cfg, ["bn_ffnbn_unfolded", "bn_ffnbn_folded"])}
+  cfg = comparison.model_config("Ti/16", 16, num_classes=10, **TINY)
+  cands = {c.name: c for c in comparison.build_candidates(cfg, ["bn_ffnbn_unfolded", "bn_ffnbn_folded"])}
   x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
   a = cands["bn_ffnbn_unfolded"].forward(cands["bn_ffnbn_unfolded"].variables, x)
   b = cands["bn_ffnbn_folded"].forward(cands["bn_ffnbn_folded"].variables, x)
@@ -88,13 +88,13 @@ def test_folded_candidate_computes_what_the_unfolded_one_does():
 
 def test_bad_inputs_are_config_errors():
   with pytest.raises(ConfigError, match=r"^--models: unknown model 'bn'"):
-    benchmark.build_candidates(benchmark.model_config("Ti/16", 16, **TINY), ["ln", "bn"])
+    comparison.build_candidates(comparison.model_config("Ti/16", 16, **TINY), ["ln", "bn"])
   with pytest.raises(ConfigError, match=r"^--variant: 'X/16' is not a preset"):
-    benchmark.model_config("X/16", 224)
+    comparison.model_config("X/16", 224)
   with pytest.raises(ConfigError, match=r"^--patch_size: patch size 16 does not divide image size 20"):
-    benchmark.model_config("S/16", 20)
+    comparison.model_config("S/16", 20)
   with pytest.raises(ConfigError, match=r"^--batch_sizes: 'x' is not an integer"):
-    benchmark.parse_int_list(["8", "x"], "--batch_sizes")
+    comparison.parse_int_list(["8", "x"], "--batch_sizes")
 
 
 def _cli(*args):
@@ -122,9 +122,9 @@ def test_cli_bad_batch_size_is_one_line_error_before_any_work():
 
 
 def test_paired_ratio_cancels_drift_between_rounds():
-  from vitnorm import throughput  # pylint: disable=g-import-not-at-top
+  from vitnorm.inference import throughput  # pylint: disable=g-import-not-at-top
   # The machine slows down 2x between rounds; B is always 10% faster than A within a round.
   a = throughput.Result("a", 8, 1, "float32", iterations=1, seconds_per_repeat=[1.0, 2.0, 4.0])
   b = throughput.Result("b", 8, 1, "float32", iterations=1, seconds_per_repeat=[1 / 1.1, 2 / 1.1, 4 / 1.1])
-  assert benchmark.paired_ratio(b, a) == pytest.approx(1.1)
-  assert np.isnan(benchmark.paired_ratio(b, None))
+  assert comparison.paired_ratio(b, a) == pytest.approx(1.1)
+  assert np.isnan(comparison.paired_ratio(b, None))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitnorm import checkpoints, vit
+from vitnorm.model import vit
+from vitnorm.training import checkpoints
 from vitnorm.errors import UserError
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vitnorm import parallel
-from vitnorm import throughput
+from vitnorm.inference import throughput
 from vitnorm.errors import UserError
 
 

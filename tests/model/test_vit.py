@@ -1,4 +1,4 @@
-"""Tests for vitnorm.vit: sizes, parameter layout, every norm variant, config validation, BN sync."""
+"""Tests for vitnorm.model.vit: sizes, parameter layout, every norm variant, config validation, BN sync."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vitnorm import vit
+from vitnorm.model import vit
 from vitnorm.errors import ConfigError
 
 TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=4, num_classes=10,

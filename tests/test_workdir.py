@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from vitnorm import run_logging
+from vitnorm import workdir as run_logging
 
 
 def test_metrics_jsonl_tensorboard_and_console_lines(tmp_path, capsys):

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from configs import common
-from vitnorm import optim, vit
+from vitnorm.model import vit
+from vitnorm.training import optim
 from vitnorm.errors import ConfigError
 
 

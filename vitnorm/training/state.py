@@ -1,0 +1,76 @@
+"""The train state (Flax TrainState plus BN statistics and EMA), its creation and the lr schedule.
+
+Also an in-process cache of the optimizer and compiled functions of an identical setup, so tests,
+notebooks and sweeps that run several trainings in one process compile each setup once.
+"""
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from vitnorm.model import pretrained, vit
+from vitnorm.training import optim
+from vitnorm.training.plan import Plan
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus the BN running statistics and the optional EMA of the weights."""
+
+  batch_stats: Any = None  # {} for models without BatchNorm
+  ema_params: Any = None  # None when optim.ema_decay is 0
+
+
+# In-process reuse (tests, notebooks, several runs in one process): the optimizer and the
+# compiled steps of an identical setup are built once. The optimizer is part of the state's
+# static structure, so a new (unequal) optax object would force a new compilation.
+_CACHE = {}
+
+
+def cached(kind: str, plan: Plan, build, *extra):
+  c = plan.config
+  key = (kind, json.dumps(dict(model=c.model.to_dict(), optim=c.optim.to_dict(), batch=c.batch_size,
+                               accum=c.accum_steps, steps=plan.num_steps, warmup=plan.warmup_steps),
+                          sort_keys=True, default=str)) + extra
+  if key not in _CACHE:
+    if len(_CACHE) >= 16:
+      _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = build()
+  return _CACHE[key]
+
+
+def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
+  """Initial state. The model is built without a pmap axis: initialization needs none."""
+  cfg = plan.config
+  model = vit.build_model(cfg.model)
+  shape = vit.input_shape(cfg.model, 1)
+  init = cached("init", plan, lambda: jax.jit(
+      lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False)))
+  variables = init(rng)
+  params = variables["params"]
+  tx = cached("tx", plan, lambda: optim.make_optimizer(cfg.optim, make_schedule(plan)))
+  # apply_fn stays None: the step calls the model it was built with, and a bound method
+  # (compared by identity) in the state's static structure would defeat the compilation cache.
+  state = TrainState.create(
+      apply_fn=None, params=params, tx=tx,
+      batch_stats=variables.get("batch_stats", {}),
+      ema_params=jax.tree.map(jnp.copy, params) if cfg.optim.ema_decay else None)
+  # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def load_pretrained(state: TrainState, path: str, model: vit.ViT) -> TrainState:
+  """The state with its params (and EMA) replaced by a reference .npz checkpoint's, fitted to model."""
+  params = pretrained.adapt_to_model(pretrained.load_npz(path), state.params,
+                                     num_cls_tokens=model.num_cls_tokens)
+  params = jax.tree.map(jnp.asarray, params)
+  ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+  return state.replace(params=params, ema_params=ema)
+
+
+def make_schedule(plan: Plan) -> optax.Schedule:
+  return optim.learning_rate_schedule(plan.config.optim, global_batch_size=plan.config.batch_size,
+                                      num_steps=plan.num_steps, warmup_steps=plan.warmup_steps)
+
