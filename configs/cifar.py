@@ -10,8 +10,8 @@ data.data_dir (`tfds build cifar10`).
 Arguments (`:key=value,...`):
   dataset   cifar10 (default) or cifar100
   variant   size preset with the patch size, Ti/4 (default) or S/4
-  norm      block / final norm: ln (default), bn, rms, none
-  ffn_norm  extra norm inside the FFN: none (default), bn, ln, rms
+  norm      block / final norm: ln (default), bn, rms, none, dyt (Dynamic Tanh), prepbn (SLAB)
+  ffn_norm  extra norm inside the FFN: none (default), bn, ln, rms, dyt, prepbn
   batch     global batch size (512)
   epochs    training epochs (200)
 """

@@ -72,8 +72,18 @@ def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_no
   m.image_size = image_size  # Input side in pixels; must match data.image_size.
   m.num_channels = num_channels  # Input channels; must match the data pipeline's output.
   m.classifier = "token"  # 'token' (CLS token, ViT/DeiT) or 'gap' (mean of the patch tokens).
-  m.norm = norm_name(norm)  # Block and final norm: 'layer' | 'batch' | 'rms' | 'none' (ln/bn accepted).
+  # Block and final norm: 'layer' | 'batch' | 'rms' | 'none' | 'dyt' (Dynamic Tanh) | 'prepbn'
+  # (SLAB's progressive LN -> RepBN); ln/bn accepted.
+  m.norm = norm_name(norm)
   m.ffn_norm = norm_name(ffn_norm, "ffn_norm")  # Extra norm inside the FFN (the paper's fix: 'batch').
+  m.qk_norm = "none"  # Per-head norm of queries and keys before the dot product: 'none' | 'layer' | 'rms'.
+  m.dyt_alpha_init = 0.5  # DyT: initial value of the learnable scalar alpha in tanh(alpha * x).
+  # PRepBN: y = lam * LN(x) + (1 - lam) * (BN(x) + eta * x); lam = 1 before warmup_steps, then
+  # linear to 0 at decay_steps (a pure function of the optimizer step); at inference only the
+  # RepBN runs and folds like BN. The BN options below apply to its BN.
+  m.prepbn = ml_collections.ConfigDict()
+  m.prepbn.warmup_steps = 0  # Steps with lam = 1 (LayerNorm only), SLAB's default 0.
+  m.prepbn.decay_steps = placeholder(int)  # Step at which lam reaches 0; None = num_steps (SLAB).
   m.ffn_norm_position = "pre_act"  # FFN norm between fc1 and GELU ('pre_act') or after GELU ('post_act').
   m.dropout_rate = 0.0  # Dropout after attention / FFN outputs and on the embeddings.
   m.attention_dropout_rate = 0.0  # Dropout on the attention weights.

@@ -8,8 +8,8 @@ random erasing 0.25, EMA of the weights (0.99996, evaluated as eval_ema/*).
 
 Arguments (`:key=value,...`):
   variant          Ti/16, S/16 (default) or B/16 (deit_ti/16, ... are aliases)
-  norm             block / final norm: ln (default), bn, rms, none
-  ffn_norm         extra norm inside the FFN: none (default), bn (the paper's fix), ln, rms
+  norm             block / final norm: ln (default), bn, rms, none, dyt (Dynamic Tanh), prepbn (SLAB)
+  ffn_norm         extra norm inside the FFN: none (default), bn (the paper's fix), ln, rms, dyt, prepbn
   ffn_norm_position  pre_act (between fc1 and GELU, default) or post_act
   bn_group         BN ghost-batch size (e.g. 128 = per-GPU statistics of an 8-GPU DeiT run); 0 = global
   dataset          tfds name (imagenet2012 default; eval split 'validation')

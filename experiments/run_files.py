@@ -18,11 +18,12 @@ from typing import Dict, List, Optional, Tuple
 Series = List[Tuple[int, float]]
 
 FINISHED = ("completed", "diverged")  # statuses the runner never re-runs
-_SHORT_NORM = {"layer": "ln", "ln": "ln", "batch": "bn", "bn": "bn", "rms": "rms", "none": "none"}
+_SHORT_NORM = {"layer": "ln", "ln": "ln", "batch": "bn", "bn": "bn", "rms": "rms", "none": "none",
+               "dyt": "dyt", "prepbn": "prepbn"}
 # Model fields shown in the report (those that vary across a sweep's runs get a column).
-MODEL_FIELDS = ("norm", "ffn_norm", "ffn_norm_position", "bn_group_size", "bn_momentum",
+MODEL_FIELDS = ("norm", "ffn_norm", "qk_norm", "ffn_norm_position", "bn_group_size", "bn_momentum",
                 "bn_epsilon", "bn_include_cls", "classifier")
-_MODEL_DEFAULTS = {"norm": "ln", "ffn_norm": "none", "ffn_norm_position": "pre_act",
+_MODEL_DEFAULTS = {"norm": "ln", "ffn_norm": "none", "qk_norm": "none", "ffn_norm_position": "pre_act",
                    "bn_group_size": None, "bn_momentum": 0.9, "bn_epsilon": 1e-5,
                    "bn_include_cls": True, "classifier": "token"}
 

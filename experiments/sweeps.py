@@ -13,7 +13,9 @@ Every ablation exists at two scales, named `<ablation>_cpu` and `<ablation>_imag
 The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Transformers"):
 
   norm_variants    LN; BN everywhere (the paper: training crashes); BN + FFN-BN (the paper's fix);
-                   LN + FFN-BN; RMSNorm; no norm at all.
+                   LN + FFN-BN; RMSNorm; no norm at all; DyT (norm-free Dynamic Tanh); PRepBN
+                   (SLAB's progressive LN -> RepBN, folds at inference); BN + QK-norm (is it the
+                   attention logits that blow up without LN?).
   ffn_position     where the FFN BN sits: after the first Dense (pre_act, before GELU) or after GELU.
   bn_sync          BN statistics over the whole global batch (synchronised across devices) vs ghost
                    batches (per-device statistics, as PyTorch DDP without SyncBN) of smaller sizes.
@@ -21,7 +23,8 @@ The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Trans
   bn_epsilon       the BN epsilon.
   bn_cls           the CLS token inside vs outside the BN statistics.
   lr_stress        LN vs BN vs BN + FFN-BN under 4x the learning rate and no gradient clipping.
-  inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm, img/s.
+  inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm (and
+                   DyT, PRepBN folded), img/s.
 
 The BN knob sweeps vary one knob of the paper's model (BN + FFN-BN, pre_act) and keep the rest.
 This module only describes commands; it imports nothing heavy (no JAX).
@@ -34,7 +37,7 @@ from vitnorm.errors import UserError
 SCALES = ("cpu", "imagenet")
 
 # Config file (with its `:args` prefix) for each scale; `{norm}` / `{ffn_norm}` are the short
-# names the configs accept (ln | bn | rms | none).
+# names the configs accept (ln | bn | rms | none | dyt | prepbn).
 CONFIG_TEMPLATES = {
     "cpu": "configs/quickstart.py:norm={norm},ffn_norm={ffn_norm}",
     # DeiT-Ti is the size of the public reproduction (LN 71.89, BN 68.70, BN + FFN-BN 69.04).
@@ -123,6 +126,11 @@ def _norm_variants(scale):
           _run(scale, "ln_ffnbn", "ln", "bn", note="LN + a BN inside the FFN"),
           _run(scale, "rms", "rms", "none", note="RMSNorm everywhere"),
           _run(scale, "none", "none", "none", note="no norm at all"),
+          _run(scale, "dyt", "dyt", "none", note="Dynamic Tanh in place of every LN (no statistics)"),
+          _run(scale, "prepbn", "prepbn", "none",
+               note="SLAB: LN progressively replaced by RepBN (lam 1 -> 0 by the end), folded at inference"),
+          _run(scale, "bn_qknorm", "bn", "none", [("model.qk_norm", "layer")],
+               note="BN everywhere + LayerNorm on queries and keys (ViT-22B)"),
       ),
       evaluate_args=EVALUATE_ARGS[scale])
 

@@ -139,9 +139,12 @@ def test_norm_variants_cover_the_papers_models():
   for scale in ("cpu", "imagenet"):
     pairs = {r.name: run_files.model_fields(None, r)
              for r in sweeps_lib.SWEEPS[f"norm_variants_{scale}"].runs}
-    got = {name: (m["norm"], m["ffn_norm"]) for name, m in pairs.items()}
-    assert got == {"ln": ("ln", "none"), "bn": ("bn", "none"), "bn_ffnbn": ("bn", "bn"),
-                   "ln_ffnbn": ("ln", "bn"), "rms": ("rms", "none"), "none": ("none", "none")}
+    got = {name: (m["norm"], m["ffn_norm"], m["qk_norm"]) for name, m in pairs.items()}
+    assert got == {"ln": ("ln", "none", "none"), "bn": ("bn", "none", "none"),
+                   "bn_ffnbn": ("bn", "bn", "none"), "ln_ffnbn": ("ln", "bn", "none"),
+                   "rms": ("rms", "none", "none"), "none": ("none", "none", "none"),
+                   "dyt": ("dyt", "none", "none"), "prepbn": ("prepbn", "none", "none"),
+                   "bn_qknorm": ("bn", "none", "layer")}
 
 
 @pytest.mark.parametrize("ablation,field", [("bn_sync", "bn_group_size"), ("bn_momentum", "bn_momentum"),

@@ -8,6 +8,10 @@ For one model size (default ViT-S/16 at 224 px) it builds the variants
   bn_ffnbn_folded  BN ViT with an extra BN in the FFN (the paper's model), folded
   bn_ffnbn_unfolded  the same, unfolded (not in the default list)
   rms              RMSNorm ViT
+  dyt              DyT ViT (Dynamic Tanh in place of every LN; not foldable, no statistics)
+  prepbn_folded    PRepBN ViT (SLAB) at the end of training (lam = 0), its RepBNs folded
+  prepbn_unfolded  the same, RepBN layers applied (not in the default list)
+  ln_qknorm        LN ViT with LayerNorm on queries and keys (not in the default list)
   none             no normalization at all: the floor a folded model should reach
 
 and times them interleaved (A B C A B C ..., see vitnorm.inference.throughput) at each batch size, so machine
@@ -40,9 +44,16 @@ MODELS = {
     "bn_ffnbn_folded": (dict(norm="batch", ffn_norm="batch"), True),
     "bn_ffnbn_unfolded": (dict(norm="batch", ffn_norm="batch"), False),
     "rms": (dict(norm="rms"), False),
+    "dyt": (dict(norm="dyt"), False),
+    # A model built without a step is at the end of training: lam = 0, only RepBN runs.
+    "prepbn_folded": (dict(norm="prepbn"), True),
+    "prepbn_unfolded": (dict(norm="prepbn"), False),
+    "ln_qknorm": (dict(norm="layer", qk_norm="layer"), False),
     "none": (dict(norm="none"), False),
 }
-DEFAULT_MODELS = ("ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "rms", "none")
+DEFAULT_MODELS = ("ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "rms", "dyt", "prepbn_folded",
+                  "none")
+FOLDED_MODELS = tuple(name for name, (_, folded) in MODELS.items() if folded)
 BASELINE, FLOOR = "ln", "none"
 
 def parse_int_list(values: Sequence[str], field: str) -> List[int]:
@@ -208,7 +219,7 @@ def format_report(report: dict) -> str:
                  f("compile_seconds")])
   notes = []
   for r in report["results"]:  # A/A check: a folded BN model *is* the no-norm model
-    if r["model"] in ("bn_folded", "bn_ffnbn_folded") and r.get("ratio_to_no_norm") is not None:
+    if r["model"] in FOLDED_MODELS and r.get("ratio_to_no_norm") is not None:
       notes.append(f"{r['model']} and none run the same program (batch {r['batch_size']}): their "
                    f"ratio {r['ratio_to_no_norm']:.3f} shows the noise of this measurement.")
   return (head + "\n\n" + throughput.markdown_table(headers, rows) +

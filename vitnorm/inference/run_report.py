@@ -31,7 +31,7 @@ import ml_collections
 from vitnorm import parallel
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.inference import throughput
-from vitnorm.model import fold, vit
+from vitnorm.model import fold, norms, vit
 from vitnorm.training import checkpoints, evaluation
 
 JSON_FILE = "evaluation.json"
@@ -104,14 +104,15 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
                     "yet; train longer or pass another --workdir")
   if dtype:
     config.model.dtype = dtype
-  model = vit.build_model(config.model)
   variables, step = checkpoints.restore_variables(workdir, step, use_ema=use_ema)
+  model = vit.at_step(vit.build_model(config.model), step)  # PRepBN: lam at the checkpoint's step
   source = dict(weights="checkpoint", workdir=os.path.abspath(workdir), step=int(step), use_ema=use_ema)
   return config, model, variables, source
 
 
 def has_batchnorm(model) -> bool:
-  return "batch" in (model.norm, model.ffn_norm)
+  """BatchNorm or PRepBN (the latter folds once its lam is 0)."""
+  return any(norms.uses_batch_stats(k) for k in (model.norm, model.ffn_norm))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ def format_markdown(report: dict) -> str:
            f"Model: {m.get('variant') or 'custom'} (hidden {sizes['hidden_size']}, {sizes['num_layers']} "
            f"layers), {sizes['image_size']}px, norm={sizes['norm']}, ffn_norm={sizes['ffn_norm']}"
            f"{' (' + sizes['ffn_norm_position'] + ')' if sizes['ffn_norm'] != 'none' else ''}, "
+           f"{'qk_norm=' + sizes['qk_norm'] + ', ' if sizes['qk_norm'] != 'none' else ''}"
            f"classifier={sizes['classifier']}, dtype={throughput.dtype_name(sizes['dtype'])}.",
            f"Folding: {'folded' if report['folding']['applied'] else 'not applied'} -- "
            f"{report['folding']['reason']}.",

@@ -22,8 +22,14 @@ the running statistics at eval, so the fold stays exact.
 The folded model is the same `ViT` class with norm='none' and ffn_norm='none': a folded BN-ViT is
 literally the no-norm ViT and costs exactly the same at inference.
 
+PRepBN (SLAB) folds the same way once its lam is 0: its RepBN(x) = BN(x) + eta * x is the affine
+map with s' = s + eta, t' = t (the PRepBN_i/LayerNorm parameters are dropped). While lam > 0
+(the model's `step` before model.prepbn.decay_steps, see vitnorm.model.vit.at_step) the LN
+branch is still active and folding is refused, naming the step from which it becomes valid.
+
 LayerNorm and RMSNorm normalize each token with its own statistics, which change with the input:
 they are not affine maps with fixed coefficients and cannot be folded (`foldability` says so).
+Neither can DyT (an elementwise tanh) nor QK-norm (per-token, per-head statistics of q and k).
 
 Public API:
   foldability(model_or_cfg) -> (bool, reason)
@@ -44,6 +50,8 @@ _NOT_FOLDABLE_WHY = {
              "input: it is not a fixed affine map at inference",
     "rms": "RMSNorm divides each token by its own RMS, which depends on the input: it is not a "
            "fixed affine map at inference",
+    "dyt": "DyT applies tanh elementwise: a nonlinearity, not an affine map, so it cannot merge "
+           "into a Dense layer",
 }
 
 
@@ -56,16 +64,33 @@ def _as_model(model_or_cfg) -> vit_lib.ViT:
 def foldability(model_or_cfg) -> Tuple[bool, str]:
   """Whether every norm of the model folds into a Dense layer at inference, and why (not).
 
-  Foldable: norm and ffn_norm each 'batch' or 'none'. The reason names the offending field.
+  Foldable: norm and ffn_norm each 'batch', 'none' or 'prepbn' with lam 0 at the model's step,
+  and qk_norm 'none'. The reason names the offending field.
   """
   model = _as_model(model_or_cfg)
   for field, kind in (("norm", model.norm), ("ffn_norm", model.ffn_norm)):
     if not norms.is_foldable(kind):
       return False, f"model.{field}={kind!r}: {_NOT_FOLDABLE_WHY.get(kind, 'not an affine map')}"
-  folded = [f for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm)) if k == "batch"]
+  if model.qk_norm != "none":
+    return False, (f"model.qk_norm={model.qk_norm!r}: the query/key norms divide each token's q and "
+                   "k by their own per-head statistics, which depend on the input: not a fixed "
+                   "affine map at inference")
+  if model.uses_prepbn:
+    lam = float(model.lam())
+    if lam > 0:
+      field = "norm" if model.norm == "prepbn" else "ffn_norm"
+      return False, (f"model.{field}='prepbn' at step {model.step}: lam = {lam:.4g} > 0, the "
+                     "LayerNorm branch is still active; folding becomes valid from step "
+                     f"{model.norm_options.prepbn_decay_steps} (model.prepbn.decay_steps)")
+  folded = [f for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm))
+            if norms.uses_batch_stats(k)]
   if not folded:
     return True, "no norm layers: the model is already norm-free"
-  return True, f"BatchNorm in {' and '.join('model.' + f for f in folded)} folds into Dense layers"
+  names = " and ".join(f"{'PRepBN' if k == 'prepbn' else 'BatchNorm'} in model.{f}"
+                       for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm)) if f in folded)
+  if "prepbn" not in (model.norm, model.ffn_norm):
+    names = f"BatchNorm in {' and '.join('model.' + f for f in folded)}"
+  return True, f"{names} folds into Dense layers"
 
 
 def batchnorm_affine(bn_params: Mapping, bn_stats: Mapping, epsilon: float):
@@ -146,46 +171,54 @@ def fold_batchnorm(model_or_cfg, variables: Mapping) -> Tuple[vit_lib.ViT, dict]
       folded_model.apply(folded_variables, x, train=False)
         == model.apply(variables, x, train=False)   (up to float round-off).
   Raises:
-    UserError if the model has a LayerNorm/RMSNorm (see `foldability`) or the variables do
-    not match the model.
+    UserError if the model has a LayerNorm/RMSNorm/DyT/QK-norm, a PRepBN whose lam is not 0 yet
+    (see `foldability`), or the variables do not match the model.
   """
   model = _as_model(model_or_cfg)
   ok, reason = foldability(model)
   if not ok:
     raise UserError(f"cannot fold BatchNorm: {reason}")
   params = _plain_dict(variables["params"])
-  has_bn = "batch" in (model.norm, model.ffn_norm)
+  has_bn = norms.uses_batch_stats(model.norm) or norms.uses_batch_stats(model.ffn_norm)
   if has_bn and "batch_stats" not in variables:
     raise UserError("cannot fold: the variables have no 'batch_stats' (BN running statistics); "
                     "restore the checkpoint with its batch_stats")
   stats = _plain_dict(variables.get("batch_stats", {}))
   eps = model.norm_options.bn_epsilon
 
-  def take_bn(path):
-    bn_params = _pop(params, path)
-    bn_stats = _get(stats, path)
-    return batchnorm_affine(bn_params, bn_stats, eps)
+  def take_bn(parent, kind, index):
+    """(s, t) of the index-th norm of `kind` under `parent`, its parameters removed."""
+    path = parent if index is None else f"{parent}/{norms.module_name(kind, index)}"
+    if kind == "batch":
+      return batchnorm_affine(_pop(params, path), _get(stats, path), eps)
+    # PRepBN at lam 0: RepBN(x) = BN(x) + eta * x, so s' = s + eta, t' = t.
+    prep = _pop(params, path)
+    if "BatchNorm" not in prep or "eta" not in prep:
+      raise UserError(f"cannot fold: variables have no '{path}/BatchNorm' or '{path}/eta' (the "
+                      "checkpoint does not match the model config)")
+    s, t = batchnorm_affine(prep["BatchNorm"], _get(stats, f"{path}/BatchNorm"), eps)
+    return s + jnp.asarray(prep["eta"], jnp.float32), t
 
   for i in range(model.num_layers):
     block = f"Transformer/encoderblock_{i}"
     attn = f"{block}/MultiHeadDotProductAttention_0"
     mlp = f"{block}/MlpBlock_0"
-    if model.norm == "batch":
-      s, t = take_bn(f"{block}/{norms.module_name('batch', 0)}")
+    if model.norm != "none":
+      s, t = take_bn(block, model.norm, 0)
       for proj in ("query", "key", "value"):
         _set(params, f"{attn}/{proj}", _fold_before(_get(params, f"{attn}/{proj}"), s, t))
-      s, t = take_bn(f"{block}/{norms.module_name('batch', 1)}")
+      s, t = take_bn(block, model.norm, 1)
       _set(params, f"{mlp}/Dense_0", _fold_before(_get(params, f"{mlp}/Dense_0"), s, t))
-    if model.ffn_norm == "batch":
-      s, t = take_bn(f"{mlp}/{norms.module_name('batch', 0)}")
+    if model.ffn_norm != "none":
+      s, t = take_bn(mlp, model.ffn_norm, 0)
       if model.ffn_norm_position == "pre_act":
         _set(params, f"{mlp}/Dense_0", _fold_after(_get(params, f"{mlp}/Dense_0"), s, t))
       else:
         _set(params, f"{mlp}/Dense_1", _fold_before(_get(params, f"{mlp}/Dense_1"), s, t))
-  if model.norm == "batch":
-    s, t = take_bn("Transformer/encoder_norm")
+  if model.norm != "none":
+    s, t = take_bn("Transformer/encoder_norm", model.norm, None)
     target = "pre_logits" if model.representation_size is not None else "head"
     _set(params, target, _fold_before(_get(params, target), s, t))
 
-  folded_model = model.clone(norm="none", ffn_norm="none")
+  folded_model = model.clone(norm="none", ffn_norm="none", step=None)
   return folded_model, {"params": params}

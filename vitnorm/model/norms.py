@@ -6,20 +6,32 @@ The ViT asks for a norm by name with `make_norm(kind, ...)`; every kind is liste
   batch  BatchNorm over tokens: per-channel statistics over (batch, tokens), see TokenBatchNorm
   rms    RMSNorm over channels (scale only)
   none   identity (the norm-free floor that a folded BN model should reach at inference)
+  dyt    Dynamic Tanh (Zhu et al., CVPR 2025): scale * tanh(alpha * x) + bias, alpha one learnable
+         scalar (init NormOptions.dyt_alpha_init); no statistics, not foldable (elementwise tanh)
+  prepbn progressive re-parameterized BN (SLAB, Guo et al., ICML 2024): lam * LN(x) +
+         (1 - lam) * RepBN(x), RepBN(x) = BN(x) + eta * x (token BN as `batch`, eta init 1); lam
+         is `prepbn_lam(step)`: 1 for the first warm-up steps, then linear to 0 at decay_steps.
+         With lam == 0 only RepBN runs, an affine map that folds like BN (vitnorm.model.fold)
 
-Every norm returned by `make_norm` is called as `norm(x, train)`.
+Every norm returned by `make_norm` is called as `norm(x, train)`. PRepBN's lam is a pure function
+of the optimizer step (no hidden counter): the ViT computes it from the step it is given and
+passes it to `make_norm(..., lam=...)`; a Python float 0.0 (training finished) skips the LN branch.
 """
 import dataclasses
+import numbers
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-NORM_KINDS = ("layer", "batch", "rms", "none")
+NORM_KINDS = ("layer", "batch", "rms", "none", "dyt", "prepbn")
 # Other spellings accepted wherever a norm kind is given (configs, command-line overrides).
 NORM_ALIASES = {"ln": "layer", "layernorm": "layer", "bn": "batch", "batchnorm": "batch",
-                "rmsnorm": "rms", "identity": "none"}
+                "rmsnorm": "rms", "identity": "none", "dynamic_tanh": "dyt", "dynamictanh": "dyt",
+                "slab": "prepbn", "repbn": "prepbn"}
+# Per-head norms of queries and keys before the dot product (model.qk_norm; ViT-22B).
+QK_NORM_KINDS = ("none", "layer", "rms")
 
 
 def canonical_kind(name: str) -> str:
@@ -28,7 +40,8 @@ def canonical_kind(name: str) -> str:
   return NORM_ALIASES.get(key, key)
 
 # Parameter-tree names of each kind. "layer" keeps the reference ViT names (LayerNorm_0, ...).
-_MODULE_PREFIX = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}
+_MODULE_PREFIX = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm", "dyt": "DyT",
+                  "prepbn": "PRepBN"}
 
 NormFn = Callable[[jax.Array, bool], jax.Array]
 
@@ -43,6 +56,9 @@ class NormOptions:
   bn_include_cls: bool = True  # Whether the CLS token joins the BN statistics.
   bn_group_size: Optional[int] = None  # Ghost batches of this many examples; None: whole batch.
   bn_axis_name: Optional[str] = None  # pmap axis to average statistics over; None under jit.
+  dyt_alpha_init: float = 0.5  # DyT's initial alpha (the DyT paper's ViT default).
+  prepbn_warmup_steps: int = 0  # PRepBN: lam = 1 (LN only) for steps < this (SLAB default 0).
+  prepbn_decay_steps: Optional[int] = None  # PRepBN: lam reaches 0 at this step; None: unresolved.
 
 
 def module_name(kind: str, index: int) -> str:
@@ -51,8 +67,36 @@ def module_name(kind: str, index: int) -> str:
 
 
 def is_foldable(kind: str) -> bool:
-  """Whether a norm of this kind is an affine map with fixed coefficients at inference."""
-  return kind in ("batch", "none")
+  """Whether a norm of this kind is an affine map with fixed coefficients at inference.
+
+  PRepBN is, once its lam has reached 0 (vitnorm.model.fold checks the step)."""
+  return kind in ("batch", "none", "prepbn")
+
+
+def uses_batch_stats(kind: str) -> bool:
+  """Whether the norm keeps BN running statistics (and takes the BN options: sync, ghost, CLS)."""
+  return kind in ("batch", "prepbn")
+
+
+def prepbn_lam(step, warmup_steps: int, decay_steps: int):
+  """PRepBN's weight of the LN branch at optimizer step `step` (0-based: the step being taken).
+
+  1 for step < warmup_steps, then linear down to 0 at step decay_steps, 0 after. A Python int
+  gives a Python float; a traced step gives a float32 scalar (same values).
+  """
+  if decay_steps is None:
+    raise ValueError("model.prepbn.decay_steps is unset: the trainer resolves it to num_steps "
+                     "(vitnorm.training.plan.prepare); set it to evaluate at a given step")
+  span = decay_steps - warmup_steps
+  if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+    step = int(step)
+    if step < warmup_steps:
+      return 1.0
+    return 0.0 if step >= decay_steps else (decay_steps - step) / span
+  step = jnp.asarray(step, jnp.float32)
+  ramp = (decay_steps - step) / max(span, 1)
+  lam = jnp.where(step < warmup_steps, 1.0, jnp.where(step >= decay_steps, 0.0, ramp))
+  return lam.astype(jnp.float32)
 
 
 class TokenBatchNorm(nn.Module):
@@ -128,13 +172,63 @@ class TokenBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
+class DyT(nn.Module):
+  """Dynamic Tanh: scale * tanh(alpha * x) + bias; alpha a learnable scalar, scale/bias per channel."""
+
+  alpha_init: float = 0.5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (), self.param_dtype)
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    x32 = jnp.asarray(x, jnp.float32)
+    return (jnp.tanh(alpha * x32) * scale + bias).astype(self.dtype)
+
+
+class PRepBN(nn.Module):
+  """lam * LayerNorm(x) + (1 - lam) * (BN(x) + eta * x); children `LayerNorm`, `BatchNorm`, param `eta`.
+
+  `lam` is given per call (see prepbn_lam). In training both branches run (the BN running
+  statistics are updated from the first step, even while lam is 1; the output is the same as
+  SLAB's LN-only warm-up). In evaluation a Python lam of 0.0 or 1.0 skips the branch whose
+  weight is 0 (at initialization both are built).
+  """
+
+  options: NormOptions = NormOptions()
+  num_excluded_tokens: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, lam):
+    o = self.options
+    eta = self.param("eta", nn.initializers.ones, (), jnp.float32)
+    static = isinstance(lam, (int, float))
+    init = self.is_initializing()
+    x32 = jnp.asarray(x, jnp.float32)
+    out = 0.0
+    if init or train or not static or lam != 1.0:
+      rep = TokenBatchNorm(momentum=o.bn_momentum, epsilon=o.bn_epsilon,
+                           num_excluded_tokens=self.num_excluded_tokens, group_size=o.bn_group_size,
+                           axis_name=o.bn_axis_name, dtype=jnp.float32, name="BatchNorm")(x, train)
+      rep = rep + eta * x32
+      out = rep if (static and lam == 0.0) else (1.0 - lam) * rep
+    if init or not static or lam != 0.0:
+      ln = nn.LayerNorm(epsilon=o.ln_epsilon, dtype=jnp.float32, name="LayerNorm")(x32)
+      out = out + lam * ln
+    return jnp.asarray(out).astype(self.dtype)
+
+
 def make_norm(kind: str, *, name: str, options: NormOptions, dtype: Any = jnp.float32,
-              num_cls_tokens: int = 0) -> NormFn:
+              num_cls_tokens: int = 0, lam=0.0) -> NormFn:
   """Returns the norm `kind` as a function `norm(x, train)`.
 
   Call inside a compact method: the module becomes a child named `name`. `num_cls_tokens` is
   the number of leading CLS tokens of x (BatchNorm leaves them out of its statistics when
-  options.bn_include_cls is False).
+  options.bn_include_cls is False). `lam`: PRepBN's LN weight (see prepbn_lam); 0.0 = RepBN only.
   """
   if kind == "none":
     return lambda x, train: x
@@ -144,6 +238,13 @@ def make_norm(kind: str, *, name: str, options: NormOptions, dtype: Any = jnp.fl
   if kind == "rms":
     rms = nn.RMSNorm(epsilon=options.ln_epsilon, dtype=dtype, name=name)
     return lambda x, train: rms(x)
+  if kind == "dyt":
+    dyt = DyT(alpha_init=options.dyt_alpha_init, dtype=dtype, name=name)
+    return lambda x, train: dyt(x)
+  if kind == "prepbn":
+    prep = PRepBN(options=options, num_excluded_tokens=0 if options.bn_include_cls else num_cls_tokens,
+                  dtype=dtype, name=name)
+    return lambda x, train: prep(x, train, lam)
   if kind == "batch":
     bn = TokenBatchNorm(
         momentum=options.bn_momentum,

@@ -9,7 +9,9 @@ The checkpoints of google-research/vision_transformer store a flat dict of array
 `load_npz` reads either into the Linen layout that `vitnorm.model.vit.ViT(norm='layer')` uses;
 `adapt_to_model` fits it to a model: the position embeddings are resized when the image size
 differs (bilinear on the patch grid, as the reference fine-tuning code does), and the head is
-replaced by the model's fresh head when the number of classes differs. Anything else that does not
+replaced by the model's fresh head when the number of classes differs. A model with
+model.qk_norm set keeps its freshly initialised query_norm / key_norm (reference checkpoints have
+none; everything else of the LN layout loads unchanged). Anything else that does not
 match (another width or depth, a BN model) is a UserError listing the offending paths.
 """
 import re
@@ -73,6 +75,10 @@ def resize_position_embeddings(posemb: np.ndarray, num_tokens: int, num_cls_toke
   return np.concatenate([cls, grid.reshape(1, new * new, -1)], axis=1).astype(posemb.dtype)
 
 
+# Parameters a reference checkpoint never has; the model's initial values are kept (QK-norm).
+_NEW_PARAM = re.compile(r"/MultiHeadDotProductAttention_0/(query|key)_norm/")
+
+
 def adapt_to_model(loaded: Mapping, init_params: Mapping, *, num_cls_tokens: int) -> dict:
   """Fits loaded reference params to a model whose freshly initialised params are `init_params`.
 
@@ -82,7 +88,8 @@ def adapt_to_model(loaded: Mapping, init_params: Mapping, *, num_cls_tokens: int
   src = flax.traverse_util.flatten_dict(jax.device_get(loaded), sep="/")
   dst = flax.traverse_util.flatten_dict(jax.device_get(init_params), sep="/")
   src = {k: v for k, v in src.items() if not (k.startswith("pre_logits/") and k not in dst)}
-  missing = sorted(k for k in dst if k not in src and not k.startswith("head/"))
+  missing = sorted(k for k in dst if k not in src and not k.startswith("head/")
+                   and not _NEW_PARAM.search(k))
   unexpected = sorted(k for k in src if k not in dst)
   if missing or unexpected:
     hint = ("; the checkpoint is a LayerNorm ViT: set model.norm='layer', ffn_norm='none' and the "

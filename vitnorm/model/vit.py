@@ -7,13 +7,25 @@ checkpoints load into the LayerNorm variant (see vitnorm.model.pretrained):
   cls                             (1, 1, hidden), classifier='token' only
   Transformer/posembed_input/pos_embedding
   Transformer/encoderblock_{i}/
-      {norm}_0                    pre-attention norm  (LayerNorm_0 / BatchNorm_0 / RMSNorm_0)
-      MultiHeadDotProductAttention_0/{query,key,value,out}
+      {norm}_0                    pre-attention norm  (LayerNorm_0 / BatchNorm_0 / RMSNorm_0 /
+                                  DyT_0 / PRepBN_0)
+      MultiHeadDotProductAttention_0/{query,key,value,out}, [query_norm, key_norm] (qk_norm)
       {norm}_1                    pre-FFN norm
       MlpBlock_0/Dense_0, [{ffn_norm}_0], Dense_1
   Transformer/encoder_norm        final norm
   pre_logits                      optional (representation_size)
   head                            zero-initialised
+
+QK-norm (model.qk_norm = none | layer | rms; ViT-22B): queries and keys are normalized per head
+over head_dim (params of shape (head_dim,), shared by the heads) before the scaled dot product.
+Everything else keeps its names, so reference checkpoints still load (the q/k norms start fresh).
+
+PRepBN and the optimizer step: PRepBN's lam (vitnorm.model.norms.prepbn_lam) is a pure function
+of the step. The step reaches the model in one of two ways: the call argument
+`model.apply(..., step=s)` (the train step passes `state.step`, traced, so jit == pmap and resume
+is bit-exact), or, for evaluation and folding, the static field `ViT.step` (`at_step(model, s)`
+sets it). Both None means "training finished": lam = 0, only RepBN runs (the folded form). The
+trainer's periodic evaluation at step s uses `at_step(model, s)`, so it sees lam(s).
 
 Diagnostics: when the `diagnostics` collection is mutable, each block sows the RMS of the
 residual stream after it, the RMS of its FFN hidden activations and its maximum attention logit.
@@ -65,11 +77,17 @@ class DropPath(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with the reference layout: query/key/value (hidden, heads, head_dim), out."""
+  """Self-attention with the reference layout: query/key/value (hidden, heads, head_dim), out.
+
+  qk_norm 'layer' / 'rms': `query_norm` and `key_norm` normalize q and k of each head over
+  head_dim (statistics per token and head) before the dot product.
+  """
 
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  qk_norm: str = "none"
+  ln_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -79,6 +97,10 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, head_dim), dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    if self.qk_norm != "none":
+      norm_cls = nn.LayerNorm if self.qk_norm == "layer" else nn.RMSNorm
+      q = norm_cls(epsilon=self.ln_epsilon, dtype=self.dtype, name="query_norm")(q)
+      k = norm_cls(epsilon=self.ln_epsilon, dtype=self.dtype, name="key_norm")(k)
     q = q / jnp.sqrt(head_dim).astype(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     self.sow("diagnostics", "max_attention_logit", jnp.max(logits))
@@ -101,13 +123,13 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, lam=0.0):
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     ffn_norm = norms.make_norm(
         self.ffn_norm, name=norms.module_name(self.ffn_norm, 0),
-        options=self.norm_options, dtype=self.dtype, num_cls_tokens=self.num_cls_tokens)
+        options=self.norm_options, dtype=self.dtype, num_cls_tokens=self.num_cls_tokens, lam=lam)
     h = dense(self.mlp_dim, "Dense_0")(x)
     if self.ffn_norm_position == "pre_act":
       h = ffn_norm(h, train)
@@ -134,23 +156,26 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  qk_norm: str = "none"
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, lam=0.0):
     def norm(index):
-      return norms.make_norm(self.norm, name=norms.module_name(self.norm, index), options=self.norm_options, dtype=self.dtype,
-                             num_cls_tokens=self.num_cls_tokens)
+      return norms.make_norm(self.norm, name=norms.module_name(self.norm, index),
+                             options=self.norm_options, dtype=self.dtype,
+                             num_cls_tokens=self.num_cls_tokens, lam=lam)
 
     drop_path = DropPath(self.drop_path_rate)
     y = norm(0)(x, train)
     y = MultiHeadDotProductAttention(
-        self.num_heads, self.attention_dropout_rate, self.dtype,
-        name="MultiHeadDotProductAttention_0")(y, train=train)
+        self.num_heads, self.attention_dropout_rate, self.dtype, self.qk_norm,
+        self.norm_options.ln_epsilon, name="MultiHeadDotProductAttention_0")(y, train=train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     x = x + drop_path(y, deterministic=not train)
     y = norm(1)(x, train)
     y = MlpBlock(self.mlp_dim, self.ffn_norm, self.ffn_norm_position, self.norm_options,
-                 self.num_cls_tokens, self.dropout_rate, self.dtype, name="MlpBlock_0")(y, train=train)
+                 self.num_cls_tokens, self.dropout_rate, self.dtype, name="MlpBlock_0")(
+                     y, train=train, lam=lam)
     x = x + drop_path(y, deterministic=not train)
     self.sow("diagnostics", "residual_rms", _rms(x))
     return x
@@ -180,9 +205,10 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  qk_norm: str = "none"
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, lam=0.0):
     x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     for i in range(self.num_layers):
@@ -191,9 +217,10 @@ class Encoder(nn.Module):
       x = EncoderBlock(
           self.num_heads, self.mlp_dim, self.norm, self.ffn_norm, self.ffn_norm_position,
           self.norm_options, self.num_cls_tokens, self.dropout_rate,
-          self.attention_dropout_rate, rate, self.dtype, name=f"encoderblock_{i}")(x, train=train)
+          self.attention_dropout_rate, rate, self.dtype, self.qk_norm,
+          name=f"encoderblock_{i}")(x, train=train, lam=lam)
     final_norm = norms.make_norm(self.norm, name="encoder_norm", options=self.norm_options,
-                                 dtype=self.dtype, num_cls_tokens=self.num_cls_tokens)
+                                 dtype=self.dtype, num_cls_tokens=self.num_cls_tokens, lam=lam)
     return final_norm(x, train)
 
 
@@ -220,13 +247,29 @@ class ViT(nn.Module):
   representation_size: Optional[int] = None
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
+  qk_norm: str = "none"
+  # Optimizer step the model is evaluated at (PRepBN's lam; see the module docstring and
+  # `at_step`); None: training finished (lam = 0). The call argument `step` overrides it.
+  step: Optional[int] = None
 
   @property
   def num_cls_tokens(self) -> int:
     return 1 if self.classifier == "token" else 0
 
+  @property
+  def uses_prepbn(self) -> bool:
+    return "prepbn" in (self.norm, self.ffn_norm)
+
+  def lam(self, step=None):
+    """PRepBN's LN weight at `step` (or self.step); 0.0 when both are None or there is no PRepBN."""
+    step = self.step if step is None else step
+    if not self.uses_prepbn or step is None:
+      return 0.0
+    o = self.norm_options
+    return norms.prepbn_lam(step, o.prepbn_warmup_steps, o.prepbn_decay_steps)
+
   @nn.compact
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, step=None):
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding")(images)
@@ -238,8 +281,8 @@ class ViT(nn.Module):
     x = Encoder(
         self.num_layers, self.num_heads, self.mlp_dim, self.norm, self.ffn_norm,
         self.ffn_norm_position, self.norm_options, self.num_cls_tokens, self.dropout_rate,
-        self.attention_dropout_rate, self.drop_path_rate, self.dtype, name="Transformer")(
-            x, train=train)
+        self.attention_dropout_rate, self.drop_path_rate, self.dtype, self.qk_norm,
+        name="Transformer")(x, train=train, lam=self.lam(step))
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
@@ -307,6 +350,7 @@ def resolve_model_config(cfg: Mapping) -> dict:
   out["norm"] = choice("norm", norms.NORM_KINDS, "layer", norms.canonical_kind)
   out["ffn_norm"] = choice("ffn_norm", norms.NORM_KINDS, "none", norms.canonical_kind)
   out["ffn_norm_position"] = choice("ffn_norm_position", FFN_NORM_POSITIONS, "pre_act")
+  out["qk_norm"] = choice("qk_norm", norms.QK_NORM_KINDS, "none", norms.canonical_kind)
   out["dtype"] = DTYPES[choice("dtype", tuple(DTYPES), "float32")]
   for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
     value = float(_get(cfg, key, 0.0))
@@ -323,18 +367,57 @@ def resolve_model_config(cfg: Mapping) -> dict:
   group = _get(cfg, "bn_group_size")
   if group is not None and (int(group) != group or group <= 0):
     raise ConfigError("model.bn_group_size", f"must be a positive integer or unset, got {group!r}")
+  alpha = float(_get(cfg, "dyt_alpha_init", 0.5))
+  if not (alpha > 0 and alpha < float("inf")):
+    raise ConfigError("model.dyt_alpha_init", f"must be a positive number, got {alpha!r} (the DyT "
+                      "paper uses 0.5 for ViTs)")
+  warmup, decay = _prepbn_steps(cfg)
   out["norm_options"] = norms.NormOptions(
       ln_epsilon=float(_get(cfg, "ln_epsilon", 1e-6)),
       bn_momentum=momentum,
       bn_epsilon=float(_get(cfg, "bn_epsilon", 1e-5)),
       bn_include_cls=bool(_get(cfg, "bn_include_cls", True)),
-      bn_group_size=None if group is None else int(group))
+      bn_group_size=None if group is None else int(group),
+      dyt_alpha_init=alpha, prepbn_warmup_steps=warmup, prepbn_decay_steps=decay)
   rep = _get(cfg, "representation_size")
   if rep is not None and (int(rep) != rep or rep <= 0):
     raise ConfigError("model.representation_size", f"must be a positive integer or unset, got {rep!r}")
   out["representation_size"] = None if rep is None else int(rep)
   out["head_bias_init"] = float(_get(cfg, "head_bias_init", 0.0))
   return out
+
+
+def _prepbn_steps(cfg: Mapping):
+  """(warmup_steps, decay_steps) of model.prepbn (decay None: unresolved, the trainer sets num_steps)."""
+  section = _get(cfg, "prepbn", {})
+  values = {}
+  for key, default in (("warmup_steps", 0), ("decay_steps", None)):
+    value = _get(section, key, default)
+    if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+      raise ConfigError(f"model.prepbn.{key}", f"must be a non-negative integer step, got {value!r}")
+    values[key] = None if value is None else int(value)
+  warmup, decay = values["warmup_steps"], values["decay_steps"]
+  if decay is not None and decay < warmup:
+    raise ConfigError("model.prepbn.decay_steps", f"{decay} is before warmup_steps {warmup}; lam "
+                      "decays from 1 at warmup_steps to 0 at decay_steps, so use decay_steps >= "
+                      "warmup_steps")
+  return warmup, decay
+
+
+def at_step(model: "ViT", step: Optional[int]) -> "ViT":
+  """The model as evaluated at optimizer step `step` (PRepBN's lam(step)); others are returned as is.
+
+  Steps with the same lam give equal models (all warm-up steps -> step 0, all steps from
+  decay_steps on -> None), so evaluation compiles once per distinct lam.
+  """
+  if not model.uses_prepbn or step is None:
+    return model
+  o, step = model.norm_options, int(step)
+  if o.prepbn_decay_steps is None:
+    raise ConfigError("model.prepbn.decay_steps", "is unset; set it (the trainer sets it to num_steps)")
+  if step >= o.prepbn_decay_steps:
+    return model.clone(step=None)
+  return model.clone(step=0 if step < o.prepbn_warmup_steps else step)
 
 
 def build_model(cfg: Mapping, *, bn_axis_name: Optional[str] = None) -> ViT:

@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if params is None:
         continue
       r = evaluation.evaluate_classifier(
-          eval_model, dict(variables, params=params),
+          vit.at_step(eval_model, step), dict(variables, params=params),  # PRepBN: lam(step)
           data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh)
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
     logger.write(step, results)

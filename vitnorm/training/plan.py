@@ -53,8 +53,9 @@ def _positive_int(config, field, allow_zero=False):
 def canonical_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy with short norm names (bn, ln) expanded; the caller's config is left as it is."""
   config = copy.deepcopy(config)
-  for key in ("norm", "ffn_norm"):
-    config.model[key] = norms.canonical_kind(config.model[key])
+  for key in ("norm", "ffn_norm", "qk_norm"):
+    if key in config.model:
+      config.model[key] = norms.canonical_kind(config.model[key])
   return config
 
 
@@ -82,7 +83,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
                       f"on each of {devices} devices; use a multiple of {devices * accum}")
   micro_per_device = batch // devices // accum
   group = model_kwargs["norm_options"].bn_group_size
-  uses_bn = "batch" in (model_kwargs["norm"], model_kwargs["ffn_norm"])
+  uses_bn = any(norms.uses_batch_stats(model_kwargs[k]) for k in ("norm", "ffn_norm"))
   if uses_bn and group is not None and micro_per_device % group:
     raise ConfigError("model.bn_group_size", f"{group} does not divide the per-device micro-batch of "
                       f"{micro_per_device} (batch_size {batch} / {devices} devices / accum_steps "
@@ -109,6 +110,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
     warmup = int(round(float(config.optim.warmup_epochs) * steps_per_epoch))
   config.num_steps = num_steps
   config.optim.warmup_steps = min(warmup, num_steps)
+  if "prepbn" in (model_kwargs["norm"], model_kwargs["ffn_norm"]):  # lam reaches 0 by the end
+    _resolve_prepbn_decay(config, num_steps, model_kwargs["norm_options"].prepbn_warmup_steps)
 
   if config.get("init_from") and not os.path.isfile(config.init_from):
     raise ConfigError("init_from", f"{config.init_from!r} is not a file; give the path of a reference "
@@ -119,6 +122,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
               steps_per_epoch=steps_per_epoch, eval_batch_size=eval_batch,
               num_classes=info.num_classes, num_train_examples=info.num_train_examples,
               num_eval_examples=info.num_eval_examples)
+
+
+def _resolve_prepbn_decay(config, num_steps: int, warmup: int):
+  """model.prepbn.decay_steps None -> num_steps (SLAB: lam reaches 0 at the end of training)."""
+  if config.model.get("prepbn") is None:  # a config from before the field existed
+    with config.model.unlocked():
+      config.model.prepbn = ml_collections.ConfigDict(dict(warmup_steps=warmup, decay_steps=num_steps))
+  elif config.model.prepbn.get("decay_steps") is None:
+    config.model.prepbn.decay_steps = num_steps
+  if config.model.prepbn.decay_steps > num_steps:
+    raise ConfigError("model.prepbn.decay_steps", f"{config.model.prepbn.decay_steps} is after the "
+                      f"last step ({num_steps}): lam would not reach 0, and the trained model would "
+                      "keep its LayerNorm branch; use at most num_steps, or leave it unset")
+  vit.resolve_model_config(config.model)  # decay_steps >= warmup_steps
 
 
 def check_resume_compatible(config: ml_collections.ConfigDict, workdir: str):

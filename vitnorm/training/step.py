@@ -28,8 +28,10 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
   mutable = ["batch_stats", "diagnostics"] if diagnostics else ["batch_stats"]
 
   def loss_fn(params, batch_stats, micro, micro_rng):
+    # The step goes in as an argument (PRepBN's lam is a pure function of it; other norms ignore it).
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, micro["image"],
-                                  train=True, rngs={"dropout": micro_rng}, mutable=mutable)
+                                  train=True, step=state.step, rngs={"dropout": micro_rng},
+                                  mutable=mutable)
     return jnp.mean(optax.softmax_cross_entropy(logits, micro["label"])), (logits, updates)
 
   def micro_step(carry, xs):  # one micro-batch: gradient summed, BN statistics carried on
