@@ -143,3 +143,93 @@ def test_statistics_agree_under_pmap_jit_mesh_and_one_device(group_size):
     np.testing.assert_allclose(stats_jit[key], stats_one[key], rtol=1e-5, atol=1e-6)
     for d in range(n):  # every device holds the same running statistics
       np.testing.assert_allclose(stats_pmap[key][d], stats_one[key], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# DyT and PRepBN
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dyt_forward_equals_the_formula_and_has_no_batch_dependence():
+  x = _x((4, 5, 6))
+  dyt = norms.DyT(alpha_init=0.5)
+  variables = dyt.init(jax.random.key(0), x)
+  assert float(variables["params"]["alpha"]) == 0.5 and variables["params"]["alpha"].shape == ()
+  np.testing.assert_array_equal(variables["params"]["scale"], np.ones(6))
+  np.testing.assert_array_equal(variables["params"]["bias"], np.zeros(6))
+  rng = np.random.default_rng(1)
+  params = {"alpha": jnp.float32(0.3), "scale": jnp.asarray(rng.normal(size=6), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=6), jnp.float32)}
+  got = dyt.apply({"params": params}, x)
+  xn = np.asarray(x, np.float64)
+  expected = np.asarray(params["scale"]) * np.tanh(0.3 * xn) + np.asarray(params["bias"])
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  # Example 0 alone gives the same output: no statistics over the batch.
+  np.testing.assert_array_equal(dyt.apply({"params": params}, x[:1]), got[:1])
+
+
+@pytest.mark.parametrize("warmup,decay,expected", [
+    (3, 11, {0: 1.0, 2: 1.0, 3: 1.0, 4: 0.875, 7: 0.5, 10: 0.125, 11: 0.0, 500: 0.0}),
+    (0, 4, {0: 1.0, 1: 0.75, 2: 0.5, 3: 0.25, 4: 0.0}),
+    (5, 5, {0: 1.0, 4: 1.0, 5: 0.0, 6: 0.0}),
+])
+def test_prepbn_lam_schedule_values_python_and_traced(warmup, decay, expected):
+  steps = list(expected)
+  assert [norms.prepbn_lam(s, warmup, decay) for s in steps] == list(expected.values())
+  traced = jax.jit(jax.vmap(lambda s: norms.prepbn_lam(s, warmup, decay)))(jnp.asarray(steps, jnp.int32))
+  np.testing.assert_allclose(np.asarray(traced), list(expected.values()), rtol=0, atol=1e-7)
+  with pytest.raises(ValueError, match="decay_steps"):
+    norms.prepbn_lam(0, 0, None)
+
+
+def _prepbn_reference(params, stats, x, lam, train, eps_ln=1e-6, eps_bn=EPS):
+  """lam * LN(x) + (1 - lam) * (BN(x) + eta * x), written out in numpy."""
+  x = np.asarray(x, np.float64)
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  ln = (x - mu) / np.sqrt(var + eps_ln) * params["LayerNorm"]["scale"] + params["LayerNorm"]["bias"]
+  if train:
+    bmu, bvar = x.mean((0, 1)), x.var((0, 1))
+  else:
+    bmu, bvar = np.asarray(stats["mean"]), np.asarray(stats["var"])
+  bn = (x - bmu) / np.sqrt(bvar + eps_bn) * params["BatchNorm"]["scale"] + params["BatchNorm"]["bias"]
+  return lam * ln + (1 - lam) * (bn + float(params["eta"]) * x)
+
+
+def test_prepbn_forward_is_the_lam_mix_of_layernorm_and_repbn():
+  x = _x((4, 5, 6))
+  prep = norms.PRepBN(options=norms.NormOptions(bn_epsilon=EPS))
+  variables = prep.init(jax.random.key(0), x, False, 0.0)
+  assert float(variables["params"]["eta"]) == 1.0
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: jnp.asarray(p + 0.3 * rng.normal(size=p.shape), jnp.float32),
+                        variables["params"])
+  stats = {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 2, 6), jnp.float32)}
+  v = {"params": params, "batch_stats": {"BatchNorm": stats}}
+  for lam in (0.3, jnp.float32(0.3)):  # static and traced lam, train mode (batch statistics)
+    got, _ = prep.apply(v, x, True, lam, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, _prepbn_reference(params, stats, x, 0.3, True), rtol=1e-4, atol=1e-4)
+  for lam in (0.0, 1.0, 0.6):  # eval mode: running statistics; lam 0 skips the LN branch
+    got = prep.apply(v, x, False, lam)
+    np.testing.assert_allclose(got, _prepbn_reference(params, stats, x, lam, False), rtol=1e-4, atol=1e-4)
+
+
+def test_make_norm_builds_dyt_and_prepbn_under_their_names():
+  assert [norms.module_name(k, 0) for k in ("dyt", "prepbn")] == ["DyT_0", "PRepBN_0"]
+  assert norms.canonical_kind("DyT") == "dyt" and norms.canonical_kind("repbn") == "prepbn"
+  assert norms.is_foldable("prepbn") and not norms.is_foldable("dyt")
+  assert norms.uses_batch_stats("prepbn") and not norms.uses_batch_stats("dyt")
+
+  class Holder(nn.Module):
+    kind: str
+
+    @nn.compact
+    def __call__(self, x):
+      return norms.make_norm(self.kind, name="n", options=norms.NormOptions(dyt_alpha_init=0.7))(x, False)
+
+  x = _x()
+  dyt = Holder("dyt").init(jax.random.key(0), x)
+  assert set(dyt["params"]["n"]) == {"alpha", "scale", "bias"} and float(dyt["params"]["n"]["alpha"]) == np.float32(0.7)
+  prep = Holder("prepbn").init(jax.random.key(0), x)
+  assert set(prep["params"]["n"]) == {"eta", "LayerNorm", "BatchNorm"}
+  assert set(prep["batch_stats"]["n"]["BatchNorm"]) == {"mean", "var"}

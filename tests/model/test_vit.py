@@ -169,6 +169,11 @@ def test_vit_batch_statistics_agree_under_pmap_jit_mesh_and_one_device():
     (dict(bn_group_size=0), "model.bn_group_size"),
     (dict(bn_momentum=1.0), "model.bn_momentum"),
     (dict(dtype="float16"), "model.dtype"),
+    (dict(qk_norm="batch"), "model.qk_norm"),
+    (dict(dyt_alpha_init=0.0), "model.dyt_alpha_init"),
+    (dict(prepbn=dict(warmup_steps=-1)), "model.prepbn.warmup_steps"),
+    (dict(prepbn=dict(decay_steps=2.5)), "model.prepbn.decay_steps"),
+    (dict(prepbn=dict(warmup_steps=10, decay_steps=5)), "model.prepbn.decay_steps"),
 ])
 def test_bad_model_configs_raise_an_error_naming_the_field(override, field):
   with pytest.raises(ConfigError) as err:
@@ -188,3 +193,110 @@ def test_variants_resolve_and_explicit_sizes_override_them():
     vit.resolve_model_config(dict(variant="XL/16", num_classes=10, image_size=32))
   with pytest.raises(ConfigError, match="model.hidden_size"):
     vit.resolve_model_config(dict(num_classes=10, image_size=32))
+
+
+# ---------------------------------------------------------------------------------------------
+# DyT, PRepBN and QK-norm
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_count_with(variant, **overrides):
+  model = vit.build_model(dict(variant=variant, num_classes=1000, image_size=224, **overrides))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_parameter_counts_of_dyt_prepbn_and_qk_norm_variants():
+  ln, d, layers, head_dim = 5_717_416, 192, 12, 64  # ViT-Ti/16: 2 * 12 + 1 = 25 norms
+  assert _param_count_with("Ti/16", norm="dyt") == ln + 25  # + one alpha per norm
+  # PRepBN: LN (2d) + BN (2d) + eta per norm, i.e. LN's count + 25 * (2d + 1).
+  assert _param_count_with("Ti/16", norm="prepbn") == ln + 25 * (2 * d + 1) == 5_727_041
+  assert _param_count_with("Ti/16", qk_norm="layer") == ln + layers * 2 * 2 * head_dim
+  assert _param_count_with("Ti/16", qk_norm="rms") == ln + layers * 2 * head_dim
+  assert _param_count_with("Ti/16", norm="batch", ffn_norm="dyt") == ln + layers * (2 * 768 + 1)
+
+
+def test_qk_norm_normalizes_each_head_over_head_dim_and_matches_a_hand_written_attention():
+  hidden, heads = 16, 2
+  head_dim = hidden // heads
+  x = jax.random.normal(jax.random.key(0), (2, 5, hidden)) * 3 + 1
+  for kind in ("layer", "rms"):
+    attn = vit.MultiHeadDotProductAttention(heads, qk_norm=kind)
+    variables = attn.init(jax.random.key(1), x, train=False)
+    p = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), variables["params"])
+    assert p["query_norm"]["scale"].shape == (head_dim,)
+    out, inter = attn.apply({"params": p}, x, train=False, capture_intermediates=True,
+                            mutable=["intermediates", "diagnostics"])
+    # The norm's own output, undone of its affine part, has zero mean (layer) and unit mean
+    # square over head_dim for every (example, token, head).
+    for name in ("query_norm", "key_norm"):
+      y = np.asarray(inter["intermediates"][name]["__call__"][0], np.float64)
+      y = (y - (np.asarray(p[name]["bias"]) if kind == "layer" else 0)) / np.asarray(p[name]["scale"])
+      assert y.shape == (2, 5, heads, head_dim)
+      if kind == "layer":
+        np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
+        np.testing.assert_allclose(y.var(-1), 1, rtol=1e-3)
+      else:
+        np.testing.assert_allclose(np.mean(y ** 2, -1), 1, rtol=1e-3)
+
+    def norm(z, q):
+      z = np.asarray(z, np.float64)
+      if kind == "layer":
+        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
+        return z * np.asarray(q["scale"]) + np.asarray(q["bias"])
+      return z / np.sqrt(np.mean(z ** 2, -1, keepdims=True) + 1e-6) * np.asarray(q["scale"])
+
+    proj = lambda name: np.einsum("btc,chd->bthd", np.asarray(x, np.float64),  # noqa: E731
+                                  np.asarray(p[name]["kernel"])) + np.asarray(p[name]["bias"])
+    q, k, v = norm(proj("query"), p["query_norm"]), norm(proj("key"), p["key_norm"]), proj("value")
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", w, v)
+    expected = np.einsum("bqhd,hdc->bqc", o, np.asarray(p["out"]["kernel"])) + np.asarray(p["out"]["bias"])
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(inter["diagnostics"]["max_attention_logit"][0]), logits.max(), rtol=1e-5)
+
+
+def test_dyt_prepbn_and_qk_norm_agree_under_pmap_jit_and_one_device():
+  n = jax.device_count()
+  cfg = dict(TINY, hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, image_size=8, norm="prepbn",
+             ffn_norm="dyt", qk_norm="layer", prepbn=dict(warmup_steps=1, decay_steps=5))
+  variables = vit.init_variables(vit.build_model(cfg), jax.random.key(0), (1, 8, 8, 3))
+  leaves, tree = jax.tree.flatten(variables["params"])  # a non-zero head, norms off 1 / 0
+  keys = jax.random.split(jax.random.key(9), len(leaves))
+  variables["params"] = jax.tree.unflatten(
+      tree, [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  x = _images(2 * n, seed=5, size=8)
+  step = jnp.int32(3)  # lam = 0.5: both PRepBN branches matter
+
+  def run(model, xs, s):
+    return model.apply(variables, xs, train=True, step=s, mutable=["batch_stats"])
+
+  jitted = jax.jit(lambda xs, s: run(vit.build_model(cfg), xs, s))
+  one = jitted(x, step)
+  pmapped = jax.pmap(lambda xs, s: run(vit.build_model(cfg, bn_axis_name="batch"), xs, s),
+                     axis_name="batch")(x.reshape((n, 2) + x.shape[1:]), jnp.full((n,), step))
+  assert float(jnp.max(jnp.abs(one[0]))) > 0.1  # non-trivial logits
+  np.testing.assert_allclose(np.asarray(pmapped[0]).reshape(one[0].shape), one[0], rtol=1e-4, atol=1e-5)
+  for d in range(n):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-5), pmapped[1], one[1])
+  # The step matters: lam 1 (warm-up) and lam 0 (decayed) give other logits than lam 0.5.
+  for s in (0, 5):
+    assert float(jnp.max(jnp.abs(jitted(x, jnp.int32(s))[0] - one[0]))) > 1e-4
+  # Eval: the static field (at_step) and the call argument give the same logits.
+  model = vit.build_model(cfg)
+  by_field = jax.jit(lambda xs: vit.at_step(model, 3).apply(variables, xs, train=False))(x)
+  by_arg = jax.jit(lambda xs, s: model.apply(variables, xs, train=False, step=s))(x, step)
+  np.testing.assert_allclose(by_field, by_arg, rtol=1e-5, atol=1e-6)
+
+
+def test_at_step_collapses_steps_with_equal_lam():
+  model = vit.build_model(dict(TINY, norm="prepbn", prepbn=dict(warmup_steps=4, decay_steps=10)))
+  assert vit.at_step(model, 2).step == vit.at_step(model, 0).step == 0
+  assert vit.at_step(model, 7).step == 7 and vit.at_step(model, 7).lam() == 0.5
+  assert vit.at_step(model, 10).step is None and vit.at_step(model, 99).lam() == 0.0
+  ln = vit.build_model(TINY)
+  assert vit.at_step(ln, 5) is ln
+  with pytest.raises(ConfigError, match="model.prepbn.decay_steps"):
+    vit.at_step(vit.build_model(dict(TINY, norm="prepbn")), 3)
