@@ -137,3 +137,69 @@ def test_batchnorm_affine_matches_formula():
                                {"mean": jnp.array([3.0]), "var": jnp.array([3.0])}, 1.0)
   np.testing.assert_allclose(s, [1.0])
   np.testing.assert_allclose(t, [-2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# PRepBN folds once lam is 0; DyT and QK-norm do not fold
+# ---------------------------------------------------------------------------------------------
+
+
+def _trained_statistics(model, variables, cfg, steps=3):
+  """Running statistics from a few train-mode passes (lam 0) over shifted, scaled images."""
+  rng = np.random.default_rng(11)
+  stats = variables["batch_stats"]
+  train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  for _ in range(steps):
+    images = jnp.asarray(rng.normal(0.5, 2.0, vit.input_shape(cfg, 8)), jnp.float32)
+    _, updates = train({"params": variables["params"], "batch_stats": stats}, images)
+    stats = updates["batch_stats"]
+  return {"params": variables["params"], "batch_stats": stats}
+
+
+@pytest.mark.parametrize("variant", [
+    dict(norm="prepbn"),
+    dict(norm="prepbn", ffn_norm="prepbn", classifier="gap"),
+    dict(norm="batch", ffn_norm="prepbn", ffn_norm_position="post_act", bn_include_cls=False),
+], ids=lambda v: "-".join(str(x) for x in v.values()))
+def test_prepbn_at_lam_zero_folds_exactly_with_trained_statistics(variant):
+  cfg = _cfg(prepbn=dict(warmup_steps=2, decay_steps=6), **variant)
+  model = vit.at_step(vit.build_model(cfg), 6)  # lam(6) = 0
+  start = random_variables(model, cfg, 3)
+  variables = _trained_statistics(model, start, cfg)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       variables["batch_stats"], start["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 0.01  # every running statistic comes from training
+  images = jnp.asarray(np.random.default_rng(5).normal(size=vit.input_shape(cfg, 3)), jnp.float32)
+  expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  ok, reason = fold.foldability(model)
+  assert ok and "PRepBN" in reason
+  folded_model, folded_vars = fold.fold_batchnorm(model, variables)
+  assert folded_model.norm == folded_model.ffn_norm == "none" and "batch_stats" not in folded_vars
+  assert not any("PRepBN" in jax.tree_util.keystr(p) or "eta" in jax.tree_util.keystr(p)
+                 for p, _ in jax.tree_util.tree_flatten_with_path(folded_vars)[0])
+  got = jax.jit(lambda v, x: folded_model.apply(v, x, train=False))(folded_vars, images)
+  scale = float(jnp.max(jnp.abs(expected)))
+  assert scale > 0.1
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_prepbn_fold_is_refused_while_lam_is_positive_naming_the_valid_step():
+  cfg = _cfg(norm="prepbn", prepbn=dict(warmup_steps=2, decay_steps=6))
+  model = vit.build_model(cfg)
+  variables = random_variables(model, cfg, 0)
+  for step in (0, 3, 5):
+    ok, reason = fold.foldability(vit.at_step(model, step))
+    assert not ok and "lam" in reason and "folding becomes valid from step 6" in reason
+    with pytest.raises(UserError) as err:
+      fold.fold_batchnorm(vit.at_step(model, step), variables)
+    assert "\n" not in str(err.value) and "from step 6" in str(err.value)
+  assert fold.foldability(vit.at_step(model, 6))[0] and fold.foldability(model)[0]  # None: finished
+
+
+@pytest.mark.parametrize("overrides,field", [(dict(norm="dyt"), "model.norm='dyt'"),
+                                             (dict(norm="batch", ffn_norm="dyt"), "model.ffn_norm='dyt'"),
+                                             (dict(norm="batch", qk_norm="layer"), "model.qk_norm='layer'"),
+                                             (dict(norm="none", qk_norm="rms"), "model.qk_norm='rms'")])
+def test_dyt_and_qk_norm_are_not_foldable_with_reason(overrides, field):
+  ok, reason = fold.foldability(_cfg(**overrides))
+  assert not ok and field in reason

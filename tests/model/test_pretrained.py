@@ -83,3 +83,22 @@ def test_mismatching_checkpoints_are_clear_user_errors(tmp_path):
     pretrained.adapt_to_model(loaded, wide_init, num_cls_tokens=1)
   with pytest.raises(UserError, match="does not exist"):
     pretrained.load_npz(str(tmp_path / "missing.npz"))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_qk_norm_model_loads_a_reference_checkpoint_keeping_its_fresh_qk_norms(tmp_path, kind):
+  _, params = _model_and_params()
+  path = str(tmp_path / "ckpt.npz")
+  pretrained.save_npz(path, params)
+  cfg = dict(CFG, qk_norm=kind)
+  model = vit.build_model(cfg)
+  init = vit.init_variables(model, jax.random.key(7), vit.input_shape(cfg))["params"]
+  restored = pretrained.adapt_to_model(pretrained.load_npz(path), init, num_cls_tokens=1)
+  flat = flax.traverse_util.flatten_dict(jax.device_get(restored), sep="/")
+  ref = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  init_flat = flax.traverse_util.flatten_dict(jax.device_get(init), sep="/")
+  new = sorted(k for k in flat if k not in ref)
+  assert len(new) == 2 * 2 * (2 if kind == "layer" else 1)  # 2 layers x {query,key}_norm x params
+  assert all("_norm/" in k and "MultiHeadDotProductAttention_0" in k for k in new)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(value, ref[key] if key in ref else init_flat[key])
