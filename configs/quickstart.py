@@ -9,8 +9,8 @@ Measured on the 2-core development machine (shared with other jobs), default arg
 With epochs=60: 97.4% in 2m19s.
 
 Arguments (`:key=value,...`):
-  norm      block / final norm: bn (default), ln, rms, none
-  ffn_norm  norm inside the FFN: bn (default), ln, rms, none
+  norm      block / final norm: bn (default), ln, rms, none, dyt, prepbn
+  ffn_norm  norm inside the FFN: bn (default), ln, rms, none, dyt, prepbn
   epochs    training length in epochs (num_steps follows; --config.num_steps=N overrides)
   batch     global batch size
 """

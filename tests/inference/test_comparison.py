@@ -48,8 +48,9 @@ def test_ratios_to_ln_and_to_no_norm(report):
 def test_folded_models_cost_exactly_the_no_norm_flops(report):
   rows = _rows(report, 8)
   flops = {m: r["flops_per_image"] for m, r in rows.items()}
-  assert flops["bn_folded"] == flops["none"] == flops["bn_ffnbn_folded"]
+  assert flops["bn_folded"] == flops["none"] == flops["bn_ffnbn_folded"] == flops["prepbn_folded"]
   assert flops["bn_unfolded"] > flops["none"] and flops["ln"] > flops["none"] and flops["rms"] > flops["none"]
+  assert flops["dyt"] > flops["none"]
   # The patch embedding alone: 4 patches x (8*8*3 inputs x 32 outputs) multiply-adds.
   assert flops["none"] > 2 * 4 * 8 * 8 * 3 * 32
 
@@ -72,7 +73,7 @@ def test_report_table_lists_every_row(report):
   table = [line for line in lines if line.startswith("|")]
   assert lines[2].startswith("| model") and len(table) == 2 + 2 * len(comparison.DEFAULT_MODELS)
   assert sum(line.startswith("| bn_folded ") for line in lines) == 2
-  assert sum("run the same program" in line for line in lines) == 4  # 2 folded models x 2 batches
+  assert sum("run the same program" in line for line in lines) == 6  # 3 folded models x 2 batches
 
 
 def test_folded_candidate_computes_what_the_unfolded_one_does():
@@ -128,3 +129,17 @@ def test_paired_ratio_cancels_drift_between_rounds():
   b = throughput.Result("b", 8, 1, "float32", iterations=1, seconds_per_repeat=[1 / 1.1, 2 / 1.1, 4 / 1.1])
   assert comparison.paired_ratio(b, a) == pytest.approx(1.1)
   assert np.isnan(comparison.paired_ratio(b, None))
+
+
+def test_prepbn_and_dyt_candidates_compute_their_models():
+  cfg = comparison.model_config("Ti/16", 16, num_classes=10, **TINY)
+  names = ["prepbn_unfolded", "prepbn_folded", "dyt", "ln_qknorm"]
+  cands = {c.name: c for c in comparison.build_candidates(cfg, names)}
+  x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+  a = cands["prepbn_unfolded"].forward(cands["prepbn_unfolded"].variables, x)
+  b = cands["prepbn_folded"].forward(cands["prepbn_folded"].variables, x)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4 * float(np.max(np.abs(a))))
+  assert "batch_stats" not in cands["prepbn_folded"].variables
+  assert "DyT_0" in cands["dyt"].variables["params"]["Transformer"]["encoderblock_0"]
+  attn = cands["ln_qknorm"].variables["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  assert {"query_norm", "key_norm"} <= set(attn)
