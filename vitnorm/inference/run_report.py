@@ -10,7 +10,9 @@ With --workdir the run's config.json and a checkpoint (the latest, or --step) ar
 Accuracy: top-1 and mean cross-entropy over *every* example of data.eval_split (the last batch
 padded and masked out, see vitnorm.training.evaluation). A BN model whose norms all fold
 (vitnorm.model.fold) is evaluated both as trained and folded into the norm-free ViT; the two must
-agree (their difference is reported).
+agree (their difference is reported). A PRepBN checkpoint is evaluated with lam at its step
+(vitnorm.model.vit.at_step) and folded only once lam is 0; DyT and QK-norm models, like LN ones,
+are reported as not foldable, with the reason.
 
 Throughput: for each batch size, the model as trained and (for BN models) its folded version
 are compiled once (compile seconds reported apart), warmed up and timed interleaved over

@@ -82,15 +82,14 @@ def foldability(model_or_cfg) -> Tuple[bool, str]:
       return False, (f"model.{field}='prepbn' at step {model.step}: lam = {lam:.4g} > 0, the "
                      "LayerNorm branch is still active; folding becomes valid from step "
                      f"{model.norm_options.prepbn_decay_steps} (model.prepbn.decay_steps)")
-  folded = [f for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm))
+  folded = [(f, k) for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm))
             if norms.uses_batch_stats(k)]
   if not folded:
     return True, "no norm layers: the model is already norm-free"
-  names = " and ".join(f"{'PRepBN' if k == 'prepbn' else 'BatchNorm'} in model.{f}"
-                       for f, k in (("norm", model.norm), ("ffn_norm", model.ffn_norm)) if f in folded)
-  if "prepbn" not in (model.norm, model.ffn_norm):
-    names = f"BatchNorm in {' and '.join('model.' + f for f in folded)}"
-  return True, f"{names} folds into Dense layers"
+  if not model.uses_prepbn:
+    return True, f"BatchNorm in {' and '.join('model.' + f for f, _ in folded)} folds into Dense layers"
+  names = " and ".join(f"{'PRepBN' if k == 'prepbn' else 'BatchNorm'} in model.{f}" for f, k in folded)
+  return True, f"{names} folds into Dense layers (PRepBN at lam 0: BN(x) + eta * x)"
 
 
 def batchnorm_affine(bn_params: Mapping, bn_stats: Mapping, epsilon: float):
