@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from experiments import run_files
 from experiments import run_sweep
+from experiments import study
 from experiments import sweeps as sweeps_lib
 from vitnorm.errors import UserError, exit_on_user_error
 
@@ -47,15 +48,19 @@ def load_sweep(sweep_dir: str) -> Optional[dict]:
   if doc is None and run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) is None:
     return None
   doc = doc or {"sweep": name, "runs": []}
+  manifest = run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
   sweep = sweeps_lib.SWEEPS.get(name)
   if sweep is not None:
+    sweep = sweeps_lib.with_seeds(sweep, tuple(manifest.get("seeds") or ()))
+    doc["kind"] = sweep.kind
+    doc["lrs"] = {r.name: sweeps_lib.stability_lr(r) for r in sweep.runs if sweeps_lib.stability_lr(r)}
     extra = {r["name"]: {k: r[k] for k in run_sweep.RUNNER_NOTES if k in r}
              for r in doc.get("runs", []) if isinstance(r, dict) and "name" in r}
     doc["runs"] = run_sweep.collect(sweep, sweep_dir, extra)
     doc.setdefault("question", sweep.question)
   doc["dir"] = sweep_dir
-  manifest = run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
   doc["overrides"] = manifest.get("overrides") or []
+  doc["seeds"] = manifest.get("seeds") or []
   for r in doc.get("runs", []):
     r["series"] = run_files.read_metrics(os.path.join(sweep_dir, r.get("workdir", r["name"])))
   return doc
@@ -129,6 +134,22 @@ def markdown_table(runs: List[dict]) -> str:
   return "\n".join(lines)
 
 
+def readable_command(cmd: List[str]) -> str:
+  """A command as a reader types it: `python -m ...`, paths relative to the project root."""
+  words = []
+  for i, word in enumerate(cmd):
+    if i == 0 and os.path.basename(word).startswith("python"):
+      word = "python"
+    key, sep, value = word.partition("=")
+    path = value if sep else key
+    if os.path.isabs(path):
+      rel = os.path.relpath(path, run_sweep.PROJECT_ROOT)
+      path = rel if not rel.startswith("..") else os.path.join("ROOT", os.path.basename(path))
+      word = f"{key}={path}" if sep else path
+    words.append(word)
+  return " ".join(words)
+
+
 def benchmark_table(bench: dict) -> str:
   """The benchmark.json of `python -m vitnorm.benchmark --output` as a compact markdown table."""
   lines = ["| model | batch | img/s (median) | min-max | vs LN | vs no-norm | of matmul peak |",
@@ -148,7 +169,19 @@ def benchmark_table(bench: dict) -> str:
   head = (f"{model.get('variant')} @ {model.get('image_size')} px, {model.get('dtype', 'float32')}, "
           f"{setup.get('num_devices')} {setup.get('backend')} device(s) ({setup.get('device_kind')}), "
           f"{setup.get('repeats')} interleaved rounds of {setup.get('iterations')} calls")
-  return head + "\n\n" + "\n".join(lines)
+  checks = bench.get("reliability") or {}
+  notes = []
+  for batch, check in sorted(checks.items(), key=lambda kv: int(kv[0])):
+    aa = check.get("aa_ratio")
+    notes.append(f"batch {batch}: A/A ratio (none_aa / none, two identical programs) "
+                 f"{_number(aa, '{:.3f}')}, largest repeat spread {_number(check.get('max_spread'), '{:.1%}')}"
+                 + ("" if check.get("reliable") else
+                    " -- **UNRELIABLE: " + "; ".join(check.get("problems") or []) + "**"))
+  if checks and not all(c.get("reliable") for c in checks.values()):
+    head = ("**Warning: part of this measurement is flagged unreliable by the benchmark itself "
+            "(A/A ratio further than 3% from 1, or a large repeat spread); read those rows as noise.**"
+            "\n\n" + head)
+  return head + "\n\n" + "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
 def _benchmark_section(doc: dict) -> str:
@@ -157,7 +190,7 @@ def _benchmark_section(doc: dict) -> str:
   if not bench:
     return "_benchmark not run yet_"
   text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else ""),
-          "", "command: `" + " ".join(bench.get("command", [])) + "`", ""]
+          "", "command: `" + readable_command(bench.get("command", [])) + "`", ""]
   output = run_files.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
   if output and output.get("results"):
     return "\n".join(text + [benchmark_table(output)])
@@ -316,8 +349,43 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   if "benchmark" in doc or (not doc.get("runs") and doc["sweep"].startswith("inference_speed")):
     lines.append(_benchmark_section(doc))
     return "\n".join(lines)
+  os.makedirs(plot_dir, exist_ok=True)
+  rel = lambda name: os.path.relpath(os.path.join(plot_dir, name), rel_to)  # noqa: E731
+  summary = {"sweep": doc["sweep"], "num_steps": doc.get("num_steps"), "seeds": doc.get("seeds"),
+             "overrides": doc.get("overrides")}
+  if doc.get("kind") == "stability":
+    smap = study.stability_map(doc["runs"], doc.get("lrs") or {})
+    mech = study.mechanism(doc["runs"], doc.get("lrs") or {})
+    summary.update(stability_map={v: {f"{lr:g}": c for lr, c in cells.items()} for v, cells in smap.items()},
+                   mechanism=mech)
+    lines += [study.criterion_text(), "", study.stability_table(smap)]
+    plt = _plt()
+    figures = []
+    if study.plot_stability(smap, f"{doc['sweep']}: success rate and mean final top-1",
+                            os.path.join(plot_dir, "stability_map.png"), _save, plt):
+      figures.append(f"![stability map]({rel('stability_map.png')})")
+    if study.plot_mechanism(mech, f"{doc['sweep']}: what grows with the learning rate",
+                            os.path.join(plot_dir, "mechanism.png"), _save, plt):
+      figures.append(f"![mechanism]({rel('mechanism.png')})")
+    lines += [""] + figures
+    lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
+    run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
+    lines += ["", f"Regenerate: `{regenerate_command(doc)}`"]
+    return "\n".join(lines)
+  if any(r.get("group") and r.get("group") != r["name"] for r in doc["runs"]):
+    rows = study.aggregate(doc["runs"])
+    summary["variants"] = rows
+    lines += ["Final eval top-1 over seeds (completed seeds only; the interval is Student's t over "
+              "the seeds' means).", "", study.aggregate_table(rows), ""]
+    if study.plot_spread(rows, doc["runs"], f"{doc['sweep']}: final top-1 per seed",
+                         os.path.join(plot_dir, "spread.png"), _save, _plt()):
+      lines += [f"![spread]({rel('spread.png')})", ""]
+    lines += ["<details><summary>every run</summary>", ""]
   lines.append(markdown_table(doc["runs"]))
+  if "variants" in summary:
+    lines += ["", "</details>"]
   lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
+  run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
   if any(r.get("throughput") for r in doc["runs"]):
     lines += ["", "img/s: inference images/s from each run's `vitnorm.evaluate` (best median over its "
               "batch sizes; unfolded / BN folded into the Dense layers). Each run is measured on its "
@@ -328,7 +396,6 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
            for r in doc["runs"] if r.get("note") or r.get("reason") or r.get("eval_error")]
   if notes:
     lines += [""] + notes
-  os.makedirs(plot_dir, exist_ok=True)
   plots = []
   for name, made in (
       ("loss.png", plot_curves(doc, "train/loss", "train loss", os.path.join(plot_dir, "loss.png"), log_y=True)),
@@ -338,7 +405,20 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
       plots.append(f"![{name}]({os.path.relpath(os.path.join(plot_dir, name), rel_to)})")
   if plots:
     lines += [""] + plots
+  lines += ["", f"Regenerate: `{regenerate_command(doc)}`"]
   return "\n".join(lines)
+
+
+def regenerate_command(doc: dict) -> str:
+  """The run_sweep command (as a reader types it) that re-makes this sweep's results."""
+  parts = [f"python -m experiments.run_sweep --sweep {doc['sweep']} --root runs"]
+  sweep = sweeps_lib.SWEEPS.get(doc["sweep"])
+  if doc.get("num_steps") and (sweep is None or doc["num_steps"] != sweep.num_steps):
+    parts.append(f"--num_steps {doc['num_steps']}")
+  if doc.get("seeds") and (sweep is None or tuple(doc["seeds"]) != tuple(sweep.seeds)):
+    parts.append("--seeds " + ",".join(map(str, doc["seeds"])))
+  parts += [f"--set {o}" for o in doc.get("overrides") or []]
+  return " ".join(parts) + " && python -m experiments.report --root runs"
 
 
 def find_sweep_dirs(root: str, names: Optional[List[str]] = None) -> List[str]:

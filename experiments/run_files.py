@@ -218,8 +218,11 @@ def summarize_run(run, workdir: str) -> dict:
   else:
     state = "incomplete" if (series or os.path.isdir(os.path.join(workdir, "checkpoints"))) else "not_run"
     step = max((pts[-1][0] for pts in series.values() if pts), default=None)
+  run_config = read_json(os.path.join(workdir, "config.json"))
   summary = {
       "name": run.name,
+      "group": getattr(run, "variant", run.name),
+      "seed": getattr(run, "seed", None),
       "note": run.note,
       "config": run.config,
       "overrides": run.override_flags(),
@@ -227,7 +230,7 @@ def summarize_run(run, workdir: str) -> dict:
       "status": state,
       "step": step,
       "final": {k: final[k] for k in ("train/loss", "eval/top1", "eval/loss") if k in final},
-      "model": model_fields(read_json(os.path.join(workdir, "config.json")), run),
+      "model": model_fields(run_config, run),
       "throughput": throughput(evaluation),
   }
   if status is not None and status.get("reason"):

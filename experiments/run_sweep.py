@@ -3,6 +3,7 @@
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ [--num_steps 300]
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --dry_run   # commands only
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --resume    # continue it
+    python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --seeds 0,1,2,3  # other seeds
     python -m experiments.run_sweep --sweep norm_variants_imagenet --root runs/ \
         --set data.data_dir=/data/tfds --set batch_size=512     # extra overrides for every run
 
@@ -10,9 +11,11 @@ Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/
 - A diverged run (the paper's "crash") is a result, not an error: it is recorded and the sweep goes on.
 - Finished runs (status.json: completed or diverged) are never run again. An interrupted run is
   run again with the same command and the trainer resumes it from its latest checkpoint.
-- A sweep directory that already exists is only continued with --resume (with the --num_steps and
-  --set overrides it was started with), so results of different settings never mix and nothing
-  is overwritten.
+- A sweep directory that already exists is only continued with --resume (with the --num_steps,
+  --seeds and --set overrides it was started with), so results of different settings never mix and
+  nothing is overwritten.
+- Seeds: each run is repeated per seed (`<run>_seed<k>`, trained with --config.seed=k): the sweep's
+  declared seeds, or --seeds. --num_steps defaults to the sweep's own length, else each config's.
 - With --evaluate, `python -m vitnorm.evaluate --workdir <run>` runs after each completed training.
 - After every run, ROOT/<sweep>/results.json is rewritten with what is known so far.
 - Ctrl-C or SIGTERM: the training in progress saves a checkpoint and stops (the trainer does
@@ -152,7 +155,7 @@ def _check_writable(root: str) -> None:
 
 
 def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool,
-                      overrides: Sequence[str] = ()) -> str:
+                      overrides: Sequence[str] = (), seeds: Sequence[int] = ()) -> str:
   """Checks the root and the --resume rules; creates ROOT/<sweep> and its manifest."""
   _check_writable(root)
   sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
@@ -174,10 +177,14 @@ def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: boo
     raise UserError(
         f"--set: {sweep_dir} was started with --set {' '.join(manifest.get('overrides') or []) or '(none)'}"
         f", not {' '.join(overrides) or '(none)'}; resume with the same overrides or choose another --root")
+  if manifest is not None and list(manifest.get("seeds") or []) != list(seeds):
+    raise UserError(
+        f"--seeds: {sweep_dir} was started with seeds {','.join(map(str, manifest.get('seeds') or [])) or '(none)'}"
+        f", not {','.join(map(str, seeds)) or '(none)'}; resume with the same seeds or choose another --root")
   os.makedirs(sweep_dir, exist_ok=True)
   if manifest is None:
     run_files.write_json(manifest_path, {
-        "sweep": sweep.name, "num_steps": num_steps, "overrides": list(overrides),
+        "sweep": sweep.name, "num_steps": num_steps, "overrides": list(overrides), "seeds": list(seeds),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
   return sweep_dir
 
@@ -344,7 +351,8 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
   if sweep.is_benchmark and overrides:
     raise UserError(f"--set: {sweep.name} trains nothing (it runs the benchmark); leave it out")
   parse_overrides(overrides)  # bad --set values fail before anything is created
-  sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume, overrides=overrides)
+  sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume, overrides=overrides,
+                                seeds=sweep.seeds)
   results_path = os.path.join(sweep_dir, RESULTS)
   if sweep.is_benchmark:
     return _results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
@@ -421,6 +429,22 @@ def _positive_int(text):
   return value
 
 
+def _seed_list(text):
+  try:
+    seeds = tuple(int(part) for part in text.split(",") if part.strip())
+  except ValueError:
+    seeds = ()
+  if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    raise argparse.ArgumentTypeError(f"must be distinct non-negative integers like 0,1,2, got {text!r}")
+  return seeds
+
+
+def resolve_sweep(name: str, seeds=None, num_steps=None):
+  """(the sweep with its runs repeated per seed, the training steps of every run)."""
+  sweep = sweeps_lib.with_seeds(sweeps_lib.get_sweep(name), seeds)
+  return sweep, (num_steps if num_steps is not None else sweep.num_steps)
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog="python -m experiments.run_sweep", description=__doc__.split("\n")[0],
@@ -432,6 +456,8 @@ def parse_args(argv):
                       help="training steps of every run (default: each config's own)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override for every run, e.g. --set data.data_dir=/data/tfds (repeatable)")
+  parser.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
+                      help="repeat every run once per seed (default: the sweep's declared seeds, if any)")
   parser.add_argument("--resume", action="store_true", help="continue a sweep that was started before")
   parser.add_argument("--evaluate", action="store_true",
                       help="run python -m vitnorm.evaluate (accuracy + img/s) after each completed run")
@@ -445,17 +471,17 @@ def parse_args(argv):
 @exit_on_user_error
 def main(argv=None):
   args = parse_args(argv)
-  sweep = sweeps_lib.get_sweep(args.sweep)
+  sweep, num_steps = resolve_sweep(args.sweep, args.seeds, args.num_steps)
   modules = dict(train_module=args.train_module, evaluate_module=args.evaluate_module,
                  benchmark_module=args.benchmark_module)
   if args.dry_run:
     parse_overrides(args.set)
-    print_dry_run(sweep, args.root, num_steps=args.num_steps, evaluate=args.evaluate,
+    print_dry_run(sweep, args.root, num_steps=num_steps, evaluate=args.evaluate,
                   overrides=args.set, **modules)
     return 0
   previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
-    doc = run_sweep(sweep, args.root, num_steps=args.num_steps, resume=args.resume, overrides=args.set,
+    doc = run_sweep(sweep, args.root, num_steps=num_steps, resume=args.resume, overrides=args.set,
                     evaluate=args.evaluate, verbose=args.verbose, **modules)
   except (Interrupted, KeyboardInterrupt) as e:
     signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

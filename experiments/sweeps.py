@@ -24,7 +24,15 @@ The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Trans
   bn_cls           the CLS token inside vs outside the BN statistics.
   lr_stress        LN vs BN vs BN + FFN-BN under 4x the learning rate and no gradient clipping.
   inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm (and
-                   DyT, PRepBN folded), img/s.
+                   DyT, PRepBN folded), img/s, at several batch sizes, with an A/A pair (two
+                   identical programs) as the noise floor.
+  stability        a map of where each variant fails: peak learning rate x variant x seed, short runs.
+  stability_harsh  the same map under a recipe built to provoke the paper's crash: 12 blocks, no
+                   warm-up, no gradient clipping, larger learning rates.
+
+Seeds are a sweep dimension: a sweep may declare its own (`Sweep.seeds`) and `run_sweep --seeds 0,1,2`
+sets them; every run is then repeated once per seed as `<run>_seed<k>` (its `group` is `<run>`),
+and the report aggregates each group (mean, standard deviation, n, 95% interval of the mean).
 
 The BN knob sweeps vary one knob of the paper's model (BN + FFN-BN, pre_act) and keep the rest.
 This module only describes commands; it imports nothing heavy (no JAX).
@@ -79,6 +87,13 @@ class Run:
   config: str  # Config file with its :args, e.g. 'configs/quickstart.py:norm=bn,ffn_norm=bn'.
   overrides: Tuple[Tuple[str, str], ...] = ()  # (field, value) pairs -> --config.field=value.
   note: str = ""  # What this run stands for in the sweep's question.
+  group: str = ""  # The variant this run is a seed of ('' = the run is its own group).
+  seed: Optional[int] = None  # config.seed of this run (None: the config's own seed).
+
+  @property
+  def variant(self) -> str:
+    """The row label the report aggregates over seeds: the group, else the run's name."""
+    return self.group or self.name
 
   def override_flags(self):
     """The overrides as command-line flags: ['--config.model.bn_momentum=0.99', ...]."""
@@ -95,6 +110,9 @@ class Sweep:
   runs: Tuple[Run, ...] = ()  # Training runs (empty for a benchmark sweep).
   benchmark_args: Optional[Tuple[str, ...]] = None  # Set: a `python -m vitnorm.benchmark` sweep.
   evaluate_args: Tuple[str, ...] = ()  # Arguments of the optional evaluate command.
+  seeds: Tuple[int, ...] = ()  # Declared seeds: each run is repeated per seed (run_sweep --seeds overrides).
+  num_steps: Optional[int] = None  # Default training steps of every run (run_sweep --num_steps overrides).
+  kind: str = "table"  # 'table': one row per variant; 'stability': a map over base_lr (see STABILITY).
 
   @property
   def is_benchmark(self) -> bool:
@@ -114,25 +132,107 @@ def _paper_model(scale, name, overrides=(), note=""):
   return _run(scale, name, "bn", "bn", overrides, note)
 
 
+# The normalization variants the study compares: name -> (norm, ffn_norm, extra overrides, note).
+VARIANTS = {
+    "ln": ("ln", "none", (), "the standard ViT"),
+    "bn": ("bn", "none", (), "BN replaces every LN (the paper: crashes)"),
+    "bn_ffnbn": ("bn", "bn", (), "the paper's fix: BN + a BN inside the FFN"),
+    "ln_ffnbn": ("ln", "bn", (), "LN + a BN inside the FFN"),
+    "rms": ("rms", "none", (), "RMSNorm everywhere"),
+    "none": ("none", "none", (), "no norm at all"),
+    "dyt": ("dyt", "none", (), "Dynamic Tanh in place of every LN (Zhu et al. 2025)"),
+    "prepbn": ("prepbn", "none", (), "SLAB: LN progressively replaced by RepBN (lam 1 -> 0 by the end), folded at inference"),
+    "bn_qknorm": ("bn", "none", (("model.qk_norm", "layer"),),
+                  "BN everywhere + LayerNorm on queries and keys (ViT-22B's QK-norm)"),
+}
+
+
+def _variant_run(scale, name, overrides=(), note_suffix=""):
+  norm, ffn_norm, extra, note = VARIANTS[name]
+  return _run(scale, name, norm, ffn_norm, tuple(extra) + tuple(overrides), note + note_suffix)
+
+
 def _norm_variants(scale):
   return Sweep(
       f"norm_variants_{scale}", scale,
       "Does BN everywhere crash, does a BN inside the FFN fix it, and how do the BN models compare "
-      "with LN, RMSNorm and no norm?",
-      (
-          _run(scale, "ln", "ln", "none", note="the standard ViT"),
-          _run(scale, "bn", "bn", "none", note="BN replaces every LN (the paper: crashes)"),
-          _run(scale, "bn_ffnbn", "bn", "bn", note="the paper's fix: BN + a BN inside the FFN"),
-          _run(scale, "ln_ffnbn", "ln", "bn", note="LN + a BN inside the FFN"),
-          _run(scale, "rms", "rms", "none", note="RMSNorm everywhere"),
-          _run(scale, "none", "none", "none", note="no norm at all"),
-          _run(scale, "dyt", "dyt", "none", note="Dynamic Tanh in place of every LN (no statistics)"),
-          _run(scale, "prepbn", "prepbn", "none",
-               note="SLAB: LN progressively replaced by RepBN (lam 1 -> 0 by the end), folded at inference"),
-          _run(scale, "bn_qknorm", "bn", "none", [("model.qk_norm", "layer")],
-               note="BN everywhere + LayerNorm on queries and keys (ViT-22B)"),
-      ),
-      evaluate_args=EVALUATE_ARGS[scale])
+      "with LN, RMSNorm, no norm, DyT, PRepBN and BN + QK-norm?",
+      tuple(_variant_run(scale, name) for name in VARIANTS),
+      evaluate_args=EVALUATE_ARGS[scale],
+      # CPU: 3 seeds at 32 epochs (2,000 steps) keep the table within 45 minutes on 2 cores.
+      seeds=(0, 1, 2) if scale == "cpu" else (),
+      num_steps=2000 if scale == "cpu" else None)
+
+
+# The stability maps (the criterion is fixed before the runs and printed in the report):
+#   crashed          the trainer stopped the run as diverged: a non-finite loss or gradient, or the
+#                    loss-spike detector (config.loss_spike_factor) fired;
+#   failed to learn  the run completed but its final eval top-1 is below FAILED_TO_LEARN_TOP1;
+#   trained          otherwise.
+FAILED_TO_LEARN_TOP1 = 0.5
+STABILITY_LRS = {"cpu": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "imagenet": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)}
+HARSH_LRS = {"cpu": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "imagenet": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)}
+HARSH_VARIANTS = ("ln", "bn", "bn_ffnbn", "prepbn", "bn_qknorm", "dyt")
+# Short runs: the map asks whether a variant trains at a learning rate, not how well it ends.
+_STABILITY_STEPS = {"cpu": 400, "imagenet": None}
+_HARSH_STEPS = {"cpu": 250, "imagenet": None}
+
+
+def _lr_name(lr: float) -> str:
+  return f"lr{lr:.0e}".replace("e-0", "e-")
+
+
+def _stability(scale):
+  runs = tuple(dataclasses.replace(
+      _variant_run(scale, name, (("optim.base_lr", lr),), f", peak lr {lr:g}"),
+      name=f"{name}_{_lr_name(lr)}", group="") for name in VARIANTS for lr in STABILITY_LRS[scale])
+  return Sweep(f"stability_{scale}", scale,
+               "Where does each variant fail? Peak learning rate x variant x seed, with the failure "
+               "criterion fixed before the runs.", runs, seeds=(0, 1),
+               num_steps=_STABILITY_STEPS[scale], kind="stability")
+
+
+# The harsh recipe: 12 blocks, no warm-up, no gradient clipping (a clip norm of 1e9 never
+# triggers), and learning rates up to 10x the quickstart's.
+_HARSH = (("model.num_layers", 12), ("optim.warmup_steps", 0), ("optim.grad_clip_norm", 1e9))
+
+
+def _stability_harsh(scale):
+  pairs = [(name, lr) for name in HARSH_VARIANTS for lr in HARSH_LRS[scale]]
+  runs = tuple(dataclasses.replace(
+      _variant_run(scale, name, _HARSH + (("optim.base_lr", lr),),
+                   f", harsh recipe, peak lr {lr:g}"), name=f"{name}_{_lr_name(lr)}")
+      for name, lr in pairs)
+  return Sweep(f"stability_harsh_{scale}", scale,
+               "Under a recipe built to provoke the paper's crash (12 blocks, no warm-up, no gradient "
+               "clipping, large learning rates), does BN everywhere crash, and do FFN-BN, PRepBN or "
+               "QK-norm move the boundary?", runs, seeds=(0, 1), num_steps=_HARSH_STEPS[scale],
+               kind="stability")
+
+
+def stability_lr(run: Run) -> Optional[float]:
+  """The peak learning rate a stability run was given (None for other runs)."""
+  for field, value in run.overrides:
+    if field == "optim.base_lr":
+      return float(value)
+  return None
+
+
+def with_seeds(sweep: Sweep, seeds: Optional[Tuple[int, ...]] = None) -> Sweep:
+  """The sweep with every run repeated once per seed (`seeds`, else the sweep's declared ones).
+
+  Run k of seed s is named '<run>_seed<s>', its group is '<run>' and it gets --config.seed=s.
+  No seeds at all: the sweep as it is (each run trains with its config's own seed).
+  """
+  seeds = tuple(sweep.seeds if seeds is None else seeds)
+  if not seeds or sweep.is_benchmark:
+    return sweep
+  if len(set(seeds)) != len(seeds) or any(int(s) < 0 for s in seeds):
+    raise UserError(f"--seeds: {','.join(map(str, seeds))} must be distinct non-negative integers")
+  runs = tuple(dataclasses.replace(run, name=f"{run.name}_seed{s}", group=run.name, seed=int(s),
+                                   overrides=tuple(run.overrides) + (("seed", str(int(s))),))
+               for run in sweep.runs for s in seeds)
+  return dataclasses.replace(sweep, runs=runs, seeds=seeds)
 
 
 def _ffn_position(scale):
@@ -214,10 +314,16 @@ def _lr_stress(scale):
 
 # `python -m vitnorm.benchmark`: the paper's inference comparison (LN, BN folded / unfolded,
 # BN + FFN-BN folded, RMSNorm, no norm), measured interleaved in one process.
+# Every inference variant of the paper's comparison plus `none_aa`, a second copy of the no-norm
+# program: its ratio to `none` is the A/A line, the noise floor of the measurement.
+_BENCHMARK_MODELS = ("--models=ln,bn_folded,bn_unfolded,bn_ffnbn_folded,rms,none,dyt,prepbn_folded,"
+                     "none_aa")
 _BENCHMARK_ARGS = {
-    "cpu": ("--variant=S/16", "--image_size=224", "--batch_sizes=8", "--iterations=5", "--repeats=3"),
+    # Three batch sizes: on this CPU LN's cost grows with the batch as activations leave the cache.
+    "cpu": ("--variant=S/16", "--image_size=224", "--batch_sizes=8,64,128", "--iterations=3",
+            "--repeats=5", _BENCHMARK_MODELS),
     "imagenet": ("--variant=S/16", "--image_size=224", "--batch_sizes=64,256", "--iterations=50",
-                 "--repeats=5"),
+                 "--repeats=5", _BENCHMARK_MODELS),
 }
 
 
@@ -229,7 +335,7 @@ def _inference_speed(scale):
 
 
 _ABLATIONS = (_norm_variants, _ffn_position, _bn_sync, _bn_momentum, _bn_epsilon, _bn_cls,
-              _lr_stress, _inference_speed)
+              _lr_stress, _inference_speed, _stability, _stability_harsh)
 
 SWEEPS = {s.name: s for s in (make(scale) for scale in SCALES for make in _ABLATIONS)}
 

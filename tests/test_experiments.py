@@ -121,7 +121,7 @@ def _invocations(workdir):
 # ----------------------------------------------------------------------------------------------
 
 ABLATIONS = ("norm_variants", "ffn_position", "bn_sync", "bn_momentum", "bn_epsilon", "bn_cls",
-             "lr_stress", "inference_speed")
+             "lr_stress", "inference_speed", "stability", "stability_harsh")
 
 
 def test_every_ablation_exists_at_both_scales_with_the_scale_config():
@@ -239,14 +239,26 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   assert len(lines) == 6 and lines[4].endswith("--config.model.bn_momentum=0.99")
   assert not root.exists()
   # Without --num_steps: the config's own length, and the CPU runs log densely enough to plot.
-  run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root), "--dry_run"])
+  run_sweep.main(["--sweep", "bn_sync_cpu", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert lines[0].endswith("--workdir=%s --config.log_every=25 --config.eval_every=625 "
-                           "--config.diagnostics_every=125" % (root / "norm_variants_cpu" / "ln"))
+                           "--config.diagnostics_every=125" % (root / "bn_sync_cpu" / "global"))
+  # A sweep's own length and seeds: norm_variants_cpu declares 2,000 steps and seeds 0, 1, 2.
+  run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root), "--dry_run"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert len(lines) == 3 * len(sweeps_lib.VARIANTS)
+  assert lines[1].endswith("--workdir=%s --config.num_steps=2000 --config.log_every=25 "
+                           "--config.eval_every=200 --config.diagnostics_every=40 --config.seed=1"
+                           % (root / "norm_variants_cpu" / "ln_seed1"))
   run_sweep.main(["--sweep", "norm_variants_imagenet", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert lines[2] == (f"{py} -m vitnorm.train --config=configs/deit.py:variant=Ti/16,norm=bn,ffn_norm=bn "
                       f"--workdir={root / 'norm_variants_imagenet' / 'bn_ffnbn'}")
+  # --seeds repeats every run per seed, whatever the sweep declares.
+  run_sweep.main(["--sweep", "norm_variants_imagenet", "--root", str(root), "--dry_run", "--seeds", "4,5"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+  assert lines[0].endswith(f"--workdir={root / 'norm_variants_imagenet' / 'ln_seed4'} --config.seed=4")
+  assert lines[1].endswith(f"--workdir={root / 'norm_variants_imagenet' / 'ln_seed5'} --config.seed=5")
   # --set overrides go to every run, after the run's own overrides.
   run_sweep.main(["--sweep", "bn_cls_imagenet", "--root", str(root), "--dry_run",
                   "--set", "data.data_dir=/data/tfds", "--set", "batch_size=512"])

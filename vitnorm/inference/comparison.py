@@ -50,7 +50,13 @@ MODELS = {
     "prepbn_unfolded": (dict(norm="prepbn"), False),
     "ln_qknorm": (dict(norm="layer", qk_norm="layer"), False),
     "none": (dict(norm="none"), False),
+    # A second copy of the no-norm program (same weights, compiled apart): its ratio to `none` is
+    # the A/A line, the noise floor of the measurement.
+    "none_aa": (dict(norm="none"), False),
 }
+AA_PAIR = ("none_aa", "none")
+AA_TOLERANCE = 0.03  # an A/A ratio further than this from 1.0 flags the batch size as unreliable
+SPREAD_TOLERANCE = 0.10  # so does a model whose (max - min) / median images/s over repeats exceeds this
 DEFAULT_MODELS = ("ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "rms", "dyt", "prepbn_folded",
                   "none")
 FOLDED_MODELS = tuple(name for name, (_, folded) in MODELS.items() if folded)
@@ -152,14 +158,18 @@ def run_benchmark(base_cfg: dict, *, models: Sequence[str] = DEFAULT_MODELS, bat
   candidates = build_candidates(base_cfg, models, seed)
   matmul = throughput.prepare_matmul(base_cfg.get("dtype", "float32"), size=matmul_size or None,
                                      mesh=mesh)
-  rows, peaks = [], {}
+  rows, peaks, checks = [], {}, {}
   for b in batch_sizes:
     results = throughput.measure(candidates, b, image_shape, warmup=warmup, iterations=iterations,
                                  repeats=repeats, mesh=mesh, matmul=matmul, log=log)
     peaks[b] = next(iter(results.values())).matmul_peak_flops_per_second
     log(f"batch {b}: dense matmul peak in the same rounds {peaks[b] / 1e9:.1f} GFLOP/s "
         f"({matmul.size}x{matmul.size} {matmul.dtype} on each of {matmul.num_devices} devices)")
-    rows.extend(_row(r, results) for r in results.values())
+    batch_rows = [_row(r, results) for r in results.values()]
+    checks[str(b)] = reliability(batch_rows)
+    if not checks[str(b)]["reliable"]:
+      log(f"batch {b}: warning: unreliable measurement: {'; '.join(checks[str(b)]['problems'])}")
+    rows.extend(batch_rows)
   peak = dict(flops_per_second=float(np.median(list(peaks.values()))),
               per_batch_size={str(b): p for b, p in peaks.items()}, size=matmul.size,
               dtype=matmul.dtype, num_devices=matmul.num_devices, interleaved=True)
@@ -168,7 +178,36 @@ def run_benchmark(base_cfg: dict, *, models: Sequence[str] = DEFAULT_MODELS, bat
                  warmup=warmup, iterations=iterations, repeats=repeats,
                  backend=jax.default_backend(), device_kind=jax.local_devices()[0].device_kind,
                  num_devices=int(mesh.devices.size), interleaved=True),
-      matmul_peak=peak, results=rows)
+      matmul_peak=peak, results=rows, reliability=checks,
+      reliable=all(c["reliable"] for c in checks.values()))
+
+
+def reliability(rows: Sequence[dict]) -> dict:
+  """The measurement's own verdict for one batch size: the A/A ratio and the largest repeat spread.
+
+  Unreliable when the A/A pair (two identical programs) is further than AA_TOLERANCE from 1.0, or
+  when a model's images/s varied over the repeats by more than SPREAD_TOLERANCE of its median.
+  Without the A/A pair in the models, only the spread is checked (and the JSON says so).
+  """
+  by_model = {r["model"]: r for r in rows}
+  problems = []
+  aa = None
+  if all(name in by_model for name in AA_PAIR) and by_model[AA_PAIR[0]].get("status") == "ok":
+    aa = by_model[AA_PAIR[0]].get("ratio_to_no_norm")  # paired per round, like every ratio
+    if aa is not None and abs(aa - 1.0) > AA_TOLERANCE:
+      problems.append(f"A/A ratio {aa:.3f} is further than {AA_TOLERANCE:.0%} from 1")
+  spreads = {}
+  for r in rows:
+    ips = r.get("images_per_second") or {}
+    if r.get("status") == "ok" and ips.get("median"):
+      spreads[r["model"]] = (ips["max"] - ips["min"]) / ips["median"]
+  worst = max(spreads, key=spreads.get) if spreads else None
+  if worst is not None and spreads[worst] > SPREAD_TOLERANCE:
+    problems.append(f"{worst} varied by {spreads[worst]:.1%} over the repeats (more than "
+                    f"{SPREAD_TOLERANCE:.0%})")
+  return dict(aa_ratio=aa, aa_checked=aa is not None, max_spread=spreads.get(worst),
+              max_spread_model=worst, reliable=not problems, problems=problems)
+
 
 
 def paired_ratio(result: throughput.Result, reference: Optional[throughput.Result]) -> float:
@@ -222,6 +261,11 @@ def format_report(report: dict) -> str:
     if r["model"] in FOLDED_MODELS and r.get("ratio_to_no_norm") is not None:
       notes.append(f"{r['model']} and none run the same program (batch {r['batch_size']}): their "
                    f"ratio {r['ratio_to_no_norm']:.3f} shows the noise of this measurement.")
+  for batch, check in sorted((report.get("reliability") or {}).items(), key=lambda kv: int(kv[0])):
+    aa = "not measured (add none_aa to --models)" if check["aa_ratio"] is None else f"{check['aa_ratio']:.3f}"
+    notes.append(f"batch {batch}: A/A ratio {aa}, largest repeat spread "
+                 f"{throughput.fmt(100 * (check['max_spread'] or 0), '.1f')}% ({check['max_spread_model']})"
+                 + ("" if check["reliable"] else " -- UNRELIABLE: " + "; ".join(check["problems"])))
   return (head + "\n\n" + throughput.markdown_table(headers, rows) +
           ("\n\n" + "\n".join(notes) if notes else ""))
 

@@ -1,0 +1,162 @@
+"""experiments.study: seeds aggregated with intervals, the stability criterion and maps, the
+mechanism summary; seeds as a sweep dimension in the runner; the report's study sections."""
+import json
+import math
+import os
+
+import pytest
+
+from experiments import report, run_sweep, study
+from experiments import sweeps as sweeps_lib
+from tests.test_experiments import fake_modules  # noqa: F401  (fixture)
+from vitnorm.errors import UserError
+from vitnorm.inference import comparison
+
+
+def test_mean_interval_is_students_t_over_the_seeds():
+  s = study.mean_interval([0.90, 0.92, 0.94])
+  assert s["n"] == 3 and s["mean"] == pytest.approx(0.92) and s["std"] == pytest.approx(0.02)
+  half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, df=2) from tables
+  assert s["ci95"] == pytest.approx((0.92 - half, 0.92 + half))
+  assert study.mean_interval([0.5]) == dict(n=1, mean=0.5, std=None, ci95=None)
+  assert study.mean_interval([float("nan"), None])["n"] == 0
+
+
+def _run(name, group, status, top1=None, seed=0, series=None):
+  final = {} if top1 is None else {"eval/top1": top1}
+  return dict(name=name, group=group, seed=seed, status=status, final=final, series=series or {},
+              model={"norm": "bn"})
+
+
+def test_outcome_follows_the_criterion_fixed_before_the_runs():
+  assert study.outcome(_run("a", "a", "diverged", 0.9)) == study.CRASHED
+  assert study.outcome(_run("a", "a", "completed", 0.49)) == study.FAILED
+  assert study.outcome(_run("a", "a", "completed", 0.5)) == study.TRAINED
+  assert study.outcome(_run("a", "a", "preempted", 0.9)) == study.UNFINISHED
+  assert "50%" in study.criterion_text()
+
+
+def test_aggregate_counts_crashes_apart_from_the_accuracy_statistics():
+  runs = [_run("ln_seed0", "ln", "completed", 0.9, 0), _run("ln_seed1", "ln", "completed", 0.8, 1),
+          _run("bn_seed0", "bn", "diverged", None, 0), _run("bn_seed1", "bn", "completed", 0.7, 1)]
+  rows = {r["variant"]: r for r in study.aggregate(runs)}
+  assert rows["ln"]["top1"]["mean"] == pytest.approx(0.85) and rows["ln"]["crashed"] == 0
+  assert rows["bn"]["top1"]["n"] == 1 and rows["bn"]["crashed"] == 1
+  table = study.aggregate_table(list(rows.values()))
+  assert "| ln | 2/2 | 85.00 |" in table and "| bn | 1/2 | 70.00 |" in table
+
+
+def test_stability_map_and_mechanism_per_variant_and_learning_rate():
+  diag = lambda v: {"diag/block_0/ffn_hidden_rms": [(1, v), (2, 2 * v)],  # noqa: E731
+                    "diag/block_1/ffn_hidden_rms": [(1, v / 2), (2, float("nan"))]}
+  runs = [_run("bn_lr1e-3_seed0", "bn_lr1e-3", "completed", 0.9, 0, diag(1.0)),
+          _run("bn_lr1e-3_seed1", "bn_lr1e-3", "completed", 0.3, 1, diag(3.0)),
+          _run("bn_lr1e-2_seed0", "bn_lr1e-2", "diverged", None, 0, diag(10.0)),
+          _run("bn_lr1e-2_seed1", "bn_lr1e-2", "running", None, 1)]
+  lrs = {"bn_lr1e-3_seed0": 1e-3, "bn_lr1e-3_seed1": 1e-3, "bn_lr1e-2_seed0": 1e-2,
+         "bn_lr1e-2_seed1": 1e-2}
+  smap = study.stability_map(runs, lrs)
+  low, high = smap["bn"][1e-3], smap["bn"][1e-2]
+  assert (low["n"], low[study.TRAINED], low[study.FAILED], low["success_rate"]) == (2, 1, 1, 0.5)
+  assert low["top1"]["mean"] == pytest.approx(0.6)
+  assert (high["n"], high[study.CRASHED], high[study.UNFINISHED], high["success_rate"]) == (1, 1, 1, 0.0)
+  table = study.stability_table(smap)
+  assert "1/2 trained, 60.00% (1 failed to learn)" in table and "0/1 trained (1 crashed, 1 not finished)" in table
+  mech = study.mechanism(runs, lrs)
+  # Peak over steps and blocks (non-finite values skipped), then the mean over seeds.
+  assert mech["ffn_hidden_rms"]["bn"] == [(1e-3, pytest.approx(4.0)), (1e-2, pytest.approx(20.0))]
+
+
+def test_with_seeds_repeats_every_run_with_its_seed_and_group():
+  sweep = sweeps_lib.SWEEPS["bn_cls_cpu"]
+  seeded = sweeps_lib.with_seeds(sweep, (3, 7))
+  assert [r.name for r in seeded.runs] == ["cls_in_seed3", "cls_in_seed7", "cls_out_seed3", "cls_out_seed7"]
+  assert seeded.runs[1].group == "cls_in" and seeded.runs[1].seed == 7
+  assert seeded.runs[1].overrides[-1] == ("seed", "7") and seeded.runs[1].variant == "cls_in"
+  assert sweeps_lib.with_seeds(sweep, ()) is sweep  # no seeds: each config's own seed
+  assert len(sweeps_lib.with_seeds(sweeps_lib.SWEEPS["stability_cpu"]).runs) == 2 * 5 * len(sweeps_lib.VARIANTS)
+  with pytest.raises(UserError, match="--seeds"):
+    sweeps_lib.with_seeds(sweep, (1, 1))
+
+
+def test_stability_sweeps_state_lr_grid_and_harsh_recipe():
+  cpu = sweeps_lib.SWEEPS["stability_cpu"]
+  lrs = sorted({sweeps_lib.stability_lr(r) for r in cpu.runs})
+  assert len(lrs) >= 5 and lrs[0] <= 3e-4 and lrs[-1] >= 3e-2 and len(cpu.seeds) >= 2
+  harsh = sweeps_lib.SWEEPS["stability_harsh_cpu"]
+  for run in harsh.runs:
+    fields = dict(run.overrides)
+    assert fields["model.num_layers"] == "12" and fields["optim.warmup_steps"] == "0"
+    assert float(fields["optim.grad_clip_norm"]) >= 1e9  # never triggers: no clipping
+  assert max(sweeps_lib.stability_lr(r) for r in harsh.runs) > max(lrs)
+
+
+FAKE_STABILITY = sweeps_lib.Sweep(
+    "fake_stability_cpu", "cpu", "Where does the fake trainer fail?",
+    runs=tuple(sweeps_lib.Run(f"{name}_lr{lr}", f"configs/quickstart.py:norm={norm},ffn_norm=none",
+                              (("optim.base_lr", lr),), note=name)
+               for name, norm in (("ln", "ln"), ("bn", "bn")) for lr in ("1e-3", "1e-2")),
+    seeds=(0, 1), num_steps=4, kind="stability")
+
+
+def test_seeded_stability_sweep_end_to_end_with_the_report(tmp_path, fake_modules, monkeypatch, capsys):  # noqa: F811
+  monkeypatch.setitem(sweeps_lib.SWEEPS, FAKE_STABILITY.name, FAKE_STABILITY)
+  root = tmp_path / "runs"
+  assert run_sweep.main(["--sweep", FAKE_STABILITY.name, "--root", str(root), *fake_modules]) == 0
+  sweep_dir = root / FAKE_STABILITY.name
+  doc = json.loads((sweep_dir / "results.json").read_text())
+  assert sorted(r["name"] for r in doc["runs"]) == sorted(
+      f"{n}_lr{lr}_seed{s}" for n in ("ln", "bn") for lr in ("1e-3", "1e-2") for s in (0, 1))
+  assert {r["seed"] for r in doc["runs"]} == {0, 1} and doc["num_steps"] == 4
+  assert json.loads((sweep_dir / "sweep.json").read_text())["seeds"] == [0, 1]
+  # The same root with other seeds is refused: results of different seeds never mix silently.
+  with pytest.raises(SystemExit) as exc:
+    run_sweep.main(["--sweep", FAKE_STABILITY.name, "--root", str(root), "--resume", "--seeds", "0,1,2",
+                    *fake_modules])
+  assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --seeds:")
+  text = report.make_report(str(root), out=str(tmp_path / "out"))
+  # The fake trainer diverges every BN-only run and ends LN runs at 0.54 top-1 (above 50%).
+  assert "| ln | 2/2 trained, 54.00% | 2/2 trained, 54.00% |" in text
+  assert "| bn | 0/2 trained (2 crashed) | 0/2 trained (2 crashed) |" in text
+  assert "Criterion, fixed before the runs" in text
+  out = tmp_path / "out" / FAKE_STABILITY.name
+  assert (out / "stability_map.png").stat().st_size > 0 and (out / "mechanism.png").stat().st_size > 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["stability_map"]["ln"]["0.001"]["success_rate"] == 1.0
+  assert f"Regenerate: `python -m experiments.run_sweep --sweep {FAKE_STABILITY.name} --root runs" in text
+  assert str(tmp_path) not in text  # no absolute paths of the machine it ran on
+
+
+def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules):  # noqa: F811
+  root = tmp_path / "runs"
+  assert run_sweep.main(["--sweep", "fake_cpu", "--root", str(root), "--seeds", "0,1,2", "--num_steps", "4",
+                         *fake_modules]) == 1  # the fake 'bad' run fails
+  text = report.make_report(str(root), out=str(tmp_path / "out"))
+  assert "| ln | 3/3 | 54.00 | 0.00 | 54.00 - 54.00 | 0 | 0 |" in text
+  assert "| bn | 0/3 | - | - | - | 3 | 0 |" in text
+  assert (tmp_path / "out" / "fake_cpu" / "spread.png").exists()
+
+
+def test_readable_command_has_no_machine_paths():
+  cmd = ["/opt/venv/bin/python3", "-m", "vitnorm.benchmark", "--variant=S/16",
+         f"--output={os.path.join(run_sweep.PROJECT_ROOT, 'runs', 'x', 'benchmark.json')}",
+         "--output=/tmp/elsewhere/benchmark.json"]
+  assert report.readable_command(cmd) == (
+      "python -m vitnorm.benchmark --variant=S/16 --output=runs/x/benchmark.json "
+      "--output=ROOT/benchmark.json")
+
+
+def _row(model, per_repeat, ratio=None):
+  med = sorted(per_repeat)[len(per_repeat) // 2]
+  return dict(model=model, status="ok", ratio_to_no_norm=ratio,
+              images_per_second=dict(median=med, min=min(per_repeat), max=max(per_repeat),
+                                     per_repeat=per_repeat))
+
+
+def test_benchmark_flags_an_aa_ratio_off_by_more_than_3_percent_or_a_wide_spread():
+  ok = comparison.reliability([_row("none", [100, 101, 99]), _row("none_aa", [100, 100, 100], 1.01)])
+  assert ok["reliable"] and ok["aa_ratio"] == 1.01 and ok["aa_checked"]
+  off = comparison.reliability([_row("none", [100, 101, 99]), _row("none_aa", [95, 96, 95], 0.95)])
+  assert not off["reliable"] and "A/A ratio 0.950" in off["problems"][0]
+  wide = comparison.reliability([_row("ln", [80, 100, 120]), _row("none", [100, 100, 100])])
+  assert not wide["reliable"] and not wide["aa_checked"] and "ln varied by 40.0%" in wide["problems"][0]
