@@ -8,7 +8,7 @@ import re
 import sys
 
 from vitnorm import cli
-from vitnorm.errors import UserError, exit_with_error
+from vitnorm.errors import UserError, exit_with_error, one_line
 
 HELP = """\
 Train a ViT (or resume one) into a workdir.
@@ -91,10 +91,7 @@ def _apply_none(config, field):
 
 
 def _clean(text: str) -> str:
-  """One readable line: no escaped quotes, literal \\n or Python tuples."""
-  text = text.replace("\\n", " ").replace("\\'", "'")
-  text = re.sub(r"\('([^']*)', '([^']*)'\)", r"\1: \2", text)
-  return " ".join(text.split())
+  return one_line(text)
 
 
 def _last_error_line(message: str) -> str:
@@ -141,7 +138,7 @@ def _bad_value(message: str) -> str:
 
 
 def parse(argv):
-  """(config, workdir, print_config, verbose) from the command line; exit 2 with one line if bad."""
+  """(config, workdir, print_config, verbose) from the command line; UserError (one line) if bad."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv, none_fields = _none_overrides(list(argv))
@@ -165,15 +162,15 @@ def parse(argv):
     config.get("num_cpu_devices")  # config_flags reports a file it could not load only when used
     for field in none_fields:
       _apply_none(config, field)
-  except UserError as e:
-    exit_with_error(e)
+  except UserError:
+    raise
   except (AttributeError, KeyError) as e:  # an override names a field the config lacks
-    exit_with_error(_unknown_field(e, argv))
+    raise UserError(_unknown_field(e, argv)) from None
   except (flags.Error, ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
     message = _last_error_line(str(e))
     if "Traceback" in str(e) or isinstance(e, (OSError, SyntaxError, ImportError)):
       message = f"--config: {_clean(message)}"
-    exit_with_error(_bad_value(message))
+    raise UserError(_bad_value(message)) from None
   return config, values.workdir, values.print_config or values.dry_run, values.verbose
 
 
@@ -184,10 +181,10 @@ def main(argv=None) -> int:
   if any(a in HELP_FLAGS for a in argv[1:]):
     sys.stdout.write(HELP)
     return cli.EXIT_COMPLETED
-  config, workdir, print_config, verbose = parse(argv)
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO if verbose else logging.WARNING)  # orbax logs every file at INFO
   try:
+    config, workdir, print_config, verbose = parse(argv)
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.INFO if verbose else logging.WARNING)  # orbax logs every file at INFO
     return _run(config, workdir, print_config)
   except UserError as e:
     exit_with_error(e)
