@@ -98,6 +98,8 @@ def test_help_exits_0_with_the_command_forms_configs_and_their_args():
 @pytest.mark.parametrize("module", ["evaluate", "benchmark"])
 def test_evaluate_and_benchmark_help_exit_0(module, monkeypatch, capsys):
   mod = __import__(f"vitnorm.{module}", fromlist=["run"])
+  for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # run() sets them: restore after
+    monkeypatch.setenv(key, os.environ.get(key, "2" if "LOG" in key else "1"))
   monkeypatch.setattr(sys, "argv", [f"vitnorm.{module}", "--help"])
   with pytest.raises(SystemExit) as exc:
     mod.run()
