@@ -158,7 +158,12 @@ def test_completed_run_rerun_changes_nothing_and_extending_it_is_refused(tiny, c
   assert lines[0] == "variant    bn_ffnbn (norm=batch, ffn_norm=batch pre_act)"  # the header comes first
   assert lines[6] == f"workdir    {workdir} (new run)"
   assert run_files.read_status(str(workdir))["status"] == "completed"
-  assert len(os.listdir(workdir / "tensorboard")) == 1
+  (event_file,) = os.listdir(workdir / "tensorboard")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tags = {v.tag: v for e in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / event_file))
+          for v in e.summary.value}
+  assert "_hparams_/session_start_info" in tags  # TensorBoard's hparams tab
+  assert "ffn_norm: batch" in tags["config"].tensor.string_val[0].decode()  # the config as text
   before = _snapshot(workdir)
   code, out, err = _main(*args)
   assert code == 0 and not err
