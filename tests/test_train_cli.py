@@ -19,7 +19,8 @@ from vitnorm.training import checkpoints
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The tiny digits model of tests/training/test_loop.py as a config file with the real :args.
+# The tiny digits run of tests/training/test_loop.py (same model, optimizer and length, so one
+# pytest process compiles its steps once) as a config file with the real :args.
 TINY_CONFIG = textwrap.dedent('''
     # python -m vitnorm.train --config tiny.py --workdir DIR   (test config)
     from configs import common
@@ -34,9 +35,9 @@ TINY_CONFIG = textwrap.dedent('''
       c.data.update(dict(channels=1, cache=True, inception_crop=False, hflip=False,
                          normalize_mean=(0.5,), normalize_std=(0.5,), eval_crop_fraction=1.0))
       c.batch_size = 64
-      c.num_steps = 8
-      c.optim.update(dict(base_lr=3e-3, lr_scaling_batch=None, warmup_steps=2, grad_clip_norm=1.0))
-      c.log_every, c.eval_every, c.checkpoint_every, c.diagnostics_every = 4, 8, 4, 0
+      c.num_steps = 24
+      c.optim.update(dict(base_lr=3e-3, lr_scaling_batch=None, warmup_steps=3, grad_clip_norm=1.0))
+      c.log_every, c.eval_every, c.checkpoint_every, c.diagnostics_every = 4, 12, 8, 6
       c.progress_bar = "off"
       c.async_checkpoints = False
       return c
@@ -65,7 +66,7 @@ def _main(*args):
 
 @pytest.fixture(scope="module")
 def completed(tiny, tmp_path_factory):
-  """(workdir, stdout) of one completed 8-step run of the default variant (bn_ffnbn)."""
+  """(workdir, stdout) of one completed 24-step run of the default variant (bn_ffnbn)."""
   workdir = tmp_path_factory.mktemp("completed") / "run"
   code, out, err = _main(f"--config={tiny}", f"--workdir={workdir}")
   assert code == cli.EXIT_COMPLETED, err
@@ -144,8 +145,8 @@ def test_print_config_shows_the_resolved_config_and_header_and_touches_nothing(t
   assert header[1].startswith("model      2 blocks, width 32, 2 heads, patch 4, 8 px, 10 classes: ")
   assert header[2] == f"devices    {jax.device_count()} x cpu in 1 process, parallelism jit"
   assert header[3] == f"batch      global 64, per device {64 // jax.device_count()}; eval 64"
-  assert header[4].startswith("length     8 steps = ")
-  assert header[5] == ("lr         peak 0.003, linear warm-up 2 steps, cosine to 1e-05 at step 8; "
+  assert header[4].startswith("length     24 steps = ")
+  assert header[5] == ("lr         peak 0.003, linear warm-up 3 steps, cosine to 1e-05 at step 24; "
                        "AdamW wd 0.05, clip off")
   assert header[6] == f"workdir    {workdir} (new run)"
   assert not workdir.exists()
@@ -167,16 +168,16 @@ def test_completed_run_rerun_changes_nothing_and_extending_it_is_refused(tiny, c
   before = _snapshot(workdir)
   code, out, err = _main(*args)
   assert code == 0 and not err
-  assert out.splitlines()[0] == (f"Run already completed at step 8; nothing changed (to train longer on "
+  assert out.splitlines()[0] == (f"Run already completed at step 24; nothing changed (to train longer on "
                                  f"purpose: a new --workdir with --config.init_from={workdir}).")
   assert _snapshot(workdir) == before  # no second eval row, no second TensorBoard file
-  code, out, err = _main(*args, "--config.num_steps=12")
+  code, out, err = _main(*args, "--config.num_steps=30")
   assert code == 2 and err.count("\n") == 1
-  assert err.startswith(f"error: num_steps: {workdir} finished its 8 steps; training it on to 12 would "
+  assert err.startswith(f"error: num_steps: {workdir} finished its 24 steps; training it on to 30 would "
                         "restart its lr schedule near the peak")
   assert f"--config.init_from={workdir}" in err
   code, _, err = _main(*args, "--config.num_steps=3")
-  assert code == 2 and err.startswith("error: num_steps: 3 is below step 8 of the latest checkpoint")
+  assert code == 2 and err.startswith("error: num_steps: 3 is below step 24 of the latest checkpoint")
   assert _snapshot(workdir) == before
 
   # A model that does not fit the init_from weights is refused before checkpoints/ exists.
@@ -195,12 +196,12 @@ def test_init_from_a_workdir_checkpoint_resizes_posemb_and_keeps_bn_statistics(t
   from vitnorm.training import plan as plan_lib, state as state_lib  # pylint: disable=import-outside-toplevel
   source = completed[0]
   config, _, _, _ = train.parse(["t", f"--config={tiny}", "--workdir=unused", "--config.model.image_size=16",
-                                 "--config.data.image_size=16", f"--config.init_from={source}/checkpoints/4"])
+                                 "--config.data.image_size=16", f"--config.init_from={source}/checkpoints/16"])
   plan = plan_lib.prepare(config)
   state = state_lib.create_train_state(plan, jax.random.key(1))
   loaded = state_lib.load_pretrained(state, config.init_from, vit.build_model(plan.config.model))
-  saved, step = checkpoints.restore_variables(str(source), 4)
-  assert step == 4
+  saved, step = checkpoints.restore_variables(str(source), 16)
+  assert step == 16
   kernel = lambda t: t["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"]  # noqa: E731
   np.testing.assert_array_equal(kernel(loaded.params), kernel(saved["params"]))
   assert loaded.params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
@@ -215,7 +216,7 @@ def test_preempted_run_exits_75_and_says_how_to_resume(tiny, tmp_path):
   assert "SIGTERM received: saved a checkpoint at step 4; run the same command again to resume" in out
   assert run_files.read_status(str(workdir))["status"] == "preempted"
   code, out, _ = _main(f"--config={tiny}", f"--workdir={workdir}", "--print_config")
-  assert code == 0 and f"workdir    {workdir} (resuming from step 4 of 8)" in out.splitlines()
+  assert code == 0 and f"workdir    {workdir} (resuming from step 4 of 24)" in out.splitlines()
 
 
 def test_nothing_prints_before_our_own_lines(tmp_path):
