@@ -1,4 +1,4 @@
-# python -m vitnorm.train --config configs/cifar.py:dataset=cifar10,norm=bn,ffn_norm=bn --workdir /tmp/vitnorm/cifar10_bn
+# python -m vitnorm.train --config configs/cifar.py:dataset=cifar10,variant=bn_ffnbn --workdir /tmp/vitnorm/cifar10_bn
 """CIFAR-10 / CIFAR-100 on a single GPU: a ViT-Ti-width model with 4x4 patches on 32x32 images.
 
 The DeiT recipe scaled to a small dataset: AdamW (lr 1e-3 at batch 512, weight decay 0.05),
@@ -9,22 +9,25 @@ data.data_dir (`tfds build cifar10`).
 
 Arguments (`:key=value,...`):
   dataset   cifar10 (default) or cifar100
-  variant   size preset with the patch size, Ti/4 (default) or S/4
-  norm      block / final norm: ln (default), bn, rms, none, dyt (Dynamic Tanh), prepbn (SLAB)
-  ffn_norm  extra norm inside the FFN: none (default), bn, ln, rms, dyt, prepbn
+  size      size preset with the patch size, Ti/4 (default) or S/4 (variant=Ti/4 also works)
+  variant   the paper's model by name (vitnorm/variants.py): ln (default), bn, bn_ffnbn, ln_ffnbn,
+            rms, none, dyt, prepbn, bn_qknorm
+  norm      a custom mix instead: this norm everywhere (ln, bn, rms, none, dyt, prepbn), no FFN norm ...
+  ffn_norm  ... plus this norm inside the FFN (bn, ln, rms, dyt, prepbn)
   batch     global batch size (512)
   epochs    training epochs (200)
 """
 from configs import common
 
-ARGS = dict(dataset="cifar10", variant="Ti/4", norm="ln", ffn_norm="none", batch=512, epochs=200.0)
+ARGS = dict(dataset="cifar10", size=None, variant=None, norm=None, ffn_norm=None, batch=512,
+            epochs=200.0)  # None: not given
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def get_config(arg=None):
-  args = common.parse_args(arg, ARGS)
+  args, size = common.split_size(common.parse_args(arg, ARGS), "Ti/4")
   if args["dataset"] not in ("cifar10", "cifar100"):
     raise ValueError(f"config argument dataset={args['dataset']!r}: choose cifar10 or cifar100")
   c = common.base_config()
@@ -36,8 +39,8 @@ def get_config(arg=None):
   c.diagnostics_every = 500
 
   num_classes = 10 if args["dataset"] == "cifar10" else 100
-  c.model = common.model_config(variant=args["variant"], norm=args["norm"], ffn_norm=args["ffn_norm"],
-                                num_classes=num_classes, image_size=32)
+  c.model = common.model_config(variant=size, num_classes=num_classes, image_size=32)
+  common.apply_variant(c.model, common.variant_norms(args, "ln"))
   c.model.drop_path_rate = 0.1
 
   c.data = common.data_config(name=args["dataset"], image_size=32)

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from vitnorm import variants
 from vitnorm.model import norms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +54,53 @@ def parse_args(arg: Optional[str], defaults: Mapping[str, Any]) -> dict:
     except ValueError:
       raise ValueError(f"config argument {key}={value!r} is not a valid {type(default).__name__}") from None
   return out
+
+
+def variant_norms(args: Mapping[str, Any], default_variant: str) -> dict:
+  """The norms a config file's `variant=` / `norm=` / `ffn_norm=` arguments select (None = not given).
+
+  variant=NAME picks a row of vitnorm.variants.VARIANTS (ln, bn, bn_ffnbn, ln_ffnbn, rms, none, ...);
+  a bare norm=X means X everywhere and no FFN norm; norm=X,ffn_norm=Y is a custom mix; ffn_norm=Y
+  alone adds Y to the default variant's norm. variant= together with norm= / ffn_norm= is refused.
+  """
+  variant, norm, ffn_norm = args.get("variant"), args.get("norm"), args.get("ffn_norm")
+  if variant is not None and (norm is not None or ffn_norm is not None):
+    raise ValueError(f"config argument variant={variant} together with norm=/ffn_norm=: give either "
+                     "variant= (a named model) or norm=[,ffn_norm=] (a custom mix)")
+  if variant is not None or norm is None:
+    try:
+      out = variants.norms_of(variant if variant is not None else default_variant)
+    except ValueError as e:
+      raise ValueError(f"config argument variant={variant}: {e}") from None
+    if variant is None and ffn_norm is not None:
+      out["ffn_norm"] = ffn_norm
+  else:
+    out = dict(variants.OFF, norm=norm, ffn_norm=ffn_norm if ffn_norm is not None else "none")
+  return out
+
+
+def split_size(args: Mapping[str, Any], default_size: str) -> tuple:
+  """(args, size preset) for configs with both size= and variant=: variant=S/16 (a size, the old
+  spelling; no variant name has a '/') still selects the size."""
+  args = dict(args)
+  if args.get("variant") is not None and "/" in str(args["variant"]):
+    if args.get("size") is not None:
+      raise ValueError(f"config argument variant={args['variant']} is a size and size= is given too; "
+                       "use size= for the size and variant= for the norms (ln, bn, bn_ffnbn, ...)")
+    args["size"], args["variant"] = args["variant"], None
+  return args, args.get("size") or default_size
+
+
+def apply_variant(model: ml_collections.ConfigDict, selected: Mapping[str, str]) -> None:
+  """Sets model.norm / ffn_norm (validated names) and qk_norm (only where the model has it)."""
+  model.norm = norm_name(selected["norm"])
+  model.ffn_norm = norm_name(selected["ffn_norm"], "ffn_norm")
+  qk = selected.get("qk_norm", "none")
+  if "qk_norm" in model:
+    model.qk_norm = norms.canonical_kind(qk)
+  elif qk != "none":
+    raise ValueError(f"config argument variant: qk_norm={qk} needs a model.qk_norm field, which this "
+                     "version of vitnorm lacks")
 
 
 def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_norm: str = "none",

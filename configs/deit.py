@@ -1,4 +1,4 @@
-# python -m vitnorm.train --config configs/deit.py:variant=S/16,norm=bn,ffn_norm=bn --workdir gs://BUCKET/deit_s_bn_ffnbn \
+# python -m vitnorm.train --config configs/deit.py:size=S/16,variant=bn_ffnbn --workdir gs://BUCKET/deit_s_bn_ffnbn \
 #     --config.data.data_dir=/path/to/tensorflow_datasets
 """The paper's ImageNet recipe (DeiT, GPU/TPU): DeiT-Ti/S/B for each norm variant.
 
@@ -7,9 +7,11 @@ label smoothing 0.1, mixup 0.8, CutMix 1.0, RandAugment m9 (mstd 0.5, 2 ops), dr
 random erasing 0.25, EMA of the weights (0.99996, evaluated as eval_ema/*).
 
 Arguments (`:key=value,...`):
-  variant          Ti/16, S/16 (default) or B/16 (deit_ti/16, ... are aliases)
-  norm             block / final norm: ln (default), bn, rms, none, dyt (Dynamic Tanh), prepbn (SLAB)
-  ffn_norm         extra norm inside the FFN: none (default), bn (the paper's fix), ln, rms, dyt, prepbn
+  size             Ti/16, S/16 (default) or B/16 (deit_ti/16, ... are aliases; variant=S/16 also works)
+  variant          the paper's model by name (vitnorm/variants.py): ln (default), bn, bn_ffnbn,
+                   ln_ffnbn, rms, none, dyt, prepbn, bn_qknorm
+  norm             a custom mix instead: this norm everywhere (ln, bn, rms, none, dyt, prepbn), no FFN norm ...
+  ffn_norm         ... plus this norm inside the FFN (bn = the paper's fix, ln, rms, dyt, prepbn)
   ffn_norm_position  pre_act (between fc1 and GELU, default) or post_act
   bn_group         BN ghost-batch size (e.g. 128 = per-GPU statistics of an 8-GPU DeiT run); 0 = global
   dataset          tfds name (imagenet2012 default; eval split 'validation')
@@ -18,14 +20,14 @@ Arguments (`:key=value,...`):
 """
 from configs import common
 
-ARGS = dict(variant="S/16", norm="ln", ffn_norm="none", ffn_norm_position="pre_act", bn_group=0,
+ARGS = dict(size=None, variant=None, norm=None, ffn_norm=None, ffn_norm_position="pre_act", bn_group=0,
             dataset="imagenet2012", batch=1024, epochs=300.0)
 
 NUM_CLASSES = {"imagenet2012": 1000, "imagenette": 10, "oxford_flowers102": 102}
 
 
 def get_config(arg=None):
-  args = common.parse_args(arg, ARGS)
+  args, size = common.split_size(common.parse_args(arg, ARGS), "S/16")
   c = common.base_config()
   c.batch_size = args["batch"]
   c.num_epochs = args["epochs"]
@@ -34,8 +36,9 @@ def get_config(arg=None):
   c.checkpoint_every = 2500
   c.diagnostics_every = 1000
 
-  c.model = common.model_config(variant=args["variant"], norm=args["norm"], ffn_norm=args["ffn_norm"],
-                                num_classes=NUM_CLASSES.get(args["dataset"], 1000), image_size=224)
+  c.model = common.model_config(variant=size, num_classes=NUM_CLASSES.get(args["dataset"], 1000),
+                                image_size=224)
+  common.apply_variant(c.model, common.variant_norms(args, "ln"))
   c.model.ffn_norm_position = args["ffn_norm_position"]
   c.model.drop_path_rate = 0.1
   if args["bn_group"]:

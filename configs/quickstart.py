@@ -1,5 +1,5 @@
 # python -m vitnorm.train --config configs/quickstart.py --workdir /tmp/vitnorm/quickstart
-# Variants: configs/quickstart.py:norm=ln  (LayerNorm ViT), :norm=bn,ffn_norm=none (BN without the FFN BN)
+# Variants: configs/quickstart.py:variant=ln  (the LayerNorm ViT), :variant=bn (BN without the FFN BN), ...
 """A small ViT on the offline `mnist5k` digits (4,000 train / 1,000 test, 28x28 grey): trains on a
 2-core CPU in a few minutes to >= 97% test accuracy. The default is the paper's model: BatchNorm
 in place of every LayerNorm plus a BatchNorm inside each FFN.
@@ -9,14 +9,17 @@ Measured on the 2-core development machine (shared with other jobs), default arg
 With epochs=60: 97.4% in 2m19s.
 
 Arguments (`:key=value,...`):
-  norm      block / final norm: bn (default), ln, rms, none, dyt, prepbn
-  ffn_norm  norm inside the FFN: bn (default), ln, rms, none, dyt, prepbn
+  variant   the paper's model by name (vitnorm/variants.py): bn_ffnbn (default), bn, ln, ln_ffnbn,
+            rms, none, dyt, prepbn, bn_qknorm
+  norm      a custom mix instead: this norm everywhere (ln, bn, rms, none, dyt, prepbn) and no FFN norm ...
+  ffn_norm  ... plus this norm inside the FFN (bn, ln, rms, dyt, prepbn); alone: added to the default's norm
   epochs    training length in epochs (num_steps follows; --config.num_steps=N overrides)
   batch     global batch size
 """
 from configs import common
 
-ARGS = dict(norm="bn", ffn_norm="bn", epochs=100.0, batch=64)
+ARGS = dict(variant=None, norm=None, ffn_norm=None, epochs=100.0, batch=64)  # None: not given
+DEFAULT_VARIANT = "bn_ffnbn"
 
 
 def get_config(arg=None):
@@ -31,8 +34,8 @@ def get_config(arg=None):
   c.diagnostics_every = 250
   c.keep_checkpoints = 2
 
-  c.model = common.model_config(variant=None, norm=args["norm"], ffn_norm=args["ffn_norm"],
-                                num_classes=10, image_size=28, num_channels=1)
+  c.model = common.model_config(variant=None, num_classes=10, image_size=28, num_channels=1)
+  common.apply_variant(c.model, common.variant_norms(args, DEFAULT_VARIANT))
   c.model.hidden_size = 64
   c.model.num_layers = 4
   c.model.mlp_dim = 128

@@ -20,11 +20,18 @@ Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/
 - After every run, ROOT/<sweep>/results.json is rewritten with what is known so far.
 - Ctrl-C or SIGTERM: the training in progress saves a checkpoint and stops (the trainer does
   that), results.json is written, and the same command with --resume continues later.
+- Every --set override is checked against each run's config before anything starts: a typo
+  (`--set model.nrom=ln`) is one 'error: --set: ...' line, exit 2, and nothing is created.
+- A trainer that exits 75 (vitnorm.cli.EXIT_PREEMPTED: SIGTERM / Ctrl-C, checkpoint saved) left a
+  preempted run: it is recorded as such (not as a failure) and --resume continues it.
+- On a terminal, the run in progress shows its step, loss and ETA on one updating line.
 Exit status: 0 when every run finished (completed or diverged), 1 if a run failed (an error in
-the trainer, e.g. a bad override), 2 for bad arguments, 130/143 when interrupted.
+the trainer, e.g. a bad override), 2 for bad arguments, 75 when a run was preempted (run again
+with --resume), 130/143 when the runner itself was interrupted.
 """
 import argparse
 import datetime
+import re
 import glob
 import hashlib
 import os
@@ -38,6 +45,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from experiments import run_files
 from experiments import sweeps as sweeps_lib
+from vitnorm import cli
 from vitnorm.errors import UserError, exit_on_user_error
 
 # Commands run from the project root, where the config paths (configs/...) are.
@@ -83,6 +91,28 @@ def train_command(run: sweeps_lib.Run, workdir: str, *, num_steps: Optional[int]
   cmd += [f"--config.{field}={value}" for field, value in sweeps_lib.logging_overrides(scale, num_steps)]
   cmd += run.override_flags()
   return cmd + [f"--config.{field}={value}" for field, value in parse_overrides(overrides)]
+
+
+def validate_overrides(sweep, overrides: Sequence[str], num_steps: Optional[int] = None) -> None:
+  """Loads each run's config with its overrides and the --set ones, as the trainer would; a bad
+  field or value is a UserError '--set: ...' (one line) before anything is created."""
+  if not overrides or sweep.is_benchmark:
+    return
+  from vitnorm import train  # pylint: disable=import-outside-toplevel  (loads configs: imports JAX)
+  seen = set()
+  for run in sweep.runs:
+    cmd = train_command(run, os.devnull, num_steps=num_steps, scale=sweep.scale, overrides=overrides)
+    argv = [cmd[2]] + [f"--config={os.path.join(PROJECT_ROOT, run.config)}"] + cmd[4:]
+    if tuple(argv[1:]) in seen:
+      continue
+    seen.add(tuple(argv[1:]))
+    try:
+      train.parse(argv)
+    except UserError as e:
+      message = str(e)
+      if not any(message.startswith(f"config.{f}") for f, _ in parse_overrides(overrides)):
+        message = f"{message} (run {run.name})"
+      raise UserError("--set: " + re.sub(r"\bconfig\.", "", message)) from None
 
 
 def evaluate_command(sweep: sweeps_lib.Sweep, workdir: str, *, python: str = sys.executable,
@@ -154,6 +184,12 @@ def _check_writable(root: str) -> None:
     raise UserError(f"--root: cannot write to {root} ({e.strerror or e}); choose a writable directory") from None
 
 
+def _has_results(sweep, sweep_dir: str) -> bool:
+  """Whether any run of the sweep has trained (a status, metrics or checkpoints)."""
+  return any(os.path.exists(os.path.join(sweep_dir, r.name, name)) for r in sweep.runs
+             for name in ("status.json", "metrics.jsonl", "checkpoints"))
+
+
 def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool,
                       overrides: Sequence[str] = (), seeds: Sequence[int] = ()) -> str:
   """Checks the root and the --resume rules; creates ROOT/<sweep> and its manifest."""
@@ -168,6 +204,10 @@ def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: boo
         f"--root: {sweep_dir} already holds this sweep from an earlier invocation; pass --resume "
         "to continue it (finished runs are skipped, interrupted ones resume from their checkpoints)"
         " or choose another --root")
+  if manifest is not None and not _has_results(sweep, sweep_dir) and (
+      manifest.get("num_steps") != num_steps or list(manifest.get("overrides") or []) != list(overrides)
+      or list(manifest.get("seeds") or []) != list(seeds)):
+    manifest = None  # nothing trained with the old settings (every run failed at once): start over
   if manifest is not None and manifest.get("num_steps") != num_steps:
     raise UserError(
         f"--num_steps: {sweep_dir} was started with --num_steps {manifest.get('num_steps')}, not "
@@ -203,8 +243,10 @@ def _on_sigterm(signum, frame):
   raise Interrupted(signum)
 
 
-def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None):
+def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None, progress: str = ""):
   """Runs `cmd` from the project root, appending its output to `log_path`.
+
+  With `progress` (a label) and `out` a terminal, the trainer's step lines update one line there.
 
   Returns (exit code, the last 'error: ...' line it printed or else its last line). On an
   interruption, waits for the child to finish saving before re-raising.
@@ -212,7 +254,8 @@ def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None):
   out = out or sys.stdout
   global _child
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  last_line, error_line = "", ""
+  last_line, error_line, shown = "", "", False
+  progress = progress if progress and getattr(out, "isatty", lambda: False)() else ""
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n$ {shlex.join(cmd)}\n")
     log.flush()
@@ -225,6 +268,10 @@ def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None):
         if verbose:
           out.write("    " + line)
           out.flush()
+        elif progress and _PROGRESS.match(line):
+          out.write(f"\r{progress}: {line.strip()}"[:_width()] + "\x1b[K")
+          out.flush()
+          shown = True
         if line.strip():
           last_line = line.strip()
           if last_line.startswith("error:"):
@@ -239,7 +286,19 @@ def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None):
       raise
     finally:
       _child = None
+      if shown:
+        out.write("\r\x1b[K")  # the next line replaces the progress line
+        out.flush()
   return rc, error_line or last_line
+
+
+# The trainer's plain progress lines ('step 50/6250 | loss 0.4 | ... | eta 3m10s').
+_PROGRESS = re.compile(r"^step \d+/\d+ \|")
+
+
+def _width() -> int:
+  import shutil  # pylint: disable=import-outside-toplevel
+  return max(40, shutil.get_terminal_size((100, 20)).columns - 1)
 
 
 def _elapsed(seconds: float) -> str:
@@ -255,6 +314,8 @@ def _describe(summary: dict) -> str:
     return f"completed at step {summary['step']}" + (f", eval top-1 {top1:.4g}" if top1 is not None else "")
   if state == "failed":
     return f"failed: {summary.get('error')}"
+  if state == "preempted":
+    return f"preempted at step {summary.get('step')} (checkpoint saved; --resume continues it)"
   return state
 
 
@@ -351,6 +412,7 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
   if sweep.is_benchmark and overrides:
     raise UserError(f"--set: {sweep.name} trains nothing (it runs the benchmark); leave it out")
   parse_overrides(overrides)  # bad --set values fail before anything is created
+  validate_overrides(sweep, overrides, num_steps)
   sweep_dir = prepare_sweep_dir(sweep, root, num_steps=num_steps, resume=resume, overrides=overrides,
                                 seeds=sweep.seeds)
   results_path = os.path.join(sweep_dir, RESULTS)
@@ -395,12 +457,13 @@ def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, ext
       start = time.time()
       rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
                                        overrides=overrides, **_pick(modules, "python", "train_module")),
-                         os.path.join(workdir, "train.log"), verbose=verbose, out=out)
+                         os.path.join(workdir, "train.log"), verbose=verbose, out=out, progress=tag)
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
       note.pop("error", None)
       summary = run_files.summarize_run(run, workdir)
       # An error exit leaves an earlier attempt's status.json (e.g. 'preempted') in place.
-      if summary["status"] not in run_files.FINISHED and (rc or summary["status"] != "preempted"):
+      preempted = rc in (0, cli.EXIT_PREEMPTED) and summary["status"] == "preempted"
+      if summary["status"] not in run_files.FINISHED and not preempted:
         note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 without a final status.json"
         summary["status"] = "failed"
       summary["error"] = note.get("error")
@@ -476,6 +539,7 @@ def main(argv=None):
                  benchmark_module=args.benchmark_module)
   if args.dry_run:
     parse_overrides(args.set)
+    validate_overrides(sweep, args.set, num_steps)
     print_dry_run(sweep, args.root, num_steps=num_steps, evaluate=args.evaluate,
                   overrides=args.set, **modules)
     return 0
@@ -497,7 +561,9 @@ def main(argv=None):
   print(f"{sweep.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
         + f"; results in {os.path.join(os.path.abspath(args.root), sweep.name, RESULTS)}; "
         f"report: python -m experiments.report --root {args.root}")
-  return 1 if counts.get("failed") else 0
+  if counts.get("failed"):
+    return 1
+  return cli.EXIT_PREEMPTED if counts.get("preempted") else 0
 
 
 if __name__ == "__main__":

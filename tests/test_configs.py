@@ -7,7 +7,7 @@ import re
 import pytest
 
 from configs import cifar, common, deit, quickstart
-from vitnorm import data
+from vitnorm import data, variants
 from vitnorm.model import vit
 from vitnorm.training import optim
 
@@ -90,3 +90,53 @@ def test_bad_args_name_the_key(arg, message):
 def test_norm_aliases():
   assert common.norm_name("BN") == "batch" and common.norm_name("ln") == "layer"
   assert common.norm_name("rms") == "rms" and common.norm_name("none") == "none"
+
+
+@pytest.mark.parametrize("name, norms", [
+    ("ln", ("layer", "none")), ("bn", ("batch", "none")), ("bn_ffnbn", ("batch", "batch")),
+    ("ln_ffnbn", ("layer", "batch")), ("rms", ("rms", "none")), ("none", ("none", "none")),
+])
+def test_variant_names_select_the_papers_models_in_every_config(name, norms):
+  for module in (quickstart, deit, cifar):
+    c = module.get_config(f"variant={name}")
+    assert (c.model.norm, c.model.ffn_norm) == norms, module.__name__
+    assert variants.name_of(c.model) == name
+    vit.resolve_model_config(c.model)
+
+
+def test_a_bare_norm_means_that_norm_everywhere_and_no_ffn_norm():
+  for module in (quickstart, deit, cifar):
+    for arg, norms in (("norm=ln", ("layer", "none")), ("norm=bn", ("batch", "none")),
+                       ("norm=ln,ffn_norm=bn", ("layer", "batch")), ("norm=rms,ffn_norm=rms", ("rms", "rms"))):
+      c = module.get_config(arg)
+      assert (c.model.norm, c.model.ffn_norm) == norms, (module.__name__, arg)
+  # Defaults: the quickstart is the paper's model, deit and cifar the LN ViT.
+  assert variants.name_of(quickstart.get_config().model) == "bn_ffnbn"
+  assert variants.name_of(deit.get_config().model) == variants.name_of(cifar.get_config().model) == "ln"
+  assert variants.name_of(quickstart.get_config("ffn_norm=none").model) == "bn"
+  assert variants.name_of(quickstart.get_config("norm=rms,ffn_norm=bn").model) == "custom"
+
+
+def test_size_is_its_own_argument_and_variant_with_a_slash_still_means_the_size():
+  assert deit.get_config("size=B/16,variant=bn_ffnbn").model.to_dict()["variant"] == "B/16"
+  c = deit.get_config("variant=Ti/16,norm=bn,ffn_norm=bn")  # the older spelling
+  assert (c.model.variant, c.model.norm, c.model.ffn_norm) == ("Ti/16", "batch", "batch")
+  assert cifar.get_config("size=S/4").model.variant == "S/4"
+  with pytest.raises(ValueError, match="is a size and size= is given too"):
+    deit.get_config("size=S/16,variant=B/16")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("variant=ln,norm=bn", "give either variant= .* or norm="), ("variant=lnn", "unknown variant 'lnn'"),
+    ("variant=bn_ffnbn,ffn_norm=none", "give either variant="),
+])
+def test_bad_variant_args_are_one_line_errors(arg, message):
+  with pytest.raises(ValueError, match=message) as err:
+    quickstart.get_config(arg)
+  assert "\n" not in str(err.value)
+
+
+def test_the_variant_table_covers_the_new_norms_too():
+  assert variants.norms_of("dyt") == {"norm": "dyt", "ffn_norm": "none", "qk_norm": "none"}
+  assert variants.norms_of("prepbn")["norm"] == "prepbn"
+  assert variants.norms_of("bn_qknorm") == {"norm": "batch", "ffn_norm": "none", "qk_norm": "layer"}

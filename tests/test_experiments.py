@@ -1,4 +1,5 @@
 """Tests of experiments/: the sweep definitions, the runner (with a fake trainer) and the report."""
+import io
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from vitnorm.errors import UserError
 # A stand-in for `python -m vitnorm.train` that follows the trainer's file contract:
 # - norm=bn with ffn_norm=none diverges at step 3 (NaN loss), writes status diverged, exits 1;
 # - --config.model.bn_momentum=0.5 fails like a bad override: 'error: ...' and exit 2;
+# - FAKE_PREEMPT_AT=k: stops after step k like a SIGTERM'd trainer (status preempted, exit 75);
+# - FAKE_PROGRESS=1: prints the trainer's plain progress lines;
 # - FAKE_KILL_AT=k: the first attempt dies at step k (checkpoint at k - 1, no status), the next
 #   attempt resumes from the checkpoint and logs steps k.. again;
 # - otherwise trains to --config.num_steps (default 6) and writes status completed.
@@ -52,6 +55,11 @@ FAKE_TRAINER = textwrap.dedent('''
         log.write('{"step": %d, "train/lo' % step)  # a line cut off by the kill
         sys.exit(137)
       loss = float("nan") if step == diverge_at else 2.0 / step
+      if os.environ.get("FAKE_PROGRESS"):
+        print("step %d/%d | loss %.4f | eta 0s" % (step, num_steps, loss), flush=True)
+      if step == int(os.environ.get("FAKE_PREEMPT_AT", 0)):
+        json.dump({"status": "preempted", "step": step, "metrics": {}}, open(os.path.join(wd, "status.json"), "w"))
+        sys.exit(75)
       rec = {"step": step, "train/loss": loss}
       for b in range(2):
         rec[f"diag/block_{b}/residual_rms"] = (b + 1) * step * (100 if diverge_at else 1)
@@ -348,6 +356,64 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   out = capsys.readouterr().out
   assert "[1/4] ln: already completed at step 6" in out and "[2/4] bn: already diverged at step 3" in out
   assert [len(_invocations(sweep_dir / n)) for n in ("ln", "bn", "bn_ffnbn", "bad")] == [1, 1, 1, 2]
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading a config file
+def test_a_typo_in_set_is_refused_before_anything_starts_and_not_recorded(tmp_path, fake_modules, capsys):
+  root = tmp_path / "runs"
+  args = ["--sweep", "fake_cpu", "--root", str(root), "--num_steps", "4", *fake_modules]
+  for bad, line in (("model.nrom=ln", "error: --set: model.nrom: no such config field; did you mean "
+                     "model.norm? (fields and their comments: configs/common.py)"),
+                    ("data.cache=maybe", "error: --set: data.cache: 'maybe' is not a boolean; use true or false")):
+    with pytest.raises(SystemExit) as exc:
+      run_sweep.main(args + ["--set", bad])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not root.exists() or not os.listdir(root)  # nothing started, nothing recorded
+  # The corrected command runs without --resume; None unsets an optional field.
+  assert run_sweep.main(args + ["--set", "model.norm=ln", "--set", "optim.grad_clip_norm=None"]) == 1
+  assert "[1/4] ln: completed at step 4" in capsys.readouterr().out
+
+
+def test_changed_settings_are_allowed_while_no_run_has_trained(tmp_path, fake_modules):
+  sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[3:])  # 'bad': fails at once
+  run_sweep.run_sweep(sweep, str(tmp_path), overrides=["seed=1"], train_module="fake_train")
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), resume=True, overrides=["seed=2"], train_module="fake_train")
+  assert doc["runs"][0]["status"] == "failed"
+  manifest = json.loads((tmp_path / "fake_cpu" / "sweep.json").read_text())
+  assert manifest["overrides"] == ["seed=2"]
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_a_preempted_trainer_is_recorded_as_preempted_and_progress_updates_one_line(
+    tmp_path, fake_modules, monkeypatch, capsys):
+  monkeypatch.setenv("FAKE_PROGRESS", "1")
+  monkeypatch.setenv("FAKE_PREEMPT_AT", "3")
+  sweep = sweeps_lib.Sweep("fake_cpu", "cpu", "q", runs=TEST_SWEEP.runs[:1])
+  out = _Terminal()
+  doc = run_sweep.run_sweep(sweep, str(tmp_path), num_steps=6, train_module="fake_train", out=out)
+  (run,) = doc["runs"]
+  assert (run["status"], run["step"]) == ("preempted", 3) and not run.get("error")
+  text = out.getvalue()
+  assert "\r[1/1] ln: step 1/6 | loss 2.0000 | eta 0s\x1b[K\r[1/1] ln: step 2/6 |" in text
+  assert "\r\x1b[K[1/1] ln: preempted at step 3 (checkpoint saved; --resume continues it)" in text
+  monkeypatch.delenv("FAKE_PREEMPT_AT")
+  monkeypatch.setitem(sweeps_lib.SWEEPS, "fake_cpu", sweep)
+  assert run_sweep.main(["--sweep", "fake_cpu", "--root", str(tmp_path), "--num_steps", "6", "--resume",
+                         "--train_module", "fake_train"]) == 0
+  assert "\r" not in capsys.readouterr().out  # not a terminal: no progress line
+
+
+def test_a_sweep_that_ends_with_a_preempted_run_exits_75(tmp_path, fake_modules, monkeypatch):
+  monkeypatch.setenv("FAKE_PREEMPT_AT", "2")
+  monkeypatch.setitem(sweeps_lib.SWEEPS, "fake_cpu", sweeps_lib.Sweep("fake_cpu", "cpu", "q",
+                                                                      runs=TEST_SWEEP.runs[:1]))
+  assert run_sweep.main(["--sweep", "fake_cpu", "--root", str(tmp_path), "--num_steps", "6",
+                         "--train_module", "fake_train"]) == 75
 
 
 def test_source_fingerprint_tells_config_changes_from_code_changes(tmp_path):

@@ -6,7 +6,7 @@ Packages and modules (dependencies point downwards only):
   training/    plan (config validation), state, step, placement, loop, optim, checkpoints, evaluation
   inference/   throughput (timing harness), run_report (evaluate a run), comparison (benchmark)
   workdir      a run's status.json, metrics.jsonl and TensorBoard files
-  parallel, errors
+  parallel, errors, cli (quiet start, exit codes), variants (the paper's variant names)
   train, evaluate, benchmark   the thin command lines (python -m vitnorm.train | evaluate | benchmark)
 """
 

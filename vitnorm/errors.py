@@ -7,6 +7,7 @@ message on one line and exits with status 2, before any heavy work and without t
 run's checkpoints.
 """
 import functools
+import re
 import sys
 from typing import NoReturn
 
@@ -23,9 +24,21 @@ class ConfigError(UserError, ValueError):
     super().__init__(f"{field}: {message}")
 
 
+def one_line(message) -> str:
+  """A message (or exception) as one readable line: a KeyError's text without its repr quotes,
+  no escaped quotes or literal '\\n', no Python tuples ('(reason, value)' -> 'reason: value')."""
+  if isinstance(message, KeyError) and len(message.args) == 1:
+    message = message.args[0]
+  elif isinstance(message, Exception) and len(message.args) > 1:
+    message = ": ".join(str(a) for a in message.args)
+  text = str(message).replace("\\n", " ").replace("\\'", "'")
+  text = re.sub(r"\('([^']*)', '([^']*)'\)", r"\1: \2", text)
+  return " ".join(text.split())
+
+
 def exit_with_error(message) -> NoReturn:
   """Prints 'error: <message>' on one line to stderr and exits with status 2."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
   sys.exit(2)
 
 
@@ -42,14 +55,23 @@ def exit_on_user_error(fn):
   return wrapper
 
 
-def run_cli(main, *, parse_errors=(), log_level="warning"):
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull")
+
+
+def run_cli(main, *, parse_errors=(), log_level="warning", help_text=None, flags_module=None):
   """absl `app.run(main)` for an entry point whose flags are already defined.
 
+  --help prints `help_text` and the flags of `flags_module` (the entry point's own) and exits 0.
   Bad flags (absl flag errors and `parse_errors`) and UserErrors from `main` become one-line
   errors with exit code 2; absl logging is turned down to `log_level` unless --verbosity is given
   (orbax and tfds log every file they touch at INFO).
   """
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  if help_text is not None and any(a in HELP_FLAGS for a in sys.argv[1:]):
+    sys.stdout.write(help_text.rstrip() + "\n")
+    if flags_module is not None:
+      sys.stdout.write("\nFlags:\n" + flags.FLAGS.module_help(flags_module) + "\n")
+    sys.exit(0)
 
   def parse(argv):
     try:

@@ -12,12 +12,25 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from vitnorm import parallel
+from vitnorm import cli, parallel
 from vitnorm.errors import UserError, run_cli
 from vitnorm.inference.run_report import evaluate
 from vitnorm.model import vit
 
 FLAGS = flags.FLAGS
+
+HELP = """\
+Accuracy (folded and unfolded BN) and inference throughput of a trained run, or of a config's model
+with random weights.
+
+  python -m vitnorm.evaluate --workdir DIR [--step N] [--use_ema] [--batch_sizes 1,8,64]
+      [--no_throughput] [--no_accuracy] [--dtype bfloat16] [--output_dir DIR]
+  python -m vitnorm.evaluate --config configs/FILE.py[:ARGS] [--output_dir DIR] ...
+
+Writes evaluation.json and evaluation.md to --output_dir (default: the workdir) and prints the
+tables. Exit codes: 0 done, 1 the folded model disagrees with the trained one (a bug), 2 bad input
+(one 'error: ...' line). --verbosity=0 keeps the start-up and INFO logging.
+"""
 
 
 def define_flags():
@@ -73,10 +86,11 @@ def main(argv):
 
 def run():
   """Console entry point `vitnorm-evaluate`."""
+  cli.quiet_start()  # before anything imports TensorFlow
   parallel.use_all_cpu_cores()
   define_flags()
   run_cli(main, parse_errors=(ValueError, KeyError, AttributeError, TypeError, UserError),
-          log_level="error")
+          log_level="error", help_text=HELP, flags_module=sys.modules[define_flags.__module__])
 
 
 if __name__ == "__main__":

@@ -1,57 +1,97 @@
-r"""The trainer's command line: python -m vitnorm.train --config configs/<file>.py[:args] --workdir DIR.
+"""The trainer's command line (python -m vitnorm.train, or vitnorm-train): flags, parsing, exit code.
 
-Flags, parsing, one call to vitnorm.training.loop.train_and_evaluate, the exit code:
-0 completed or preempted (checkpoint saved, re-run to resume), 2 bad input (one line
-'error: ...'), 3 training diverged (status.json says where).
+The user-facing help is HELP below (--help prints it and exits 0); what training does is in
+vitnorm.training.loop; the exit codes are in vitnorm.cli. Nothing heavy (JAX, TensorFlow) is
+imported before the quiet start and the flag checks.
 """
 import re
 import sys
 
-from vitnorm import parallel
-from vitnorm.errors import UserError, exit_on_user_error
-from vitnorm.training.loop import TrainingDiverged, summary_text, train_and_evaluate
+from vitnorm import cli
+from vitnorm.errors import UserError, exit_with_error, one_line
+
+HELP = """\
+Train a ViT (or resume one) into a workdir.
+
+  python -m vitnorm.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.FIELD=VALUE ...]
+  python -m vitnorm.train --config ... --workdir DIR --print_config   # resolved config + header, exit 0
+
+Config files and their :ARGS (key=value,...; each file's docstring says more):
+  configs/quickstart.py  variant, norm, ffn_norm, epochs, batch          (mnist5k, CPU, minutes)
+  configs/cifar.py       dataset, size, variant, norm, ffn_norm, batch, epochs
+  configs/deit.py        size, variant, norm, ffn_norm, ffn_norm_position, bn_group, dataset, batch, epochs
+  variant= the paper's models: ln, bn, bn_ffnbn, ln_ffnbn, rms, none (dyt, prepbn, bn_qknorm where
+  those norms exist); norm=X alone is X everywhere with no FFN norm; norm=X,ffn_norm=Y a custom mix.
+  e.g. configs/quickstart.py:variant=ln   configs/deit.py:size=B/16,variant=bn_ffnbn
+
+Fields: --config.FIELD=VALUE overrides any field (e.g. --config.num_steps=500,
+  --config.model.bn_group_size=64); every field and its meaning: configs/common.py.
+  --config.FIELD=None (or none) unsets a field whose default may be None (e.g.
+  --config.optim.grad_clip_norm=None switches clipping off).
+
+Flags:
+  --config FILE[:ARGS]  the config file (required)
+  --workdir DIR         checkpoints, metrics.jsonl, status.json, TensorBoard (required);
+                        the same command again resumes it; a completed run is left as it is
+  --config.init_from P  start from weights: a reference ViT .npz, a vitnorm workdir or one of its
+                        checkpoints/STEP folders (position embeddings resized, new head if the
+                        class count differs, BN statistics kept)
+  --print_config        print the resolved config and the start header; touch nothing
+  --verbose             keep TensorFlow / absl / tfds start-up and INFO logging
+  --help                this text
+
+Exit codes: 0 completed (or already completed), 2 bad input (one 'error: ...' line, nothing
+changed), 3 training diverged (status.json says where), 75 preempted by SIGTERM / Ctrl-C (a
+checkpoint is saved: run the same command again), 1 anything unexpected (a traceback).
+"""
+
+# Fields that may be None although their default is a value (the others: placeholders in configs/common.py).
+NULLABLE_FIELDS = ("optim.lr_scaling_batch",)
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-help")
+_NONE = ("none", "null")
+_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$")
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config = config_flags.DEFINE_config_file(
-      "config", None, "Config file, optionally with :args, e.g. configs/deit.py:variant=S/16,norm=bn. "
-      "Override fields with --config.FIELD=VALUE.", lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); re-use it to resume.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  return config, workdir
+def _none_overrides(argv):
+  """(argv without the --config.FIELD=None overrides, [FIELD, ...]): absl cannot parse None."""
+  rest, fields = [], []
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(2).strip().lower() in _NONE:
+      fields.append(match.group(1))
+    else:
+      rest.append(arg)
+  return rest, fields
 
 
-_FLAGS = None
+def _apply_none(config, field):
+  """Sets a field to None where its default may be None; a str field takes the text 'none'."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  *path, key = field.split(".")
+  parent = config
+  for part in path:
+    if not isinstance(parent, config_dict.ConfigDict) or part not in parent:
+      raise UserError(f"config.{field}: no such config field; fix the name (fields and their "
+                      "comments: configs/common.py)")
+    parent = parent[part]
+  if not isinstance(parent, config_dict.ConfigDict) or key not in parent:
+    raise UserError(f"config.{field}: no such config field; fix the name (fields and their comments: "
+                    "configs/common.py)")
+  value = parent[key]
+  nullable = (isinstance(parent._fields.get(key), config_dict.FieldReference)  # pylint: disable=protected-access
+              or value is None or field in NULLABLE_FIELDS)
+  if nullable:
+    with parent.unlocked():
+      parent[key] = None
+  elif isinstance(value, str):
+    parent[key] = "none"
+  else:
+    raise UserError(f"config.{field}: cannot be None (it needs a value of type {type(value).__name__}); give a value "
+                    "(fields that may be None say so in configs/common.py)")
 
 
-@exit_on_user_error
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; use --config FILE --workdir DIR "
-                    "[--config.FIELD=VALUE ...]")
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it touches at INFO
-    logging.set_verbosity(logging.WARNING)
-  workdir = _FLAGS[1].value
-  try:  # config_flags reports a config file it could not load only when the config is used
-    config = _FLAGS[0].value
-    config.get("num_cpu_devices")
-  except (OSError, ValueError) as e:
-    raise UserError(f"--config: {_last_error_line(str(e))}") from None
-  parallel.use_all_cpu_cores(config.num_cpu_devices)
-  parallel.maybe_initialize_distributed(
-      config.distributed.coordinator_address, config.distributed.num_processes,
-      config.distributed.process_id, auto=bool(config.distributed.auto))
-  try:
-    summary = train_and_evaluate(config, workdir)
-  except TrainingDiverged as err:
-    print(f"error: {err} (status.json in {workdir}; the last good checkpoint is kept)",
-          file=sys.stderr, flush=True)
-    sys.exit(3)
-  if parallel.is_main_process():
-    print(summary_text(summary), flush=True)
+def _clean(text: str) -> str:
+  return one_line(text)
 
 
 def _last_error_line(message: str) -> str:
@@ -65,33 +105,115 @@ def _last_error_line(message: str) -> str:
   return " ".join(message.split())
 
 
-def _parse_flags(argv):
-  """absl flag parsing with one-line errors (unknown --config.field, bad config file args)."""
+def _unknown_field(err, argv) -> str:
+  """'config.model.nrom: no such config field; ...' for an override naming a missing field."""
+  raw = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+  text = _clean(str(raw))
+  key = text.split(" Did you mean")[0].strip("\"' ")
+  override = next((a for a in argv if a.startswith("--config.") and
+                   re.search(rf"[.]{re.escape(key)}$", a.split("=")[0])), None)
+  field = override.split("=")[0][2:] if override else key
+  suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+  if suggestion:
+    prefix = field[:-len(key)] if field.endswith(key) else ""
+    hint = f"did you mean {prefix}{suggestion.group(1).split('.')[-1]}? "
+  else:
+    hint = "fix the name "
+  return f"{field}: no such config field; {hint}(fields and their comments: configs/common.py)"
+
+
+def _bad_value(message: str) -> str:
+  """'config.data.cache: 'maybe' is not a boolean; use true or false' from absl's flag error."""
+  match = re.match(r"^flag --(config\.[\w.]+)=(.*?): (.*)$", message)
+  if not match:
+    return _clean(message)
+  field, value, reason = match.groups()
+  if "boolean" in reason.lower():
+    return f"{field}: {value!r} is not a boolean; use true or false"
+  if "float" in reason:
+    return f"{field}: {value!r} is not a number; give a float (or None where the field may be None)"
+  if "int" in reason:
+    return f"{field}: {value!r} is not an integer; give an int (or None where the field may be None)"
+  return f"{field}: {value!r}: {_clean(reason)}"
+
+
+def parse(argv):
+  """(config, workdir, print_config, verbose) from the command line; UserError (one line) if bad."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv, none_fields = _none_overrides(list(argv))
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file FILE.py[:ARGS].", flag_values=values, lock_config=True,
+      sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Run directory.", flag_values=values)
+  flags.DEFINE_bool("print_config", False, "Print the resolved config and header.", flag_values=values)
+  flags.DEFINE_bool("dry_run", False, "Same as --print_config.", flag_values=values)
+  flags.DEFINE_bool("verbose", False, "Keep start-up and INFO logging.", flag_values=values)
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError, UserError) as e:
+    rest = values(argv)
+    if len(rest) > 1:
+      raise UserError(f"unexpected arguments {' '.join(rest[1:])}; use --config FILE --workdir DIR "
+                      "[--config.FIELD=VALUE ...] (see --help)")
+    for name in ("config", "workdir"):
+      if not values[name].present and values[name].value is None:
+        raise UserError(f"--{name}: missing; use --config FILE[:ARGS] --workdir DIR (see --help)")
+    config = values.config
+    config.get("num_cpu_devices")  # config_flags reports a file it could not load only when used
+    for field in none_fields:
+      _apply_none(config, field)
+  except UserError:
+    raise
+  except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    raise UserError(_unknown_field(e, argv)) from None
+  except (flags.Error, ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
     message = _last_error_line(str(e))
-    if isinstance(e, (AttributeError, KeyError)):  # an override names a field the config lacks
-      key = message.strip("\"'")
-      override = next((a for a in argv[1:] if a.startswith("--config.") and
-                       re.search(rf"[.]{re.escape(key)}$", a.split("=")[0])), None)
-      field = override.split("=")[0][2:] if override else key
-      message = (f"{field}: no such config field; fix the name (fields and their comments: "
-                 "configs/common.py)")
-    elif "Traceback" in str(e):
-      message = f"--config: {message}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    if "Traceback" in str(e) or isinstance(e, (OSError, SyntaxError, ImportError)):
+      message = f"--config: {_clean(message)}"
+    raise UserError(_bad_value(message)) from None
+  return config, values.workdir, values.print_config or values.dry_run, values.verbose
+
+
+def main(argv=None) -> int:
+  """Runs the trainer's command line; returns the exit code (bad input exits 2 via SystemExit)."""
+  argv = list(sys.argv if argv is None else argv)
+  verbose = cli.quiet_start(argv[1:])
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    sys.stdout.write(HELP)
+    return cli.EXIT_COMPLETED
+  try:
+    config, workdir, print_config, verbose = parse(argv)
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.INFO if verbose else logging.WARNING)  # orbax logs every file at INFO
+    return _run(config, workdir, print_config)
+  except UserError as e:
+    exit_with_error(e)
+
+
+def _run(config, workdir, print_config) -> int:
+  from vitnorm import parallel  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from vitnorm.training import loop  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  parallel.use_all_cpu_cores(config.num_cpu_devices)
+  parallel.maybe_initialize_distributed(
+      config.distributed.coordinator_address, config.distributed.num_processes,
+      config.distributed.process_id, auto=bool(config.distributed.auto))
+  if print_config:
+    print(loop.describe_run(config, workdir), flush=True)
+    return cli.EXIT_COMPLETED
+  try:
+    summary = loop.train_and_evaluate(config, workdir)
+  except loop.TrainingDiverged as err:
+    print(f"error: {err} (status.json in {workdir}; the last good checkpoint is kept)",
+          file=sys.stderr, flush=True)
+    return cli.EXIT_DIVERGED
+  if parallel.is_main_process():
+    print(loop.summary_text(summary), flush=True)
+  return cli.EXIT_PREEMPTED if summary["status"] == "preempted" else cli.EXIT_COMPLETED
 
 
 def run():
   """Console entry point (vitnorm-train)."""
-  global _FLAGS
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if _FLAGS is None:
-    _FLAGS = _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  sys.exit(main())
 
 
 if __name__ == "__main__":

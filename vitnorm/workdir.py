@@ -138,6 +138,13 @@ class RunLogger:
     self._jsonl.flush()
     self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
 
+  def write_config(self, hparams: Mapping[str, Any], config_text: str):
+    """The run's main hyperparameters (TensorBoard's hparams tab) and its whole config (a text)."""
+    if not self.is_main:
+      return
+    self._tb.write_hparams(dict(hparams))
+    self._tb.write_texts(0, {"config": "```\n" + config_text + "\n```"})
+
   def eta(self, step: int) -> float:
     done = step - self._start_step
     if done <= 0:

@@ -13,8 +13,18 @@ Importing this package registers the offline builders with tfds.
 from vitnorm.data import offline  # registers 'mnist5k' and 'digits' with tfds
 from vitnorm.data.config import (DATA_CONFIG_FIELDS, DataConfig, default_data_config,
                                  resolve_data_config)
-from vitnorm.data.pipeline import (DatasetInfo, check_model_compatible, dataset_info, eval_batches,
-                                   eval_dataset, num_eval_batches, train_batches, train_dataset)
+
+# The pipeline imports TensorFlow: it is loaded on first use of one of its names, so that entry
+# points (python -m vitnorm.data) can quiet TensorFlow's start-up output before it is imported.
+_PIPELINE_NAMES = ("DatasetInfo", "check_model_compatible", "dataset_info", "eval_batches",
+                   "eval_dataset", "num_eval_batches", "train_batches", "train_dataset")
+
+
+def __getattr__(name):
+  if name in _PIPELINE_NAMES:
+    from vitnorm.data import pipeline  # pylint: disable=import-outside-toplevel
+    return getattr(pipeline, name)
+  raise AttributeError(f"module 'vitnorm.data' has no attribute {name!r}")
 
 __all__ = [
     "DATA_CONFIG_FIELDS", "DataConfig", "DatasetInfo", "check_model_compatible", "dataset_info",

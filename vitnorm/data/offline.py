@@ -16,8 +16,12 @@ takes a few seconds and writes about 2 MB.
 The split is fixed in code: a stratified split drawn with numpy's PCG64 seeded by SPLIT_SEED, so
 every machine and every version of this code sees the same test images.
 """
+import contextlib
 import gzip
 import importlib.resources
+import io
+import logging
+import sys
 from typing import Optional
 
 import numpy as np
@@ -27,6 +31,7 @@ from vitnorm.errors import ConfigError
 
 SPLIT_SEED = 20211011  # fixed: changing it changes the test split of both datasets
 OFFLINE_DATASETS = ("mnist5k", "digits")
+DESCRIPTIONS = {"mnist5k": "5,000 digits", "digits": "1,797 8x8 digits"}  # for the one-line message
 
 
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int = SPLIT_SEED):
@@ -125,10 +130,40 @@ class Digits(_OfflineDigitsBuilder):
   _load_arrays = staticmethod(load_digits_arrays)
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds' own output while preparing (a 'Downloading ... Unknown size' line although nothing is
+  downloaded, progress bars, 'no dataset_info.json' warnings) is hidden unless absl logs at INFO
+  (the CLIs' --verbose)."""
+  absl_logger = logging.getLogger("absl")
+  if absl_logger.getEffectiveLevel() <= logging.INFO:
+    yield
+    return
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+  level, bar = absl_logger.level, tqdm_utils._active  # pylint: disable=protected-access
+  absl_logger.setLevel(logging.ERROR)
+  tqdm_utils.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+    tqdm_utils.display_progress_bar(bar)
+
+
 def prepare(name: str, data_dir: Optional[str] = None):
-  """Prepares one offline dataset into `data_dir` (no network) and returns its builder."""
+  """Prepares one offline dataset into `data_dir` (no network) and returns its builder.
+
+  Says so in one line on stderr ('preparing mnist5k (offline, 5,000 digits) ...') when it does."""
+  with _quiet_tfds():
+    return _prepare(name, data_dir)
+
+
+def _prepare(name, data_dir):
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
+    print(f"preparing {name} (offline, {DESCRIPTIONS.get(name, 'no download')}) in {builder.data_dir} ...",
+          file=sys.stderr, flush=True)
     try:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))

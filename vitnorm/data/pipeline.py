@@ -113,6 +113,8 @@ def _not_prepared_error(builder, cfg) -> UserError:
 def _builder(cfg: config_lib.DataConfig):
   """The tfds builder of `cfg.name`, prepared (offline builders) or checked to be prepared."""
   _hide_gpus_from_tensorflow()
+  if cfg.name in offline.OFFLINE_DATASETS and not _is_mocked():
+    return offline.prepare(cfg.name, cfg.data_dir)  # prepares on first use, without tfds' own output
   try:
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
   except tfds.core.registered.DatasetNotFoundError:

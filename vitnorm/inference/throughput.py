@@ -271,6 +271,7 @@ def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Seque
     result = Result(name=c.name, batch_size=batch_size, num_devices=num_devices, dtype=c.dtype,
                     iterations=iterations, warmup=warmup)
     results[c.name] = result
+    log(f"{c.name} @ batch {batch_size}: compiling and warming up ({warmup} calls) ...")
     try:
       comp = compile_forward(c.forward, c.variables, batch_size, image_shape, mesh)
       result.compile_seconds, result.flops_per_image = comp.compile_seconds, comp.flops_per_image
@@ -285,7 +286,8 @@ def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Seque
   if matmul is not None:
     warm_up(matmul.call, warmup)
   matmul_seconds = []
-  for _ in range(repeats):
+  rounds_started = time.perf_counter()
+  for round_index in range(repeats):
     for name in list(compiled):
       try:
         results[name].seconds_per_repeat += timed_loop(compiled[name].call, iterations=iterations)
@@ -297,6 +299,11 @@ def measure(candidates: Sequence[Candidate], batch_size: int, image_shape: Seque
         del compiled[name]
     if matmul is not None:
       matmul_seconds += timed_loop(matmul.call, iterations=iterations)
+    elapsed = time.perf_counter() - rounds_started
+    per_model = ", ".join(f"{n} {results[n].seconds_per_repeat[-1] * 1e3 / iterations:.1f} ms/call"
+                          for n in compiled if results[n].seconds_per_repeat)
+    log(f"batch {batch_size}: round {round_index + 1}/{repeats} timed in {elapsed / (round_index + 1):.1f}s"
+        f" ({per_model}); about {elapsed / (round_index + 1) * (repeats - round_index - 1):.0f}s left")
   if matmul_seconds:
     peak = statistics.median(matmul.flops_per_call * iterations / s for s in matmul_seconds)
     for result in results.values():

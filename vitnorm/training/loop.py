@@ -19,7 +19,7 @@ import numpy as np
 from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, evaluation
+from vitnorm.training import checkpoints, evaluation, header
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
@@ -130,19 +130,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   plan = prepare(config, workdir)
   cfg = plan.config
   is_main = parallel.is_main_process()
+  start_step = checkpoints.latest_step(workdir) or 0
+  done = _already_completed(workdir, start_step, plan)
+  if done is not None:
+    return done
+  if is_main:
+    print(header.start_header(plan, workdir, start_step), flush=True)
   mesh = parallel.data_mesh()
   placement = make_placement(plan, mesh)
   eval_model = vit.build_model(cfg.model)
   key = jax.random.PRNGKey(cfg.seed)
   init_rng, dropout_rng = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
-  ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
   state = create_train_state(plan, init_rng)
-  start_step = ckpt.latest_step() or 0
+  if not start_step and cfg.get("init_from"):  # before checkpoints/ exists: a failure leaves none
+    state = load_pretrained(state, cfg.init_from, eval_model)
+  ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
   if start_step:
     state = _restore(ckpt, start_step, state, mesh)
-  elif cfg.get("init_from"):
-    state = load_pretrained(state, cfg.init_from, eval_model)
   state = placement.put_state(state)
   if is_main:
     checkpoints.write_run_config(workdir, cfg)
@@ -150,9 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.write_status(workdir, "running", start_step, {}, num_steps=plan.num_steps)
   logger = workdir_lib.RunLogger(workdir, total_steps=plan.num_steps, start_step=start_step,
                                  is_main=is_main, progress_bar=cfg.progress_bar)
+  logger.write_config(header.hparams(plan), header.config_text(cfg))
   monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step)
-  if start_step:
-    logger.print(f"Resuming {workdir} from step {start_step}.")
 
   def evaluate(step):
     host = placement.global_state(state)
@@ -232,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if stop:
           status = "preempted"
           logger.print(f"{preemption.signal_name or 'preemption'} received: saved a checkpoint at step "
-                       f"{step}; run the same command again to resume.")
+                       f"{step}; run the same command again to resume (exit code 75).")
           break
         tick = time.time()  # evaluation and checkpoint time stay out of the throughput
       train_examples += interval_steps * cfg.batch_size
@@ -265,6 +269,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
+def _already_completed(workdir: str, latest: int, plan) -> Optional[dict]:
+  """The summary of a run that completed its plan.num_steps before (nothing is changed), else None."""
+  status = workdir_lib.read_status(workdir) or {}
+  if not (latest and latest >= plan.num_steps and status.get("status") == "completed"
+          and status.get("step") == latest):
+    return None
+  return dict(status="completed", already=True, step=latest, metrics=status.get("metrics") or {},
+              workdir=workdir, checkpoint_dir=checkpoints.checkpoint_dir(workdir),
+              last_checkpoint_step=latest, train_seconds=0.0, wall_seconds=0.0)
+
+
+def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--print_config: the resolved config and the start header; reads the workdir, writes nothing."""
+  workdir = os.path.abspath(workdir)
+  plan = prepare(config, workdir)
+  resume = checkpoints.latest_step(workdir) or 0
+  text = header.config_text(plan.config).rstrip()
+  note = ""
+  if _already_completed(workdir, resume, plan) is not None:
+    note = f"\n(already completed at step {resume:,}: running it changes nothing)"
+  return f"{text}\n\n{header.start_header(plan, workdir, resume)}{note}"
+
+
 def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh) -> TrainState:
   rep = parallel.replicated_sharding(mesh)
   target = lambda tree: jax.tree.map(  # noqa: E731
@@ -289,9 +316,13 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
 def summary_text(summary: dict) -> str:
   """The final summary printed by the CLI: accuracy, throughput, where results are."""
   m, w = summary["metrics"], summary["workdir"]
-  lines = [f"Run {summary['status']} at step {summary['step']} in "
-           f"{workdir_lib.format_duration(summary.get('wall_seconds', 0))} "
-           f"({workdir_lib.format_duration(summary.get('train_seconds', 0))} in train steps)."]
+  if summary.get("already"):
+    lines = [f"Run already completed at step {summary['step']}; nothing changed (to train longer on "
+             f"purpose: a new --workdir with --config.init_from={w})."]
+  else:
+    lines = [f"Run {summary['status']} at step {summary['step']} in "
+             f"{workdir_lib.format_duration(summary.get('wall_seconds', 0))} "
+             f"({workdir_lib.format_duration(summary.get('train_seconds', 0))} in train steps)."]
   if "eval/top1" in m:
     lines.append(f"  eval top-1 {100 * m['eval/top1']:.2f}%  loss {m['eval/loss']:.4f} at step "
                  f"{m.get('eval/step', summary['step'])}" +

@@ -113,11 +113,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
   if "prepbn" in (model_kwargs["norm"], model_kwargs["ffn_norm"]):  # lam reaches 0 by the end
     _resolve_prepbn_decay(config, num_steps, model_kwargs["norm_options"].prepbn_warmup_steps)
 
-  if config.get("init_from") and not os.path.isfile(config.init_from):
-    raise ConfigError("init_from", f"{config.init_from!r} is not a file; give the path of a reference "
-                      "ViT / AugReg .npz checkpoint, or leave it unset for random initialization")
+  if config.get("init_from"):
+    init_source(config.init_from)
   if workdir is not None:
     check_resume_compatible(config, workdir)
+    check_rerun(config, workdir)
   return Plan(config=config, num_steps=num_steps, warmup_steps=config.optim.warmup_steps,
               steps_per_epoch=steps_per_epoch, eval_batch_size=eval_batch,
               num_classes=info.num_classes, num_train_examples=info.num_train_examples,
@@ -136,6 +136,48 @@ def _resolve_prepbn_decay(config, num_steps: int, warmup: int):
                       f"last step ({num_steps}): lam would not reach 0, and the trained model would "
                       "keep its LayerNorm branch; use at most num_steps, or leave it unset")
   vit.resolve_model_config(config.model)  # decay_steps >= warmup_steps
+
+
+def init_source(path: str) -> tuple:
+  """What config.init_from names: ('npz', path, None) for a reference .npz file, or
+  ('workdir', WORKDIR, step or None) for a vitnorm workdir or one of its checkpoints/STEP folders."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return "npz", path, None
+  fix = ("give a reference ViT / AugReg .npz file, a vitnorm workdir or its checkpoints/STEP folder, "
+         "or leave it unset for random initialization")
+  if not os.path.isdir(path):
+    raise ConfigError("init_from", f"{path} does not exist; {fix}")
+  run, step = path, None
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.basename(os.path.abspath(path)).isdigit() and os.path.basename(parent) == "checkpoints":
+    run, step = os.path.dirname(parent), int(os.path.basename(os.path.abspath(path)))
+  if not os.path.isfile(os.path.join(run, checkpoints.CONFIG_FILE)):
+    raise ConfigError("init_from", f"{path} is a folder but not a vitnorm workdir (no "
+                      f"{checkpoints.CONFIG_FILE}); {fix}")
+  steps = checkpoints.all_steps(run)
+  if not steps or (step is not None and step not in steps):
+    raise ConfigError("init_from", f"{path} holds no complete checkpoint"
+                      f"{'' if step is None else f' at step {step}'} (steps: "
+                      f"{', '.join(map(str, steps)) or 'none'}); train it first or {fix}")
+  return "workdir", run, step
+
+
+def check_rerun(config: ml_collections.ConfigDict, workdir: str):
+  """Refuses num_steps below the latest checkpoint, and extending a finished run (its cosine
+  schedule would restart near its peak): a new workdir with init_from continues on purpose."""
+  latest = checkpoints.latest_step(workdir)
+  if not latest:
+    return
+  if latest > config.num_steps:
+    raise ConfigError("num_steps", f"{config.num_steps:,} is below step {latest:,} of the latest "
+                      f"checkpoint in {workdir}; use num_steps >= {latest} or a new --workdir")
+  saved_steps = checkpoints.load_run_config(workdir).get("num_steps")
+  if saved_steps and latest >= saved_steps and config.num_steps > saved_steps:
+    raise ConfigError("num_steps", f"{workdir} finished its {saved_steps:,} steps; training it on to "
+                      f"{config.num_steps:,} would restart its lr schedule near the peak. To train longer "
+                      f"on purpose, start a new run from its weights: --workdir NEW_DIR "
+                      f"--config.init_from={workdir}")
 
 
 def check_resume_compatible(config: ml_collections.ConfigDict, workdir: str):

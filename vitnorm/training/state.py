@@ -6,14 +6,16 @@ notebooks and sweeps that run several trainings in one process compile each setu
 import json
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
 from vitnorm.model import pretrained, vit
-from vitnorm.training import optim
-from vitnorm.training.plan import Plan
+from vitnorm.training import checkpoints, optim
+from vitnorm.training.plan import Plan, init_source
 
 
 class TrainState(train_state.TrainState):
@@ -62,12 +64,35 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
 
 
 def load_pretrained(state: TrainState, path: str, model: vit.ViT) -> TrainState:
-  """The state with its params (and EMA) replaced by a reference .npz checkpoint's, fitted to model."""
-  params = pretrained.adapt_to_model(pretrained.load_npz(path), state.params,
-                                     num_cls_tokens=model.num_cls_tokens)
+  """The state with its params (and EMA) replaced by those of `path`, fitted to `model`.
+
+  `path` is a reference .npz checkpoint, a vitnorm workdir (its latest checkpoint) or one of its
+  checkpoints/STEP folders. Position embeddings are resized to the model's image size, the head is
+  new when the class count differs, and BN statistics of matching shape are kept (a workdir's).
+  """
+  kind, source, step = init_source(path)
+  stats = {}
+  if kind == "npz":
+    loaded = pretrained.load_npz(source)
+  else:
+    variables, _ = checkpoints.restore_variables(source, step)
+    loaded, stats = variables["params"], variables.get("batch_stats", {})
+  params = pretrained.adapt_to_model(loaded, state.params, num_cls_tokens=model.num_cls_tokens)
   params = jax.tree.map(jnp.asarray, params)
   ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
-  return state.replace(params=params, ema_params=ema)
+  return state.replace(params=params, ema_params=ema,
+                       batch_stats=_fit_batch_stats(stats, state.batch_stats))
+
+
+def _fit_batch_stats(loaded, init):
+  """init's BN statistics, each replaced by the loaded one of the same name and shape."""
+  if not init:
+    return init
+  src = flax.traverse_util.flatten_dict(jax.device_get(loaded or {}), sep="/")
+  dst = flax.traverse_util.flatten_dict(jax.device_get(init), sep="/")
+  out = {k: jnp.asarray(src[k]) if k in src and np.shape(src[k]) == np.shape(v) else jnp.asarray(v)
+         for k, v in dst.items()}
+  return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
 def make_schedule(plan: Plan) -> optax.Schedule:

@@ -1,0 +1,83 @@
+"""The trainer's start header (printed before compiling, like big_vision's) and its TensorBoard hparams.
+
+`start_header(plan, workdir, resume_step)` says what is about to run: the variant and its norms,
+the parameter count, devices and processes, global and per-device batch, steps and epochs, the lr
+schedule, the workdir and whether it resumes. `hparams(plan)` is the flat dict of the main
+hyperparameters written to TensorBoard's hparams plugin; `config_text(config)` the whole config.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vitnorm import variants
+from vitnorm.model import vit
+from vitnorm.training import optim
+from vitnorm.training.plan import Plan
+
+
+def count_params(plan: Plan) -> int:
+  """Trainable parameters of the planned model (shapes only: nothing is computed)."""
+  model = vit.build_model(plan.config.model)
+  shape = vit.input_shape(plan.config.model, 1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32),
+                                             train=False))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def start_header(plan: Plan, workdir: str, resume_step: Optional[int] = None,
+                 num_params: Optional[int] = None) -> str:
+  """The lines printed before compiling."""
+  c = plan.config
+  m = vit.resolve_model_config(c.model)
+  num_params = count_params(plan) if num_params is None else num_params
+  devices, processes = jax.device_count(), jax.process_count()
+  per_device = c.batch_size // devices
+  peak = optim.peak_learning_rate(c.optim, c.batch_size)
+  accum = f", {c.accum_steps} micro-batches of {per_device // c.accum_steps}" if c.accum_steps > 1 else ""
+  clip = c.optim.grad_clip_norm
+  if resume_step:
+    where = f"{workdir} (resuming from step {resume_step:,} of {plan.num_steps:,})"
+  else:
+    where = f"{workdir} (new run" + (f", weights from {c.init_from})" if c.get("init_from") else ")")
+  return "\n".join([
+      f"variant    {variants.describe(c.model)}",
+      f"model      {m['num_layers']} blocks, width {m['hidden_size']}, {m['num_heads']} heads, patch "
+      f"{m['patch_size']}, {c.model.image_size} px, {m['num_classes']} classes: {_count(num_params)} "
+      f"parameters ({c.model.dtype})",
+      f"devices    {devices} x {jax.devices()[0].platform} in {processes} process"
+      f"{'es' if processes > 1 else ''}, parallelism {c.parallelism}",
+      f"batch      global {c.batch_size}, per device {per_device}{accum}; eval {plan.eval_batch_size}",
+      f"length     {plan.num_steps:,} steps = {plan.num_steps / plan.steps_per_epoch:.4g} epochs of "
+      f"{plan.num_train_examples:,} {c.data.name} images ({plan.steps_per_epoch:.4g} steps/epoch)",
+      f"lr         peak {peak:.3g}, linear warm-up {plan.warmup_steps:,} steps, cosine to "
+      f"{float(c.optim.min_lr or 0):.3g} at step {plan.num_steps:,}; AdamW wd {c.optim.weight_decay:g}, "
+      f"clip {'off' if clip is None else f'{clip:g}'}",
+      f"workdir    {where}",
+  ])
+
+
+def hparams(plan: Plan) -> dict:
+  """The main hyperparameters, flat and scalar, for TensorBoard's hparams plugin."""
+  c = plan.config
+  return {
+      "variant": variants.name_of(c.model), "norm": c.model.norm, "ffn_norm": c.model.ffn_norm,
+      "ffn_norm_position": c.model.ffn_norm_position, "size": str(c.model.variant),
+      "image_size": c.model.image_size, "dataset": c.data.name, "batch_size": c.batch_size,
+      "num_steps": plan.num_steps, "warmup_steps": plan.warmup_steps,
+      "peak_lr": optim.peak_learning_rate(c.optim, c.batch_size), "min_lr": float(c.optim.min_lr or 0),
+      "weight_decay": float(c.optim.weight_decay),
+      "grad_clip_norm": -1.0 if c.optim.grad_clip_norm is None else float(c.optim.grad_clip_norm),
+      "drop_path_rate": float(c.model.drop_path_rate), "seed": c.seed,
+  }
+
+
+def config_text(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as text (YAML-like, sorted), for --print_config and TensorBoard."""
+  return str(config)
