@@ -1,15 +1,16 @@
 r"""The trainer's command line: python -m vitnorm.train --config configs/<file>.py[:args] --workdir DIR.
 
 Flags, parsing, one call to vitnorm.training.loop.train_and_evaluate, the exit code:
-0 completed or preempted (checkpoint saved, re-run to resume), 2 bad input (one line
-'error: ...'), 3 training diverged (status.json says where).
+0 completed or preempted (checkpoint saved, re-run to resume), 2 bad input or a workdir held by
+another run (one line 'error: ...'), 3 training diverged (status.json says where), 4 the workdir's
+disk is full (status.json says 'failed'; free space and re-run to resume).
 """
 import re
 import sys
 
 from vitnorm import parallel
 from vitnorm.errors import UserError, exit_on_user_error
-from vitnorm.training.loop import TrainingDiverged, summary_text, train_and_evaluate
+from vitnorm.training.loop import TrainingDiverged, WorkdirFull, summary_text, train_and_evaluate
 
 
 def _define_flags():
@@ -38,6 +39,8 @@ def main(argv):
   try:  # config_flags reports a config file it could not load only when the config is used
     config = _FLAGS[0].value
     config.get("num_cpu_devices")
+  except SyntaxError as e:
+    raise UserError(_syntax_error_line(e)) from None
   except (OSError, ValueError) as e:
     raise UserError(f"--config: {_last_error_line(str(e))}") from None
   parallel.use_all_cpu_cores(config.num_cpu_devices)
@@ -50,8 +53,16 @@ def main(argv):
     print(f"error: {err} (status.json in {workdir}; the last good checkpoint is kept)",
           file=sys.stderr, flush=True)
     sys.exit(3)
+  except WorkdirFull as err:
+    print(f"error: workdir: {err}", file=sys.stderr, flush=True)
+    sys.exit(4)
   if parallel.is_main_process():
     print(summary_text(summary), flush=True)
+
+
+def _syntax_error_line(e: SyntaxError) -> str:
+  return (f"--config: {e.filename} line {e.lineno}: {e.msg}; fix the syntax error in the config "
+          "file (python -m py_compile FILE shows it)")
 
 
 def _last_error_line(message: str) -> str:
@@ -70,6 +81,9 @@ def _parse_flags(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
+  except SyntaxError as e:  # the config file does not parse
+    print(f"error: {_syntax_error_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError, UserError) as e:
     message = _last_error_line(str(e))
     if isinstance(e, (AttributeError, KeyError)):  # an override names a field the config lacks

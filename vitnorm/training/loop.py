@@ -4,6 +4,7 @@
 resumes from the latest checkpoint; the data order continues exactly, so a resumed run ends where
 an uninterrupted one would.
 """
+import contextlib
 import math
 import os
 import signal
@@ -19,7 +20,8 @@ import numpy as np
 from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, evaluation
+from vitnorm.errors import UserError
+from vitnorm.training import checkpoints, evaluation, workdir_lock
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
@@ -118,16 +120,63 @@ def _inject_nan(batches, nan_step: Optional[int], start_step: int):
     yield batch
 
 
+class WorkdirFull(Exception):
+  """The workdir ran out of space (status.json says 'failed'); free space and re-run to resume."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns its summary dict.
 
-  Raises UserError for bad input (before compiling), TrainingDiverged after writing
-  status.json when the run diverges. Returns normally when completed or preempted
+  Raises UserError for bad input or a workdir held by another run (before writing anything),
+  TrainingDiverged after writing status.json when the run diverges, WorkdirFull after writing
+  status.json when the disk fills up. Returns normally when completed or preempted
   (summary['status'] says which).
   """
   started = time.time()
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
+  with _workdir_lock(workdir):
+    try:
+      return _train_and_evaluate(plan, workdir, started)
+    except Exception as err:  # pylint: disable=broad-except
+      if not workdir_lock.out_of_space(err):
+        raise
+      reason = f"no space left on the device of {workdir} ({workdir_lock.first_line(err)})"
+      checkpoints.discard_partial_saves(workdir)
+      if parallel.is_main_process():
+        steps = checkpoints.all_steps(workdir)
+        try:
+          workdir_lib.write_status(workdir, "failed", steps[-1] if steps else 0, {}, reason=reason,
+                                   last_checkpoint_step=steps[-1] if steps else None)
+        except OSError:
+          pass
+      raise WorkdirFull(f"{reason}; free space and run the same command again to resume") from None
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """WORKDIR/lock.json held by process 0 for the whole run; every process refuses together."""
+  lock = workdir_lock.WorkdirLock(workdir) if parallel.is_main_process() else None
+  error = None
+  try:
+    if lock is not None:
+      lock.acquire()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1 and _any_process(error is not None) and error is None:
+    if lock is not None:
+      lock.release()
+    error = UserError(f"workdir: process 0 could not lock {workdir}; see its error line")
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   cfg = plan.config
   is_main = parallel.is_main_process()
   mesh = parallel.data_mesh()
@@ -138,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
   state = create_train_state(plan, init_rng)
-  start_step = ckpt.latest_step() or 0
+  start_step = ckpt.restorable_step() or 0  # damaged newer steps are moved aside
   if start_step:
     state = _restore(ckpt, start_step, state, mesh)
   elif cfg.get("init_from"):
