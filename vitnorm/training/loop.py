@@ -135,22 +135,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.time()
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
+  workdir_lock.quiet_out_of_space_noise()
   with _workdir_lock(workdir):
     try:
       return _train_and_evaluate(plan, workdir, started)
     except Exception as err:  # pylint: disable=broad-except
       if not workdir_lock.out_of_space(err):
         raise
-      reason = f"no space left on the device of {workdir} ({workdir_lock.first_line(err)})"
-      checkpoints.discard_partial_saves(workdir)
-      if parallel.is_main_process():
-        steps = checkpoints.all_steps(workdir)
-        try:
-          workdir_lib.write_status(workdir, "failed", steps[-1] if steps else 0, {}, reason=reason,
-                                   last_checkpoint_step=steps[-1] if steps else None)
-        except OSError:
-          pass
-      raise WorkdirFull(f"{reason}; free space and run the same command again to resume") from None
+      _record_disk_full(workdir)
+      raise WorkdirFull(f"no space left on the device of {workdir} (the checkpoints that exist all "
+                        "verify); free space and run the same command again to resume") from None
+
+
+def _record_disk_full(workdir: str):
+  """Frees what a failed save left, then says in status.json why the run stopped."""
+  workdir_lock.note_out_of_space()
+  checkpoints.discard_partial_saves(workdir)
+  if parallel.is_main_process():
+    steps = checkpoints.all_steps(workdir)
+    try:
+      workdir_lib.write_status(workdir, "failed", steps[-1] if steps else 0, {},
+                               reason=f"no space left on the device of {workdir}",
+                               last_checkpoint_step=steps[-1] if steps else None)
+    except OSError:
+      pass
+  time.sleep(1.0)  # orbax's writer threads may still be failing: then discard what they left
+  checkpoints.discard_partial_saves(workdir)
 
 
 @contextlib.contextmanager

@@ -126,7 +126,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
   if config.num_steps is None:
     if not float(config.num_epochs or 0) > 0:
       raise ConfigError("num_epochs", "must be positive when num_steps is not set")
-    num_steps = max(1, math.ceil(float(config.num_epochs) * steps_per_epoch))
+    total = float(config.num_epochs) * steps_per_epoch
+    if not total < 2**62:
+      raise ConfigError("num_epochs", f"{config.num_epochs!r} epochs is more than 2^62 steps; give a "
+                        "realistic number of epochs, or set num_steps")
+    num_steps = max(1, math.ceil(total))
   else:
     num_steps = _positive_int(config, "num_steps")
   if config.optim.warmup_steps is not None:

@@ -12,6 +12,7 @@ read back after a short pause, which catches all but starts within that pause of
 """
 import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -71,9 +72,41 @@ def out_of_space(err: BaseException) -> bool:
   return False
 
 
-def first_line(err: BaseException) -> str:
-  lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-  return (lines[0] if lines else type(err).__name__)[:200]
+class _OutOfSpaceNoise(logging.Filter):
+  """Drops the log records (and, once the disk was full, the shutdown noise) that orbax's and
+  asyncio's worker threads emit for a failed write on a full disk: the run reports it in one line."""
+
+  seen = False
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if (exc is not None and out_of_space(exc)) or "No space left on device" in record.getMessage():
+      _OutOfSpaceNoise.seen = True
+      return False
+    return not (_OutOfSpaceNoise.seen and "Event loop is closed" in record.getMessage())
+
+
+def quiet_out_of_space_noise():
+  """Installs the filter on the absl and asyncio loggers and on sys.unraisablehook (idempotent)."""
+  if getattr(sys.unraisablehook, "_vitnorm_quiet", False):
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_OutOfSpaceNoise())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if (out_of_space(exc) or "Event loop is closed" in str(exc) or  # orbax after a failed write
+        (_OutOfSpaceNoise.seen and isinstance(exc, ImportError))):  # and at interpreter shutdown
+      return
+    previous(unraisable)
+
+  hook._vitnorm_quiet = True
+  sys.unraisablehook = hook
+
+
+def note_out_of_space():
+  _OutOfSpaceNoise.seen = True
 
 
 class WorkdirLock:
