@@ -282,3 +282,27 @@ def test_disk_full_stops_with_one_error_line_and_resumes_bit_identical(trained, 
   assert summary["status"] == "completed" and summary["step"] == 24
   resumed, _ = params_of(workdir)
   jax.tree.map(np.testing.assert_array_equal, resumed, trained[1])
+
+
+def test_out_of_space_is_told_from_other_errors():
+  from vitnorm.training import disk_full
+  wrapped = ValueError("RESOURCE_EXHAUSTED: Failed to write 524 bytes to file 18: No space left on device")
+  assert disk_full.out_of_space(wrapped) and disk_full.out_of_space(OSError(28, "full"))
+  try:
+    try:
+      raise OSError(122, "Disk quota exceeded")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    assert disk_full.out_of_space(outer)
+  assert not disk_full.out_of_space(ValueError("shape mismatch")) and not disk_full.out_of_space(OSError(13, "x"))
+
+
+def test_hashing_benchmark_runs_in_tiny_mode(monkeypatch, capsys):
+  from experiments import checkpoint_hashing
+  monkeypatch.setattr("sys.argv", ["checkpoint_hashing", "--tiny", "--repeats=1"])
+  checkpoint_hashing.main()
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("model tiny: ") and "1 saves each way" in out[0]
+  assert out[1].startswith("save without hashing (sizes only): ") and " ratio " in out[1]
+  assert out[2].startswith("verify at resume (integrity.damage): ")

@@ -21,7 +21,7 @@ from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
 from vitnorm.errors import UserError
-from vitnorm.training import checkpoints, evaluation, workdir_lock
+from vitnorm.training import checkpoints, disk_full, evaluation, workdir_lock
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
@@ -135,12 +135,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.time()
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
-  workdir_lock.quiet_out_of_space_noise()
+  disk_full.quiet_out_of_space_noise()
   with _workdir_lock(workdir):
     try:
       return _train_and_evaluate(plan, workdir, started)
     except Exception as err:  # pylint: disable=broad-except
-      if not workdir_lock.out_of_space(err):
+      if not disk_full.out_of_space(err):
         raise
       _record_disk_full(workdir)
       raise WorkdirFull(f"no space left on the device of {workdir} (the checkpoints that exist all "
@@ -149,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _record_disk_full(workdir: str):
   """Frees what a failed save left, then says in status.json why the run stopped."""
-  workdir_lock.note_out_of_space()
+  disk_full.note_out_of_space()
   checkpoints.discard_partial_saves(workdir)
   if parallel.is_main_process():
     steps = checkpoints.all_steps(workdir)

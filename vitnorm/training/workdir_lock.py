@@ -8,11 +8,8 @@ warning line, when its process is gone (same host, pid not running) or its refre
 than STALE_SECONDS (another host, e.g. one that was lost). On local disks the lock file is
 created exclusively (O_EXCL); on object stores (gs://, through etils.epath) it is written and
 read back after a short pause, which catches all but starts within that pause of each other.
-`out_of_space` tells a full disk (ENOSPC / EDQUOT, also as wrapped by tensorstore) from other errors.
 """
-import errno
 import json
-import logging
 import os
 import socket
 import sys
@@ -57,56 +54,6 @@ def staleness(info: Optional[dict], now: Optional[float] = None) -> Optional[str
   if age > STALE_SECONDS:
     return f"it was last refreshed {age:.0f} s ago (stale after {STALE_SECONDS:.0f} s)"
   return None
-
-
-def out_of_space(err: BaseException) -> bool:
-  """Whether an exception (or one it was raised from) says the disk or quota is full."""
-  seen = set()
-  while err is not None and id(err) not in seen:
-    seen.add(id(err))
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
-      return True
-    err = err.__cause__ or err.__context__
-  return False
-
-
-class _OutOfSpaceNoise(logging.Filter):
-  """Drops the log records (and, once the disk was full, the shutdown noise) that orbax's and
-  asyncio's worker threads emit for a failed write on a full disk: the run reports it in one line."""
-
-  seen = False
-
-  def filter(self, record):
-    exc = record.exc_info[1] if record.exc_info else None
-    if (exc is not None and out_of_space(exc)) or "No space left on device" in record.getMessage():
-      _OutOfSpaceNoise.seen = True
-      return False
-    return not (_OutOfSpaceNoise.seen and "Event loop is closed" in record.getMessage())
-
-
-def quiet_out_of_space_noise():
-  """Installs the filter on the absl and asyncio loggers and on sys.unraisablehook (idempotent)."""
-  if getattr(sys.unraisablehook, "_vitnorm_quiet", False):
-    return
-  for name in ("absl", "asyncio"):
-    logging.getLogger(name).addFilter(_OutOfSpaceNoise())
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if (out_of_space(exc) or "Event loop is closed" in str(exc) or  # orbax after a failed write
-        (_OutOfSpaceNoise.seen and isinstance(exc, ImportError))):  # and at interpreter shutdown
-      return
-    previous(unraisable)
-
-  hook._vitnorm_quiet = True
-  sys.unraisablehook = hook
-
-
-def note_out_of_space():
-  _OutOfSpaceNoise.seen = True
 
 
 class WorkdirLock:
