@@ -26,8 +26,8 @@ def params_of(workdir, step=None):
   return jax.tree.map(np.asarray, variables), got
 
 
-def snapshot(workdir):
-  """{relative path: bytes} of every file (directories as None)."""
+def snapshot(workdir, skip=()):
+  """{relative path: bytes} of every file (directories as None), except the names in skip."""
   out = {}
   for root, dirs, files in os.walk(workdir):
     for name in dirs:
@@ -36,7 +36,7 @@ def snapshot(workdir):
       path = os.path.join(root, name)
       with open(path, "rb") as f:
         out[os.path.relpath(path, workdir)] = f.read()
-  return out
+  return {k: v for k, v in out.items() if k not in skip}
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,14 @@ def trained(tmp_path_factory):
 
   def save_and_try_a_second_run(self, step, *args, **kwargs):
     if not second:
-      second["before"] = snapshot(workdir)
+      second["before"] = snapshot(workdir, skip=(workdir_lock.LOCK_FILE,))  # refreshed meanwhile
+      second["lock"] = open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read()
       try:
         loop.train_and_evaluate(tiny_config(), workdir)
         second["error"] = None
       except UserError as e:
         second["error"] = str(e)
-      second["after"] = snapshot(workdir)
+      second["after"] = snapshot(workdir, skip=(workdir_lock.LOCK_FILE,))
     return original_save(self, step, *args, **kwargs)
 
   mp = pytest.MonkeyPatch()
@@ -219,6 +220,7 @@ def test_a_second_run_while_the_first_trains_is_refused_and_changes_nothing(trai
   assert second["error"] is not None, "the second run was not refused"
   assert second["error"].startswith("workdir: ") and "in use by another training run" in second["error"]
   assert f"pid {os.getpid()}" in second["error"]
+  assert f'"pid": {os.getpid()}' in second["lock"]
   assert second["after"] == second["before"]
 
 

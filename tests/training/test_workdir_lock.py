@@ -47,7 +47,8 @@ def other_process_holds(tmp_path):
 
 def test_a_run_on_a_workdir_locked_by_another_process_refuses(other_process_holds, capsys):
   workdir, proc = other_process_holds
-  before = snapshot(workdir)
+  before = snapshot(workdir, skip=(LOCK_FILE,))  # the holder refreshes its record every 30 s
+  lock_record = json.load(open(os.path.join(workdir, LOCK_FILE)))
   started = time.time()
   with pytest.raises(SystemExit) as exit_info:
     errors.exit_on_user_error(loop.train_and_evaluate)(tiny_config(), workdir)
@@ -56,7 +57,8 @@ def test_a_run_on_a_workdir_locked_by_another_process_refuses(other_process_hold
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert last.startswith(f"error: workdir: {workdir} is in use by another training run (host "
                          f"{socket.gethostname()} pid {proc.pid} (started ")
-  assert snapshot(workdir) == before
+  assert snapshot(workdir, skip=(LOCK_FILE,)) == before
+  assert json.load(open(os.path.join(workdir, LOCK_FILE)))["token"] == lock_record["token"]
 
 
 def test_a_dead_holder_is_taken_over_with_a_warning(other_process_holds):

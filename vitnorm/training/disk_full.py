@@ -5,11 +5,13 @@ full: OSError ENOSPC / EDQUOT, or tensorstore's RESOURCE_EXHAUSTED text around t
 checkpoint write fails that way, orbax's and asyncio's worker threads log a traceback per failed
 array and, at exit, "Event loop is closed"; `quiet_out_of_space_noise` filters exactly those
 records (and that shutdown noise once a full disk was seen), so the trainer's own `error:` line is
-the report.
+the report. `record_in_status` removes the failed save's temporary files and writes status.json.
 """
 import errno
 import logging
 import sys
+import time
+from typing import Optional
 
 
 def out_of_space(err: BaseException) -> bool:
@@ -62,3 +64,32 @@ def quiet_out_of_space_noise():
 
 def note_out_of_space():
   _OutOfSpaceNoise.seen = True
+
+
+def record_in_status(workdir: str) -> Optional[int]:
+  """After a full disk: frees what the failed save left, gives committed steps whose manifest
+  could not be written one, says why in status.json; returns the newest step with a manifest."""
+  from vitnorm import parallel, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vitnorm.training import checkpoints, integrity  # pylint: disable=g-import-not-at-top
+  note_out_of_space()
+  checkpoints.discard_partial_saves(workdir)
+  directory = checkpoints.checkpoint_dir(workdir)
+  verified = []
+  if parallel.is_main_process():
+    for step in checkpoints.all_steps(workdir):
+      step_dir = f"{directory}/{step}"
+      try:
+        if not integrity.has_manifest(step_dir):
+          integrity.write_manifest(step_dir)  # orbax committed it: complete, only unrecorded
+        verified.append(step)
+      except OSError:
+        pass
+    try:
+      workdir_lib.write_status(workdir, "failed", verified[-1] if verified else 0, {},
+                               reason=f"no space left on the device of {workdir}",
+                               last_checkpoint_step=verified[-1] if verified else None)
+    except OSError:
+      pass
+  time.sleep(1.0)  # orbax's writer threads may still be failing: then discard what they left
+  checkpoints.discard_partial_saves(workdir)
+  return verified[-1] if verified else None

@@ -4,7 +4,6 @@
 resumes from the latest checkpoint; the data order continues exactly, so a resumed run ends where
 an uninterrupted one would.
 """
-import contextlib
 import math
 import os
 import signal
@@ -20,7 +19,6 @@ import numpy as np
 from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.errors import UserError
 from vitnorm.training import checkpoints, disk_full, evaluation, workdir_lock
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
@@ -136,54 +134,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
   disk_full.quiet_out_of_space_noise()
-  with _workdir_lock(workdir):
+  with workdir_lock.held_by_the_run(workdir):
     try:
       return _train_and_evaluate(plan, workdir, started)
     except Exception as err:  # pylint: disable=broad-except
       if not disk_full.out_of_space(err):
         raise
-      _record_disk_full(workdir)
-      raise WorkdirFull(f"no space left on the device of {workdir} (the checkpoints that exist all "
-                        "verify); free space and run the same command again to resume") from None
-
-
-def _record_disk_full(workdir: str):
-  """Frees what a failed save left, then says in status.json why the run stopped."""
-  disk_full.note_out_of_space()
-  checkpoints.discard_partial_saves(workdir)
-  if parallel.is_main_process():
-    steps = checkpoints.all_steps(workdir)
-    try:
-      workdir_lib.write_status(workdir, "failed", steps[-1] if steps else 0, {},
-                               reason=f"no space left on the device of {workdir}",
-                               last_checkpoint_step=steps[-1] if steps else None)
-    except OSError:
-      pass
-  time.sleep(1.0)  # orbax's writer threads may still be failing: then discard what they left
-  checkpoints.discard_partial_saves(workdir)
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: str):
-  """WORKDIR/lock.json held by process 0 for the whole run; every process refuses together."""
-  lock = workdir_lock.WorkdirLock(workdir) if parallel.is_main_process() else None
-  error = None
-  try:
-    if lock is not None:
-      lock.acquire()
-  except UserError as e:
-    error = e
-  if jax.process_count() > 1 and _any_process(error is not None) and error is None:
-    if lock is not None:
-      lock.release()
-    error = UserError(f"workdir: process 0 could not lock {workdir}; see its error line")
-  if error is not None:
-    raise error
-  try:
-    yield
-  finally:
-    if lock is not None:
-      lock.release()
+      step = disk_full.record_in_status(workdir)
+      raise WorkdirFull(f"no space left on the device of {workdir} (newest checkpoint that verifies: "
+                        f"step {step}); free space and run the same command again to resume") from None
 
 
 def _train_and_evaluate(plan, workdir: str, started: float) -> dict:

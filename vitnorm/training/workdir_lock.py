@@ -8,7 +8,9 @@ warning line, when its process is gone (same host, pid not running) or its refre
 than STALE_SECONDS (another host, e.g. one that was lost). On local disks the lock file is
 created exclusively (O_EXCL); on object stores (gs://, through etils.epath) it is written and
 read back after a short pause, which catches all but starts within that pause of each other.
+`held_by_the_run` is the trainer's context manager (process 0 holds it; all processes refuse together).
 """
+import contextlib
 import json
 import os
 import socket
@@ -165,3 +167,32 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+@contextlib.contextmanager
+def held_by_the_run(workdir):
+  """WORKDIR/lock.json held by process 0 for the whole run; with several processes all refuse
+  together (the others raise too when process 0 could not take the lock)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+  error = None
+  try:
+    if lock is not None:
+      lock.acquire()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    failed = bool(multihost_utils.process_allgather(np.int32(error is not None)).max())
+    if failed and error is None:
+      if lock is not None:
+        lock.release()
+      error = UserError(f"workdir: process 0 could not lock {workdir}; see its error line")
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
