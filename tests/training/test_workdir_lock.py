@@ -113,3 +113,14 @@ def test_a_held_lock_refuses_a_second_holder_and_is_refreshed(tmp_path):
   finally:
     first.release()
   WorkdirLock(workdir).acquire().release()  # free again
+
+
+def test_an_unreadable_lock_is_looked_at_twice_then_taken_over(tmp_path):
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, LOCK_FILE), "w") as f:
+    f.write("{garbage")
+  warnings = []
+  started = time.time()
+  WorkdirLock(workdir, warn=warnings.append).acquire().release()
+  assert time.time() - started >= 1.0  # it waited for a writer that might be mid-write
+  assert len(warnings) == 1 and "its lock file is unreadable" in warnings[0]

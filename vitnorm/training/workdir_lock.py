@@ -111,6 +111,9 @@ class WorkdirLock:
           break
         try:
           holder = self._read()
+          if holder is None:  # being written by its creator right now? look again
+            time.sleep(REMOTE_SETTLE_SECONDS)
+            holder = self._read()
         except FileNotFoundError:
           continue  # released meanwhile: try again
         why = staleness(holder)
