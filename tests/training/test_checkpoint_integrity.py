@@ -308,3 +308,18 @@ def test_hashing_benchmark_runs_in_tiny_mode(monkeypatch, capsys):
   assert out[0].startswith("model tiny: ") and "1 saves each way" in out[0]
   assert out[1].startswith("save without hashing (sizes only): ") and " ratio " in out[1]
   assert out[2].startswith("verify at resume (integrity.damage): ")
+
+
+def test_checkpoints_that_predate_manifests_are_adopted_with_a_warning(trained, tmp_path, capsys):
+  workdir = copy_run(trained, tmp_path)
+  directory = checkpoints.checkpoint_dir(workdir)
+  for step in (8, 16, 24):
+    os.remove(os.path.join(directory, str(step), integrity.MANIFEST_FILE))
+  variables, step = params_of(workdir)  # evaluation reads them unverified
+  assert step == 24 and "predate integrity manifests; reading them unverified" in capsys.readouterr().err
+  warnings = []
+  ckpt = checkpoints.Checkpointer(workdir, async_save=False, warn=warnings.append)
+  assert ckpt.restorable_step() == 24
+  ckpt.close()
+  assert len(warnings) == 1 and "recorded manifests of steps 8, 16, 24 as they are" in warnings[0]
+  assert all(integrity.damage(os.path.join(directory, str(s))) is None for s in (8, 16, 24))

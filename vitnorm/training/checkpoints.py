@@ -249,6 +249,11 @@ class Checkpointer:
     if not steps:
       return None
     chosen, message = -1, ""
+    if self._primary and integrity.predates_manifests(self.directory, steps):
+      for step in steps:
+        integrity.write_manifest(self._step_dir(step), hashing=self.hashing)
+      self.warn(f"warning: the checkpoints in {self.directory} predate integrity manifests: recorded "
+                f"manifests of steps {', '.join(map(str, steps))} as they are (not verified)")
     if self._primary:
       damaged = []
       for step in reversed(steps):
@@ -330,26 +335,6 @@ def _shape_differences(expected: Mapping, found: Mapping, collection: str) -> li
   return diffs
 
 
-def verified_step(workdir: str, steps: list, step: Optional[int] = None) -> int:
-  """`step` if it verifies (UserError if not); step None: the newest step that verifies, with a
-  warning line for each newer damaged one (left in place: readers never move checkpoints)."""
-  directory = epath.Path(os.path.abspath(checkpoint_dir(workdir)))
-  damaged = []
-  for candidate in ([step] if step is not None else reversed(steps)):
-    why = integrity.damage(directory / str(candidate))
-    if why is None:
-      for bad, reason in damaged:
-        print(f"warning: checkpoint {bad} in {directory} is damaged ({reason}); using step {candidate}",
-              file=sys.stderr, flush=True)
-      return candidate
-    damaged.append((candidate, why))
-  if step is not None:
-    raise UserError(f"step: checkpoint {step} in {directory} is damaged ({damaged[0][1]}); pass another "
-                    f"--step (available: {', '.join(map(str, steps))})")
-  raise UserError(f"workdir: none of the {len(steps)} checkpoints in {directory} verifies ("
-                  + "; ".join(f"{s}: {w}" for s, w in damaged) + "); restore them from a copy")
-
-
 def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool = False):
   """({'params': ..., ['batch_stats': ...]}, step) of a trained run, as arrays on one local device.
 
@@ -366,7 +351,7 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
   if step is not None and step not in steps:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available steps: "
                     f"{', '.join(map(str, steps))}")
-  step = verified_step(workdir, steps, step)
+  step = integrity.verified_step(os.path.abspath(checkpoint_dir(workdir)), steps, step)
   with reader:
     stored = reader.item_metadata(step)[MODEL_ITEM]
     stored = getattr(stored, "tree", stored)

@@ -8,15 +8,20 @@ traceback. Once orbax has committed step S, `write_manifest` lists every file of
 to a temporary name, then renamed). `damage` re-reads a step and says what is wrong with it,
 or None when every file matches; a step without a manifest never verifies (its save did not
 finish, or it predates manifests). `move_aside` renames a damaged step to `S.corrupt`, which
-orbax does not list as a step, so nothing is ever deleted for being damaged. All file access
+orbax does not list as a step, so nothing is ever deleted for being damaged. `verified_step` is
+the readers' choice of step (evaluation); a workdir whose steps all predate manifests is read
+unverified, with a warning (`predates_manifests`). All file access
 goes through etils.epath, so bucket workdirs (gs://...) work like local ones.
 """
 import hashlib
 import json
+import sys
 import time
 from typing import Optional
 
 from etils import epath
+
+from vitnorm.errors import UserError
 
 MANIFEST_FILE = "vitnorm_manifest.json"
 MANIFEST_VERSION = 1
@@ -114,3 +119,35 @@ def move_aside(step_dir) -> epath.Path:
     if not target.exists():
       return step_dir.rename(target)
   raise OSError(f"too many {step_dir.name}.corrupt* directories in {step_dir.parent}")
+
+
+def predates_manifests(directory, steps) -> bool:
+  """True for a workdir written before manifests existed: no step has one, none was moved aside."""
+  directory = epath.Path(directory)
+  return (not any(has_manifest(directory / str(s)) for s in steps) and
+          not any(directory.glob("*.corrupt*")))
+
+
+def verified_step(directory, steps: list, step: Optional[int] = None) -> int:
+  """`step` if it verifies (UserError if not); step None: the newest step that verifies, with a
+  warning line for each newer damaged one (left in place: readers never move checkpoints).
+  Checkpoints that predate manifests are read unverified, with a warning."""
+  directory = epath.Path(directory)
+  if predates_manifests(directory, steps):
+    print(f"warning: the checkpoints in {directory} predate integrity manifests; reading them "
+          "unverified", file=sys.stderr, flush=True)
+    return steps[-1] if step is None else step
+  damaged = []
+  for candidate in ([step] if step is not None else reversed(steps)):
+    why = damage(directory / str(candidate))
+    if why is None:
+      for bad, reason in damaged:
+        print(f"warning: checkpoint {bad} in {directory} is damaged ({reason}); using step {candidate}",
+              file=sys.stderr, flush=True)
+      return candidate
+    damaged.append((candidate, why))
+  if step is not None:
+    raise UserError(f"step: checkpoint {step} in {directory} is damaged ({damaged[0][1]}); pass another "
+                    f"--step (available: {', '.join(map(str, steps))})")
+  raise UserError(f"workdir: none of the {len(steps)} checkpoints in {directory} verifies ("
+                  + "; ".join(f"{s}: {w}" for s, w in damaged) + "); restore them from a copy")
