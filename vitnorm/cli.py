@@ -5,8 +5,11 @@ call `quiet_start`; library modules never set environment variables. Exit codes 
 
   0   the run completed (also: re-running a completed run, --help, --print_config)
   1   an unexpected error (a traceback: a bug, or a failure outside the input's control)
-  2   bad input: one line 'error: <field>: <what is wrong; the fix>' on stderr, nothing changed
+  2   bad input, or a workdir held by another run: one line 'error: <field>: <what is wrong; the
+      fix>' on stderr, nothing changed
   3   training diverged (status.json says at which step; the last good checkpoint is kept)
+  4   the workdir's disk is full (status.json says 'failed'; every surviving checkpoint verifies):
+      free space and run the same command again
   75  preempted (SIGTERM / Ctrl-C; EX_TEMPFAIL): a checkpoint was saved, run the same command again
 """
 import os
@@ -16,6 +19,7 @@ EXIT_COMPLETED = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_DISK_FULL = 4
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"; schedulers may requeue on it
 
 # TensorFlow's C++ start-up lines ('All log messages before absl::InitializeLog()', oneDNN notices,

@@ -40,9 +40,10 @@ Flags:
   --verbose             keep TensorFlow / absl / tfds start-up and INFO logging
   --help                this text
 
-Exit codes: 0 completed (or already completed), 2 bad input (one 'error: ...' line, nothing
-changed), 3 training diverged (status.json says where), 75 preempted by SIGTERM / Ctrl-C (a
-checkpoint is saved: run the same command again), 1 anything unexpected (a traceback).
+Exit codes: 0 completed (or already completed), 2 bad input or a workdir in use by another run
+(one 'error: ...' line, nothing changed), 3 training diverged (status.json says where), 4 the
+workdir's disk is full (free space, run the same command again), 75 preempted by SIGTERM / Ctrl-C
+(a checkpoint is saved: run the same command again), 1 anything unexpected (a traceback).
 """
 
 # Fields that may be None although their default is a value (the others: placeholders in configs/common.py).
@@ -92,6 +93,11 @@ def _apply_none(config, field):
 
 def _clean(text: str) -> str:
   return one_line(text)
+
+
+def _syntax_error_line(e: SyntaxError) -> str:
+  return (f"--config: {e.filename} line {e.lineno}: {e.msg}; fix the syntax error in the config "
+          "file (python -m py_compile FILE shows it)")
 
 
 def _last_error_line(message: str) -> str:
@@ -166,7 +172,9 @@ def parse(argv):
     raise
   except (AttributeError, KeyError) as e:  # an override names a field the config lacks
     raise UserError(_unknown_field(e, argv)) from None
-  except (flags.Error, ValueError, TypeError, OSError, SyntaxError, ImportError) as e:
+  except SyntaxError as e:  # the config file does not parse: name the file and line
+    raise UserError(_syntax_error_line(e)) from None
+  except (flags.Error, ValueError, TypeError, OSError, ImportError) as e:
     message = _last_error_line(str(e))
     if "Traceback" in str(e) or isinstance(e, (OSError, SyntaxError, ImportError)):
       message = f"--config: {_clean(message)}"
@@ -206,6 +214,9 @@ def _run(config, workdir, print_config) -> int:
     print(f"error: {err} (status.json in {workdir}; the last good checkpoint is kept)",
           file=sys.stderr, flush=True)
     return cli.EXIT_DIVERGED
+  except loop.WorkdirFull as err:
+    print(f"error: workdir: {err}", file=sys.stderr, flush=True)
+    return cli.EXIT_DISK_FULL
   if parallel.is_main_process():
     print(loop.summary_text(summary), flush=True)
   return cli.EXIT_PREEMPTED if summary["status"] == "preempted" else cli.EXIT_COMPLETED

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 TENSORBOARD_DIR = "tensorboard"
-STATUSES = ("running", "completed", "diverged", "preempted")
+STATUSES = ("running", "completed", "diverged", "preempted", "failed")  # failed: status.json says why
 
 
 def format_duration(seconds: float) -> str:

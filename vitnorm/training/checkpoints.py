@@ -6,24 +6,34 @@ Layout of a workdir written by the trainer:
   WORKDIR/checkpoints/<step>/    one orbax checkpoint per saved step, two items:
       model/  {'params', ['batch_stats'], ['ema_params']}   what inference needs
       train/  {'step', 'opt_state'}                         what only resuming needs
+      vitnorm_manifest.json  size + SHA-256 of every file, written after the commit (integrity)
+  WORKDIR/checkpoints/<step>.corrupt/   a step that failed verification, moved aside (never deleted)
+  WORKDIR/lock.json              the run holding the workdir (vitnorm.training.workdir_lock)
   WORKDIR/metrics.jsonl, status.json, tensorboard/   (vitnorm.workdir)
 
 Keeping the model in its own item lets `restore_variables` load a model without knowing the
 optimizer, and lets evaluation and folding tools read any run. Orbax writes each step to a
 temporary directory and renames it when complete, so a crash mid-save never leaves a corrupt
-"latest" checkpoint; `Checkpointer.save` never overwrites an existing step.
+"latest" checkpoint; `Checkpointer.save` never overwrites an existing step. Damage after the
+commit (truncated, deleted or flipped bytes) is caught by the manifest: the trainer resumes and
+`restore_variables` reads only from steps that verify.
 """
 import json
 import os
-from typing import Any, Mapping, Optional
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vitnorm.model import vit
 from vitnorm.errors import UserError
+from vitnorm.training import integrity
 
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
@@ -124,27 +134,47 @@ def model_config_differences(saved: Mapping, new: Mapping) -> list:
 
 
 class Checkpointer:
-  """The trainer's orbax CheckpointManager: keeps the last `keep` steps, never overwrites a step.
+  """The trainer's orbax CheckpointManager plus integrity manifests and manifest-aware rotation.
 
-  All processes must call `save` and `restore` together (orbax coordinates multi-host writes:
-  each array shard is written once, metadata by the primary process).
+  Keeps the newest `keep` steps that have a manifest (and anything newer), never overwrites a
+  step. The manifest of a step is written once orbax has committed it: at once for synchronous
+  saves, by a background thread that waits for the commit for asynchronous ones (and at the
+  latest in `wait` / `close`). Rotation runs only after a manifest is written, so it never deletes
+  the newest verified checkpoint in favour of one that is still being written.
+  All processes must call `save`, `restore` and `restorable_step` together (orbax coordinates
+  multi-host writes); manifests, rotation and moving damaged steps aside are done by process 0.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, hashing: bool = True,
+               warn: Optional[Callable[[str], None]] = None):
     self.directory = os.path.abspath(checkpoint_dir(workdir))
+    self.keep, self.hashing = keep, hashing
+    self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    self._primary = jax.process_index() == 0
+    self._async = async_save
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=None, create=True, enable_async_checkpointing=async_save))
+    self._pending = []  # steps saved, manifest not written yet
+    self._mutex = threading.Lock()
+    self._worker = None
+    self._worker_error = None
+    self._flush = threading.Event()  # wait(): the worker stops, the caller writes what is left
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(int(step))
 
   def all_steps(self) -> list:
-    return sorted(int(s) for s in self._manager.all_steps())
+    return sorted(int(s) for s in ocp.path.step.checkpoint_steps(self.directory))
 
   def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def save(self, step: int, model_item: Mapping[str, Any], train_item: Mapping[str, Any]) -> bool:
     """Saves both items at `step` (asynchronously if enabled); False if that step already exists."""
+    self._raise_worker_error()
     if step in self.all_steps():
       return False
     saved = self._manager.save(
@@ -152,7 +182,102 @@ class Checkpointer:
             **{MODEL_ITEM: ocp.args.StandardSave(dict(model_item)),
                TRAIN_ITEM: ocp.args.StandardSave(dict(train_item))}),
         force=True)
+    if saved and self._primary:
+      with self._mutex:
+        self._pending.append(int(step))
+      if not self._async:
+        self._write_pending()
+      elif self._worker is None or not self._worker.is_alive():
+        self._worker = threading.Thread(target=self._background, name="ckpt-manifest", daemon=True)
+        self._worker.start()
     return bool(saved)
+
+  # -- manifests and rotation (process 0) --------------------------------------------------------
+
+  def _committed(self, step: int) -> bool:
+    path = self._step_dir(step)
+    return path.exists() and ocp.path.step.is_path_finalized(path)
+
+  def _background(self):
+    try:
+      while not self._flush.is_set():
+        with self._mutex:
+          if not self._pending:
+            return
+          step = self._pending[0]
+        if self._committed(step):
+          self._write_pending(only=step)
+        else:
+          self._flush.wait(0.05)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._worker_error = e
+
+  def _write_pending(self, only: Optional[int] = None):
+    with self._mutex:
+      steps = [s for s in self._pending if only is None or s == only]
+      for step in steps:
+        if self._committed(step):  # a failed save left no step; orbax reports its error
+          integrity.write_manifest(self._step_dir(step), hashing=self.hashing)
+        self._pending.remove(step)
+      if steps:
+        self._rotate()
+
+  def _rotate(self):
+    steps = self.all_steps()
+    verified = [s for s in steps if integrity.has_manifest(self._step_dir(s))]
+    if len(verified) <= self.keep:
+      return
+    cutoff = verified[-self.keep]
+    for step in steps:
+      if step < cutoff:
+        self._step_dir(step).rmtree(missing_ok=True)
+
+  def _raise_worker_error(self):
+    if self._worker_error is not None:
+      err, self._worker_error = self._worker_error, None
+      raise err
+
+  # -- restoring ---------------------------------------------------------------------------------
+
+  def restorable_step(self) -> Optional[int]:
+    """The newest step that verifies against its manifest (None if there are no checkpoints).
+
+    Each newer step that does not verify is moved aside to '<step>.corrupt' with a one-line
+    warning. If checkpoints exist but none verifies: UserError, and nothing is moved.
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    chosen, message = -1, ""
+    if self._primary and integrity.predates_manifests(self.directory, steps):
+      for step in steps:
+        integrity.write_manifest(self._step_dir(step), hashing=self.hashing)
+      self.warn(f"warning: the checkpoints in {self.directory} predate integrity manifests: recorded "
+                f"manifests of steps {', '.join(map(str, steps))} as they are (not verified)")
+    if self._primary:
+      damaged = []
+      for step in reversed(steps):
+        why = integrity.damage(self._step_dir(step))
+        if why is None:
+          chosen = step
+          break
+        damaged.append((step, why))
+      if chosen < 0:
+        message = (f"workdir: none of the {len(steps)} checkpoints in {self.directory} verifies ("
+                   + "; ".join(f"{s}: {w}" for s, w in damaged) + "); nothing was moved or deleted: "
+                   "restore the checkpoints from a copy, or pass a new --workdir to start over")
+      else:
+        for step, why in damaged:
+          moved = integrity.move_aside(self._step_dir(step))
+          self.warn(f"warning: checkpoint {step} in {self.directory} is damaged ({why}); moved it to "
+                    f"{moved}, resuming from step {chosen}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      chosen = int(multihost_utils.broadcast_one_to_all(np.int64(chosen)))
+    if chosen < 0:
+      raise UserError(message or f"workdir: no checkpoint in {self.directory} verifies (see process 0)")
+    self._manager.reload()
+    return chosen
 
   def restore(self, step: int, model_target: Mapping[str, Any], train_target: Mapping[str, Any]):
     """(model_item, train_item) at `step`, shaped and placed like the targets (arrays or
@@ -163,12 +288,32 @@ class Checkpointer:
     return out[MODEL_ITEM], out[TRAIN_ITEM]
 
   def wait(self):
-    """Blocks until every pending asynchronous save is complete on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every pending save is committed and has its manifest."""
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._flush.set()
+      if self._worker is not None:
+        self._worker.join()
+        self._worker = None
+      self._flush.clear()
+    self._raise_worker_error()
+    if self._primary:
+      self._write_pending()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+def discard_partial_saves(workdir: str):
+  """Removes the temporary directories of saves that failed (e.g. on a full disk); process 0 only."""
+  directory = epath.Path(os.path.abspath(checkpoint_dir(workdir)))
+  if jax.process_index() == 0 and directory.is_dir():
+    for path in directory.glob("*.orbax-checkpoint-tmp*"):
+      path.rmtree(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,11 +348,10 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
   if not steps:
     raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}: the run saved none yet; train "
                     f"longer or pass another --workdir")
-  if step is None:
-    step = steps[-1]
-  if step not in steps:
+  if step is not None and step not in steps:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available steps: "
                     f"{', '.join(map(str, steps))}")
+  step = integrity.verified_step(os.path.abspath(checkpoint_dir(workdir)), steps, step)
   with reader:
     stored = reader.item_metadata(step)[MODEL_ITEM]
     stored = getattr(stored, "tree", stored)

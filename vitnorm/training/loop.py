@@ -19,7 +19,7 @@ import numpy as np
 from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, evaluation, header
+from vitnorm.training import checkpoints, disk_full, evaluation, header, workdir_lock
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
@@ -118,16 +118,34 @@ def _inject_nan(batches, nan_step: Optional[int], start_step: int):
     yield batch
 
 
+class WorkdirFull(Exception):
+  """The workdir ran out of space (status.json says 'failed'); free space and re-run to resume."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns its summary dict.
 
-  Raises UserError for bad input (before compiling), TrainingDiverged after writing
-  status.json when the run diverges. Returns normally when completed or preempted
+  Raises UserError for bad input or a workdir held by another run (before writing anything),
+  TrainingDiverged after writing status.json when the run diverges, WorkdirFull after writing
+  status.json when the disk fills up. Returns normally when completed or preempted
   (summary['status'] says which).
   """
   started = time.time()
   workdir = os.path.abspath(workdir)
   plan = prepare(config, workdir)
+  disk_full.quiet_out_of_space_noise()
+  with workdir_lock.held_by_the_run(workdir):
+    try:
+      return _train_and_evaluate(plan, workdir, started)
+    except Exception as err:  # pylint: disable=broad-except
+      if not disk_full.out_of_space(err):
+        raise
+      step = disk_full.record_in_status(workdir)
+      raise WorkdirFull(f"no space left on the device of {workdir} (newest checkpoint that verifies: "
+                        f"step {step}); free space and run the same command again to resume") from None
+
+
+def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   cfg = plan.config
   is_main = parallel.is_main_process()
   start_step = checkpoints.latest_step(workdir) or 0
@@ -146,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not start_step and cfg.get("init_from"):  # before checkpoints/ exists: a failure leaves none
     state = load_pretrained(state, cfg.init_from, eval_model)
   ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  start_step = ckpt.restorable_step() or 0  # damaged newer steps are moved aside
   if start_step:
     state = _restore(ckpt, start_step, state, mesh)
   state = placement.put_state(state)

@@ -59,8 +59,36 @@ def canonical_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+def check_finite(config, prefix: str = ""):
+  """ConfigError for the first float (alone or in a list) that is NaN or infinite."""
+  for key, value in config.items():
+    field = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      check_finite(value, field + ".")
+      continue
+    for item in (value if isinstance(value, (list, tuple)) else [value]):
+      if isinstance(item, (float, np.floating)) and not math.isfinite(item):
+        raise ConfigError(field, f"must be a finite number, got {value!r}; give a finite value")
+
+
+def check_workdir(workdir: Optional[str]):
+  """A workdir that is a file or a read-only directory is refused before anything is read."""
+  if workdir is None or "://" in str(workdir):
+    return  # object stores: the workdir lock is the write test
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError("workdir", f"{workdir} is a file, not a directory; pass a directory (new or a "
+                      "run's) as --workdir")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing) or "."
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError("workdir", f"{existing} is not writable; pass a --workdir you can write to")
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> Plan:
   """Validates everything that can be checked without compiling; UserError names the bad field."""
+  check_workdir(workdir)
+  check_finite(config)
   config = canonical_config(config)
   if config.parallelism not in PARALLELISM:
     raise ConfigError("parallelism", f"unknown value {config.parallelism!r}; choose jit or pmap")
@@ -99,7 +127,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
   if config.num_steps is None:
     if not float(config.num_epochs or 0) > 0:
       raise ConfigError("num_epochs", "must be positive when num_steps is not set")
-    num_steps = max(1, math.ceil(float(config.num_epochs) * steps_per_epoch))
+    total = float(config.num_epochs) * steps_per_epoch
+    if not total < 2**62:
+      raise ConfigError("num_epochs", f"{config.num_epochs!r} epochs is more than 2^62 steps; give a "
+                        "realistic number of epochs, or set num_steps")
+    num_steps = max(1, math.ceil(total))
   else:
     num_steps = _positive_int(config, "num_steps")
   if config.optim.warmup_steps is not None:
