@@ -22,13 +22,12 @@ Results: DIR/evaluation.json, DIR/evaluation.md (markdown tables) and the same t
 (DIR: --output_dir, default the --workdir; with --config and no --output_dir, stdout only).
 """
 import json
-import os
 from typing import Optional, Sequence
 
 import jax
 import ml_collections
 
-from vitnorm import parallel
+from vitnorm import parallel, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.inference import throughput
 from vitnorm.model import fold, vit
@@ -96,7 +95,7 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
     variables = vit.init_variables(model, jax.random.key(seed), vit.input_shape(config.model, 1))
     source = dict(weights="random", seed=seed)
     return config, model, throughput.inference_variables(variables), source
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir):
     raise UserError(f"--workdir {workdir} does not exist; pass the workdir of a training run")
   config = checkpoints.load_run_config(workdir)
   if not checkpoints.all_steps(workdir):
@@ -106,7 +105,7 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
     config.model.dtype = dtype
   model = vit.build_model(config.model)
   variables, step = checkpoints.restore_variables(workdir, step, use_ema=use_ema)
-  source = dict(weights="checkpoint", workdir=os.path.abspath(workdir), step=int(step), use_ema=use_ema)
+  source = dict(weights="checkpoint", workdir=paths.resolve(workdir), step=int(step), use_ema=use_ema)
   return config, model, variables, source
 
 
@@ -228,13 +227,6 @@ def format_markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.ConfigDict] = None,
              config_name: Optional[str] = None, step: Optional[int] = None, use_ema: bool = False,
              batch_sizes: Optional[Sequence[str]] = None, eval_batch_size_override: Optional[int] = None,
@@ -244,12 +236,12 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   """Everything `python -m vitnorm.evaluate` does; returns the report written to evaluation.json."""
   if iterations < 1 or repeats < 1 or warmup < 0:
     raise ConfigError("--iterations/--repeats/--warmup", "need iterations >= 1, repeats >= 1, warmup >= 0")
-  if workdir is not None and not os.path.isdir(workdir):
+  if workdir is not None and not paths.is_dir(workdir):
     raise UserError(f"--workdir {workdir} does not exist; pass the workdir of a training run")
   num_local = jax.local_device_count()
   sizes = parse_batch_sizes(batch_sizes, num_local) if measure else []
   output_dir = output_dir or workdir
-  if output_dir and not os.path.isdir(output_dir):
+  if output_dir and not paths.is_url(output_dir) and not paths.is_dir(output_dir):
     raise ConfigError("--output_dir", f"{output_dir} does not exist; create it first")
   if dtype is not None and dtype not in vit.DTYPES:
     raise ConfigError("--dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(vit.DTYPES)}")
@@ -293,9 +285,9 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   report["markdown"] = markdown
   if output_dir and parallel.is_main_process():
     doc = throughput.nan_to_none({k: v for k, v in report.items() if k != "markdown"})
-    _write_atomic(os.path.join(output_dir, JSON_FILE),
-                  json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n")
-    _write_atomic(os.path.join(output_dir, MARKDOWN_FILE), markdown)
+    paths.write_text_atomic(paths.join(output_dir, JSON_FILE),
+                            json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n")
+    paths.write_text_atomic(paths.join(output_dir, MARKDOWN_FILE), markdown)
   return report
 
 

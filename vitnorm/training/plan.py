@@ -7,14 +7,13 @@ derives the step counts; everything after it may trust the Plan.
 import copy
 import dataclasses
 import math
-import os
 from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from vitnorm import data
+from vitnorm import data, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.model import norms, vit
 from vitnorm.training import checkpoints, optim
@@ -110,7 +109,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
   config.num_steps = num_steps
   config.optim.warmup_steps = min(warmup, num_steps)
 
-  if config.get("init_from") and not os.path.isfile(config.init_from):
+  if config.get("init_from") and not paths.is_file(config.init_from):
     raise ConfigError("init_from", f"{config.init_from!r} is not a file; give the path of a reference "
                       "ViT / AugReg .npz checkpoint, or leave it unset for random initialization")
   if workdir is not None:
