@@ -113,6 +113,7 @@ def test_bucket_workdir_preempt_resume_is_bit_identical_to_local_and_evaluates(g
       cwd=cwd, env=emulator_env(gcs_emulator), capture_output=True, text=True, timeout=420)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(results.read_text())
+  print("child seconds:", out["seconds"])  # pytest -s shows where the time went
   assert out["network_attempts"] == []
   # Preempted at step 70 with a checkpoint there (and the periodic one at 50), then resumed.
   assert out["first"] == dict(status="preempted", step=PREEMPT_AT, status_file="preempted", steps=[50, 70])
