@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if host.ema_params is not None:
       model_item["ema_params"] = host.ema_params
       if host.ema_batch_stats:
-        model_item["ema_batch_stats"] = host.ema_batch_stats
+        model_item[checkpoints.EMA_BATCH_STATS] = host.ema_batch_stats
     ckpt.save(step, model_item, {"step": host.step, "opt_state": host.opt_state})
 
   step, final, eval_results, status = start_step, {}, {}, "completed"
