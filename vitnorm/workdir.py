@@ -4,16 +4,24 @@
   WORKDIR/tensorboard/    the same scalars as TensorBoard events (clu SummaryWriter)
   WORKDIR/status.json     {"status": "running"|"completed"|"diverged"|"preempted", "step", "metrics", ...}
 
-Only the main process (process 0) writes files; every process may call these functions. On an
+Only the main process (process 0) writes files; every process may call these functions. WORKDIR may
+be a bucket URL (gs://...; vitnorm.paths): objects cannot be appended to, so there metrics.jsonl is
+rewritten whole at each logged row, and TensorBoard events are written to a local temporary
+directory and copied to WORKDIR/tensorboard/ (one object per events file) at each write and at
+close; status.json is one object upload. On an
 interactive terminal a tqdm progress bar shows step, loss, img/s and ETA; otherwise each log step
 prints one plain line.
 """
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Optional
+
+from vitnorm import paths
 
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -45,54 +53,48 @@ def json_safe(value: Any) -> Any:
 
 
 def _atomic_write_json(path: str, obj: Any):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(json_safe(obj), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
 
 
 def write_status(workdir: str, status: str, step: int, metrics: Mapping[str, Any], **extra) -> str:
   """Writes WORKDIR/status.json atomically (readers never see half a file); returns its path."""
   if status not in STATUSES:
     raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-  path = os.path.join(workdir, STATUS_FILE)
+  path = paths.join(workdir, STATUS_FILE)
   _atomic_write_json(path, dict(status=status, step=int(step), metrics=dict(metrics), **extra))
   return path
 
 
 def read_status(workdir: str) -> Optional[dict]:
   """WORKDIR/status.json as a dict, or None if there is none."""
-  path = os.path.join(workdir, STATUS_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, STATUS_FILE)
+  if not paths.is_file(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def read_metrics(workdir: str) -> list:
   """Every row of WORKDIR/metrics.jsonl (list of dicts, in file order)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, METRICS_FILE)
+  if not paths.is_file(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+
+
+def _rows_text(rows) -> str:
+  return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def truncate_metrics(workdir: str, last_step: int) -> int:
   """Drops rows with step > last_step (logged after the checkpoint a run resumes from, and
   logged again by the resumed run); returns how many were dropped."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, METRICS_FILE)
+  if not paths.is_file(path):
     return 0
   rows = read_metrics(workdir)
   keep = [r for r in rows if int(r.get("step", 0)) <= last_step]
   if len(keep) != len(rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for r in keep:
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, _rows_text(keep))
   return len(rows) - len(keep)
 
 
@@ -117,12 +119,19 @@ class RunLogger:
     self._tb = None
     self._jsonl = None
     self._bar = None
+    self._bucket_rows = None  # bucket workdir: every row of metrics.jsonl, rewritten whole
+    self._tb_local = None  # bucket workdir: local directory of the TensorBoard events
     if not is_main:
       return
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    os.makedirs(workdir, exist_ok=True)
-    self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+    paths.makedirs(workdir)
+    if paths.is_url(workdir):
+      self._bucket_rows = read_metrics(workdir)
+      self._tb_local = tempfile.mkdtemp(prefix="vitnorm_tensorboard_")
+      self._tb = metric_writers.SummaryWriter(self._tb_local)
+    else:
+      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
     use_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
     if use_bar:
       import tqdm  # pylint: disable=g-import-not-at-top
@@ -134,9 +143,23 @@ class RunLogger:
     if not self.is_main or not scalars:
       return
     row = {"step": int(step), **{k: json_safe(float(v)) for k, v in scalars.items()}}
+    self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+    if self._bucket_rows is not None:
+      self._bucket_rows.append(row)
+      paths.write_text_atomic(paths.join(self.workdir, METRICS_FILE), _rows_text(self._bucket_rows))
+      self._upload_tensorboard()
+      return
     self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
     self._jsonl.flush()
-    self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+
+  def _upload_tensorboard(self):
+    """Bucket workdir: copies each local events file to WORKDIR/tensorboard/ (whole objects)."""
+    self._tb.flush()
+    for name in sorted(os.listdir(self._tb_local)):
+      local = os.path.join(self._tb_local, name)
+      if os.path.isfile(local):
+        with open(local, "rb") as f:
+          paths.as_path(paths.join(self.workdir, TENSORBOARD_DIR, name)).write_bytes(f.read())
 
   def write_config(self, hparams: Mapping[str, Any], config_text: str):
     """The run's main hyperparameters (TensorBoard's hparams tab) and its whole config (a text)."""
@@ -188,8 +211,13 @@ class RunLogger:
       self._bar = None
     if self._tb is not None:
       self._tb.flush()
+      if self._tb_local is not None:
+        self._upload_tensorboard()
       self._tb.close()
       self._tb = None
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None

@@ -213,3 +213,41 @@ def test_cli_prints_the_tables(workdir, tmp_path):
   assert "| folded     | 8     |" in proc.stdout
   with open(tmp_path / "evaluation.md", encoding="utf-8") as f:
     assert f.read() == proc.stdout
+
+
+def test_fold_check_runs_at_highest_precision_and_catches_a_one_percent_error(workdir, monkeypatch):
+  """Under a reduced global matmul precision the check still runs at 'highest': a correct fold
+  agrees and a fold with one BN scale off by 1% is caught. (XLA:CPU computes float32 matmuls in
+  float32 whatever the flag says -- measured: no difference at all -- so on CPU this checks the
+  precision in force during the accuracy pass and the check's sensitivity; on GPU / TPU the flag
+  would also change the numbers.)"""
+  from vitnorm import parallel  # pylint: disable=g-import-not-at-top
+  from vitnorm.model import fold, norms  # pylint: disable=g-import-not-at-top
+  config = checkpoints.load_run_config(workdir)
+  model = vit.build_model(config.model)
+  variables, _ = checkpoints.restore_variables(workdir)
+  seen = []
+  original = run_report.evaluation.evaluate_classifier
+
+  def spy(*args, **kwargs):
+    seen.append(str(jax.config.jax_default_matmul_precision))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(run_report.evaluation, "evaluate_classifier", spy)
+  broken = jax.tree_util.tree_map(np.asarray, variables)
+  bn = broken["params"]["Transformer"]["encoderblock_0"][norms.module_name("batch", 0)]
+  bn["scale"] = bn["scale"] * 1.01  # the first block's pre-attention BN: one scale off by 1%
+  jax.config.update("jax_default_matmul_precision", "bfloat16")
+  try:
+    assert run_report.default_precision() == "bfloat16"
+    def check(folded_variables):
+      return run_report.evaluate_accuracy(
+          config, {"as_trained": (model, variables), "folded": fold.fold_batchnorm(model, folded_variables)},
+          global_batch_size=64, mesh=parallel.data_mesh(), required=True)
+    good, bad = check(variables), check(broken)
+  finally:
+    jax.config.update("jax_default_matmul_precision", None)
+  assert seen == ["highest"] * 4 and good["matmul_precision"] == "highest"
+  assert good["folded_agrees"] is True and good["folded_loss_difference"] < 1e-6
+  # ~1e-4: caught by the float32 tolerance (1e-5 relative), missed by the old one (1e-4).
+  assert bad["folded_agrees"] is False and bad["folded_loss_difference"] > 1e-5 * bad["as_trained"]["loss"]

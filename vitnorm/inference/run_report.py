@@ -10,9 +10,14 @@ With --workdir the run's config.json and a checkpoint (the latest, or --step) ar
 Accuracy: top-1 and mean cross-entropy over *every* example of data.eval_split (the last batch
 padded and masked out, see vitnorm.training.evaluation). A BN model whose norms all fold
 (vitnorm.model.fold) is evaluated both as trained and folded into the norm-free ViT; the two must
-agree (their difference is reported). A PRepBN checkpoint is evaluated with lam at its step
-(vitnorm.model.vit.at_step) and folded only once lam is 0; DyT and QK-norm models, like LN ones,
-are reported as not foldable, with the reason.
+agree (their difference is reported). The accuracy pass, and with it the fold check, runs at
+`jax.default_matmul_precision("highest")` (float32 matmuls in full float32 on every backend): at
+the default precision (TF32-like on recent NVIDIA GPUs, bfloat16 passes on TPU) the folded and
+unfolded models round differently and a correct fold could miss the float32 tolerance (loss
+within 1e-5 relative; bfloat16 compute gets 2e-2). Throughput is measured at
+the default precision, as the models run in practice; the report names the precision of each.
+A PRepBN checkpoint is evaluated with lam at its step (vitnorm.model.vit.at_step) and folded only
+once lam is 0; DyT and QK-norm models, like LN ones, are reported as not foldable, with the reason.
 
 Throughput: for each batch size, the model as trained and (for BN models) its folded version
 are compiled once (compile seconds reported apart), warmed up and timed interleaved over
@@ -24,13 +29,12 @@ Results: DIR/evaluation.json, DIR/evaluation.md (markdown tables) and the same t
 (DIR: --output_dir, default the --workdir; with --config and no --output_dir, stdout only).
 """
 import json
-import os
 from typing import Optional, Sequence
 
 import jax
 import ml_collections
 
-from vitnorm import parallel
+from vitnorm import parallel, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.inference import throughput
 from vitnorm.model import fold, norms, vit
@@ -39,6 +43,12 @@ from vitnorm.training import checkpoints, evaluation
 JSON_FILE = "evaluation.json"
 MARKDOWN_FILE = "evaluation.md"
 AS_TRAINED, FOLDED = "as_trained", "folded"  # names of the two models in the results
+CHECK_PRECISION = "highest"  # matmul precision of the accuracy pass and the fold check
+
+
+def default_precision() -> str:
+  """The matmul precision the models run at outside the check (jax_default_matmul_precision)."""
+  return str(jax.config.jax_default_matmul_precision or "default")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +108,7 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
     variables = vit.init_variables(model, jax.random.key(seed), vit.input_shape(config.model, 1))
     source = dict(weights="random", seed=seed)
     return config, model, throughput.inference_variables(variables), source
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir):
     raise UserError(f"--workdir {workdir} does not exist; pass the workdir of a training run")
   config = checkpoints.load_run_config(workdir)
   if not checkpoints.all_steps(workdir):
@@ -108,7 +118,7 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
     config.model.dtype = dtype
   variables, step = checkpoints.restore_variables(workdir, step, use_ema=use_ema)
   model = vit.at_step(vit.build_model(config.model), step)  # PRepBN: lam at the checkpoint's step
-  source = dict(weights="checkpoint", workdir=os.path.abspath(workdir), step=int(step), use_ema=use_ema)
+  source = dict(weights="checkpoint", workdir=paths.resolve(workdir), step=int(step), use_ema=use_ema)
   return config, model, variables, source
 
 
@@ -138,16 +148,20 @@ def evaluate_accuracy(config, models: dict, *, global_batch_size: int, mesh, req
     return dict(skipped=f"dataset not available: {e}")
   out = dict(dataset=info.name, split=str(config.data.get("eval_split", "")),
              eval_batch_size=global_batch_size)
-  for name, (model, variables) in models.items():
-    batches = data.eval_batches(config.data, global_batch_size=global_batch_size)
-    out[name] = evaluation.evaluate_classifier(model, variables, batches, mesh=mesh)
+  out["matmul_precision"] = CHECK_PRECISION
+  with jax.default_matmul_precision(CHECK_PRECISION):  # the fold check must not see TF32 / bf16 passes
+    for name, (model, variables) in models.items():
+      batches = data.eval_batches(config.data, global_batch_size=global_batch_size)
+      out[name] = evaluation.evaluate_classifier(model, variables, batches, mesh=mesh)
   if AS_TRAINED in out and FOLDED in out:
     a, b = out[AS_TRAINED], out[FOLDED]
     top1_diff = abs(a["top1"] - b["top1"])
     loss_diff = abs(a["loss"] - b["loss"])
     # Folding changes float round-off only: a few near-tie predictions may flip. bfloat16
-    # computes with ~3 significant digits, so it gets wider bounds than float32.
-    top1_tol, loss_tol = (1e-2, 2e-2) if dtype == "bfloat16" else (1e-3, 1e-4)
+    # computes with ~3 significant digits, so it gets wider bounds than float32. In float32 at
+    # "highest" the two losses differ by ~1e-7 relative (tiny ViTs: 0 to 2e-8), so 1e-5 leaves a
+    # wide margin and still catches one BN scale off by 1% (~1e-4 on a random-weight ViT).
+    top1_tol, loss_tol = (1e-2, 2e-2) if dtype == "bfloat16" else (1e-3, 1e-5)
     out["folded_agrees"] = bool(
         top1_diff <= max(2.0 / max(a["num_examples"], 1), top1_tol) + 1e-12 and
         loss_diff <= loss_tol * max(1.0, abs(a["loss"])))
@@ -161,7 +175,7 @@ def measure_throughput(models: dict, dtype: str, batch_sizes: Sequence[int], ima
                 for name, (model, variables) in models.items()]
   results = throughput.measure_batch_sizes(candidates, batch_sizes, image_shape, warmup=warmup,
                                            iterations=iterations, repeats=repeats, log=log)
-  return [r.to_json() for r in results]
+  return [dict(r.to_json(), matmul_precision=default_precision()) for r in results]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +210,8 @@ def format_markdown(report: dict) -> str:
     rows = [[name, throughput.fmt(100 * acc[name]["top1"], ".2f"), throughput.fmt(acc[name]["loss"], ".4f"),
              acc[name]["num_examples"]] for name in (AS_TRAINED, FOLDED) if name in acc]
     lines.append(f"{acc['dataset']} split '{acc['split']}', every example counted (batch "
-                 f"{acc['eval_batch_size']}, last batch padded and masked).")
+                 f"{acc['eval_batch_size']}, last batch padded and masked), matmul precision "
+                 f"{acc.get('matmul_precision', CHECK_PRECISION)}.")
     lines.append("")
     lines.append(throughput.markdown_table(["model", "top-1 %", "loss", "examples"], rows))
     if "folded_agrees" in acc:
@@ -224,19 +239,13 @@ def format_markdown(report: dict) -> str:
     first = tp[0] if tp else {}
     lines.append(f"Interleaved over {first.get('repeats', 0)} repeats of {first.get('iterations', 0)} "
                  f"calls after {first.get('warmup', 0)} warm-up calls; images/s median and min-max over "
-                 "repeats; FLOPs from XLA cost analysis.")
+                 f"repeats; FLOPs from XLA cost analysis; matmul precision "
+                 f"{first.get('matmul_precision', 'default')}.")
     lines.append("")
     lines.append(throughput.markdown_table(
         ["model", "batch", "img/s", "min-max", "ms/batch", "GFLOP/img", "compile s", "devices", "dtype"],
         rows))
   return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.ConfigDict] = None,
@@ -248,12 +257,12 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   """Everything `python -m vitnorm.evaluate` does; returns the report written to evaluation.json."""
   if iterations < 1 or repeats < 1 or warmup < 0:
     raise ConfigError("--iterations/--repeats/--warmup", "need iterations >= 1, repeats >= 1, warmup >= 0")
-  if workdir is not None and not os.path.isdir(workdir):
+  if workdir is not None and not paths.is_dir(workdir):
     raise UserError(f"--workdir {workdir} does not exist; pass the workdir of a training run")
   num_local = jax.local_device_count()
   sizes = parse_batch_sizes(batch_sizes, num_local) if measure else []
   output_dir = output_dir or workdir
-  if output_dir and not os.path.isdir(output_dir):
+  if output_dir and not paths.is_url(output_dir) and not paths.is_dir(output_dir):
     raise ConfigError("--output_dir", f"{output_dir} does not exist; create it first")
   if dtype is not None and dtype not in vit.DTYPES:
     raise ConfigError("--dtype", f"unknown dtype {dtype!r}; choose one of {', '.join(vit.DTYPES)}")
@@ -297,9 +306,9 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   report["markdown"] = markdown
   if output_dir and parallel.is_main_process():
     doc = throughput.nan_to_none({k: v for k, v in report.items() if k != "markdown"})
-    _write_atomic(os.path.join(output_dir, JSON_FILE),
-                  json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n")
-    _write_atomic(os.path.join(output_dir, MARKDOWN_FILE), markdown)
+    paths.write_text_atomic(paths.join(output_dir, JSON_FILE),
+                            json.dumps(doc, indent=2, default=_json_default, allow_nan=False) + "\n")
+    paths.write_text_atomic(paths.join(output_dir, MARKDOWN_FILE), markdown)
   return report
 
 

@@ -14,10 +14,12 @@ model.qk_norm set keeps its freshly initialised query_norm / key_norm (reference
 none; everything else of the LN layout loads unchanged). Anything else that does not
 match (another width or depth, a BN model) is a UserError listing the offending paths.
 """
+import io
 import re
 from typing import Mapping
 
 import flax
+from etils import epath
 import jax
 import numpy as np
 
@@ -41,8 +43,8 @@ def _to_linen_key(key: str) -> str:
 def load_npz(path: str) -> dict:
   """Reads a reference .npz checkpoint into a nested params dict in the Linen layout."""
   try:
-    with open(path, "rb") as f:
-      flat = dict(np.load(f, allow_pickle=False))
+    with epath.Path(path).open("rb") as f:  # a local path or a URL (gs://...)
+      flat = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
   except FileNotFoundError:
     raise UserError(f"pretrained checkpoint {path!r} does not exist; give the path of a reference "
                     "ViT / AugReg .npz file") from None
@@ -57,8 +59,9 @@ def load_npz(path: str) -> dict:
 def save_npz(path: str, params: Mapping) -> None:
   """Writes params as a reference-style .npz (flat '/'-joined keys)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  with open(path, "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in flat.items()})
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def resize_position_embeddings(posemb: np.ndarray, num_tokens: int, num_cls_tokens: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Layout of a workdir written by the trainer:
 
   WORKDIR/config.json            the run's config (written once, by process 0)
   WORKDIR/checkpoints/<step>/    one orbax checkpoint per saved step, two items:
-      model/  {'params', ['batch_stats'], ['ema_params']}   what inference needs
+      model/  {'params', ['batch_stats'], ['ema_params', ['ema_batch_stats']]}   what inference needs
       train/  {'step', 'opt_state'}                         what only resuming needs
       vitnorm_manifest.json  size + SHA-256 of every file, written after the commit (integrity)
   WORKDIR/checkpoints/<step>.corrupt/   a step that failed verification, moved aside (never deleted)
@@ -19,10 +19,8 @@ commit (truncated, deleted or flipped bytes) is caught by the manifest: the trai
 `restore_variables` reads only from steps that verify.
 """
 import json
-import os
 import sys
 import threading
-import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -31,12 +29,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vitnorm import paths
 from vitnorm.model import vit
 from vitnorm.errors import UserError
 from vitnorm.training import integrity
 
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
+EMA_BATCH_STATS = "ema_batch_stats"  # EMA of the BN statistics (beside ema_params; absent before 12/2026)
 CONFIG_FILE = "config.json"
 
 # Model config fields that may change between a run and its resumption (regularization and
@@ -45,8 +45,8 @@ RESUMABLE_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate", "drop_path_r
 
 
 def checkpoint_dir(workdir: str) -> str:
-  """WORKDIR/checkpoints."""
-  return os.path.join(os.fspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints (a URL for a bucket workdir)."""
+  return paths.join(workdir, "checkpoints")
 
 
 def _handlers():
@@ -55,19 +55,19 @@ def _handlers():
 
 def _reader(workdir: str) -> Optional[ocp.CheckpointManager]:
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.is_dir(directory):
     return None
   return ocp.CheckpointManager(
-      os.path.abspath(directory), item_handlers=_handlers(),
+      paths.resolve(directory), item_handlers=_handlers(),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 
 def all_steps(workdir: str) -> list:
   """Sorted steps of the complete checkpoints in WORKDIR/checkpoints ([] if none)."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.is_dir(directory):
     return []
-  return sorted(int(s) for s in ocp.path.step.checkpoint_steps(directory))
+  return sorted(int(s) for s in ocp.path.step.checkpoint_steps(paths.as_path(directory)))
 
 
 def latest_step(workdir: str) -> Optional[int]:
@@ -82,26 +82,22 @@ def latest_step(workdir: str) -> Optional[int]:
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes WORKDIR/config.json atomically; returns its path. Call on process 0 only."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes WORKDIR/config.json atomically (vitnorm.paths.write_text_atomic); returns its path.
+  Call on process 0 only."""
+  paths.makedirs(workdir)
+  path = paths.join(workdir, CONFIG_FILE)
+  paths.write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   return path
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the trainer wrote to WORKDIR/config.json (UserError if there is none)."""
-  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.is_file(path):
     raise UserError(f"{path} does not exist: {workdir} is not a vitnorm training workdir; pass the "
                     "--workdir of a run started with python -m vitnorm.train")
   try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is not readable JSON ({e}); restore it or train into a new workdir") from e
   return ml_collections.ConfigDict(raw)
@@ -147,7 +143,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, hashing: bool = True,
                warn: Optional[Callable[[str], None]] = None):
-    self.directory = os.path.abspath(checkpoint_dir(workdir))
+    self.directory = paths.resolve(checkpoint_dir(workdir))  # a bucket URL stays a URL
     self.keep, self.hashing = keep, hashing
     self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self._primary = jax.process_index() == 0
@@ -171,6 +167,11 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     steps = self.all_steps()
     return steps[-1] if steps else None
+
+  def model_keys(self, step: int) -> set:
+    """The collections stored in the model item at `step` ('params', 'batch_stats', ...)."""
+    stored = self._manager.item_metadata(int(step))[MODEL_ITEM]
+    return set(getattr(stored, "tree", stored) or {})
 
   def save(self, step: int, model_item: Mapping[str, Any], train_item: Mapping[str, Any]) -> bool:
     """Saves both items at `step` (asynchronously if enabled); False if that step already exists."""
@@ -310,7 +311,7 @@ class Checkpointer:
 
 def discard_partial_saves(workdir: str):
   """Removes the temporary directories of saves that failed (e.g. on a full disk); process 0 only."""
-  directory = epath.Path(os.path.abspath(checkpoint_dir(workdir)))
+  directory = paths.as_path(paths.resolve(checkpoint_dir(workdir)))
   if jax.process_index() == 0 and directory.is_dir():
     for path in directory.glob("*.orbax-checkpoint-tmp*"):
       path.rmtree(missing_ok=True)
@@ -338,8 +339,9 @@ def _shape_differences(expected: Mapping, found: Mapping, collection: str) -> li
 def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool = False):
   """({'params': ..., ['batch_stats': ...]}, step) of a trained run, as arrays on one local device.
 
-  step None -> the latest checkpoint. use_ema -> the EMA of the weights instead of the weights
-  (with the same BN statistics). Raises UserError if WORKDIR has no config or checkpoint, the
+  step None -> the latest checkpoint. use_ema -> the EMA of the weights and of the BN statistics
+  instead of the live ones (a checkpoint written before vitnorm kept the EMA of the statistics
+  gives the live statistics, with a warning on stderr). Raises UserError if WORKDIR has no config or checkpoint, the
   step does not exist, or the checkpoint does not match the model of the run's config.
   """
   config = load_run_config(workdir)
@@ -351,7 +353,7 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
   if step is not None and step not in steps:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available steps: "
                     f"{', '.join(map(str, steps))}")
-  step = integrity.verified_step(os.path.abspath(checkpoint_dir(workdir)), steps, step)
+  step = integrity.verified_step(paths.resolve(checkpoint_dir(workdir)), steps, step)
   with reader:
     stored = reader.item_metadata(step)[MODEL_ITEM]
     stored = getattr(stored, "tree", stored)
@@ -378,4 +380,10 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
   variables = {"params": restored["ema_params"] if use_ema else restored["params"]}
   if restored.get("batch_stats"):
     variables["batch_stats"] = restored["batch_stats"]
+    if use_ema and restored.get(EMA_BATCH_STATS):
+      variables["batch_stats"] = restored[EMA_BATCH_STATS]
+    elif use_ema:
+      print(f"warning: checkpoint {step} in {workdir} has no EMA of the BatchNorm statistics (saved by "
+            "an older vitnorm): the EMA weights are evaluated with the live statistics",
+            file=sys.stderr, flush=True)
   return variables, step

@@ -7,6 +7,7 @@ an uninterrupted one would.
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitnorm import data, parallel, workdir as workdir_lib
+from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
 from vitnorm.training import checkpoints, disk_full, evaluation, header, workdir_lock
@@ -131,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (summary['status'] says which).
   """
   started = time.time()
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # a bucket URL stays a URL
   plan = prepare(config, workdir)
   disk_full.quiet_out_of_space_noise()
   with workdir_lock.held_by_the_run(workdir):
@@ -179,13 +180,14 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
 
   def evaluate(step):
     host = placement.global_state(state)
-    variables = {"params": host.params, "batch_stats": host.batch_stats}
     results = {}
-    for prefix, params in (("eval", host.params), ("eval_ema", host.ema_params)):
+    for prefix, params, stats in (("eval", host.params, host.batch_stats),
+                                  ("eval_ema", host.ema_params, host.ema_batch_stats)):
       if params is None:
         continue
       r = evaluation.evaluate_classifier(
-          vit.at_step(eval_model, step), dict(variables, params=params),  # PRepBN: lam(step)
+          vit.at_step(eval_model, step), {"params": params, "batch_stats": stats},  # PRepBN: lam(step);
+          # EMA weights are evaluated with the EMA of the BN statistics
           data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh)
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
     logger.write(step, results)
@@ -199,6 +201,8 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
       model_item["batch_stats"] = host.batch_stats
     if host.ema_params is not None:
       model_item["ema_params"] = host.ema_params
+      if host.ema_batch_stats:
+        model_item[checkpoints.EMA_BATCH_STATS] = host.ema_batch_stats
     ckpt.save(step, model_item, {"step": host.step, "opt_state": host.opt_state})
 
   step, final, eval_results, status = start_step, {}, {}, "completed"
@@ -320,11 +324,23 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
     model_target["batch_stats"] = target(state.batch_stats)
   if state.ema_params is not None:
     model_target["ema_params"] = target(state.ema_params)
+  old_ema_stats = False
+  if state.ema_batch_stats:
+    old_ema_stats = checkpoints.EMA_BATCH_STATS not in ckpt.model_keys(step)
+    if old_ema_stats:
+      print(f"warning: checkpoint {step} in {ckpt.directory} has no EMA of the BatchNorm statistics "
+            "(saved by an older vitnorm); it restarts from the live statistics of that step",
+            file=sys.stderr, flush=True)
+    else:
+      model_target[checkpoints.EMA_BATCH_STATS] = target(state.ema_batch_stats)
   model_item, train_item = ckpt.restore(
       step, model_target, {"step": target(state.step), "opt_state": target(state.opt_state)})
+  batch_stats = model_item.get("batch_stats", {})
+  ema_stats = (jax.tree.map(jnp.copy, batch_stats) if old_ema_stats
+               else model_item.get(checkpoints.EMA_BATCH_STATS, state.ema_batch_stats))
   return state.replace(step=train_item["step"], opt_state=train_item["opt_state"],
-                       params=model_item["params"], batch_stats=model_item.get("batch_stats", {}),
-                       ema_params=model_item.get("ema_params"))
+                       params=model_item["params"], batch_stats=batch_stats,
+                       ema_params=model_item.get("ema_params"), ema_batch_stats=ema_stats)
 
 
 # ==============================================================================================

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vitnorm import data
+from vitnorm import data, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.model import norms, vit
 from vitnorm.training import checkpoints, optim
@@ -173,18 +173,18 @@ def _resolve_prepbn_decay(config, num_steps: int, warmup: int):
 def init_source(path: str) -> tuple:
   """What config.init_from names: ('npz', path, None) for a reference .npz file, or
   ('workdir', WORKDIR, step or None) for a vitnorm workdir or one of its checkpoints/STEP folders."""
-  path = os.fspath(path)
-  if os.path.isfile(path):
+  path = paths.resolve(path)  # a bucket URL stays a URL
+  if paths.is_file(path):
     return "npz", path, None
   fix = ("give a reference ViT / AugReg .npz file, a vitnorm workdir or its checkpoints/STEP folder, "
          "or leave it unset for random initialization")
-  if not os.path.isdir(path):
+  if not paths.is_dir(path):
     raise ConfigError("init_from", f"{path} does not exist; {fix}")
   run, step = path, None
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.basename(os.path.abspath(path)).isdigit() and os.path.basename(parent) == "checkpoints":
-    run, step = os.path.dirname(parent), int(os.path.basename(os.path.abspath(path)))
-  if not os.path.isfile(os.path.join(run, checkpoints.CONFIG_FILE)):
+  name, parent = path.rstrip("/").rsplit("/", 1)[-1], path.rstrip("/").rsplit("/", 1)[0]
+  if name.isdigit() and parent.rsplit("/", 1)[-1] == "checkpoints":
+    run, step = parent.rsplit("/", 1)[0], int(name)
+  if not paths.is_file(paths.join(run, checkpoints.CONFIG_FILE)):
     raise ConfigError("init_from", f"{path} is a folder but not a vitnorm workdir (no "
                       f"{checkpoints.CONFIG_FILE}); {fix}")
   steps = checkpoints.all_steps(run)

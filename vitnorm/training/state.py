@@ -19,10 +19,16 @@ from vitnorm.training.plan import Plan, init_source
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus the BN running statistics and the optional EMA of the weights."""
+  """Flax TrainState plus the BN running statistics and the optional EMA of the weights.
+
+  The EMA covers the BN running statistics too (as timm's ModelEmaV2 averages buffers): EMA
+  weights are evaluated and folded with `ema_batch_stats`, statistics that followed the averaged
+  weights, not with the live ones (which track only the last few steps' weights).
+  """
 
   batch_stats: Any = None  # {} for models without BatchNorm
   ema_params: Any = None  # None when optim.ema_decay is 0
+  ema_batch_stats: Any = None  # EMA of batch_stats, same decay; None when optim.ema_decay is 0
 
 
 # In-process reuse (tests, notebooks, several runs in one process): the optimizer and the
@@ -55,10 +61,12 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
   tx = cached("tx", plan, lambda: optim.make_optimizer(cfg.optim, make_schedule(plan)))
   # apply_fn stays None: the step calls the model it was built with, and a bound method
   # (compared by identity) in the state's static structure would defeat the compilation cache.
+  batch_stats = variables.get("batch_stats", {})
+  ema = bool(cfg.optim.ema_decay)
   state = TrainState.create(
-      apply_fn=None, params=params, tx=tx,
-      batch_stats=variables.get("batch_stats", {}),
-      ema_params=jax.tree.map(jnp.copy, params) if cfg.optim.ema_decay else None)
+      apply_fn=None, params=params, tx=tx, batch_stats=batch_stats,
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None)
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
 

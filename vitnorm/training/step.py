@@ -57,8 +57,10 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
 
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if ema_decay:
-    new_state = new_state.replace(ema_params=optim.ema_update(state.ema_params, new_state.params, ema_decay))
+  if state.ema_params is not None:  # EMA of the weights and of the BN statistics, one decay
+    new_state = new_state.replace(
+        ema_params=optim.ema_update(state.ema_params, new_state.params, ema_decay),
+        ema_batch_stats=optim.ema_update(state.ema_batch_stats, new_state.batch_stats, ema_decay))
   grad_norm = optim.global_norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
