@@ -1,8 +1,10 @@
 """Test setup: 8 CPU devices, so pmap, sharding and BatchNorm sync really run on several devices.
 
-This must run before JAX starts its backend, hence the environment variable at import time.
+This must run before JAX starts its backend, hence the environment variables at import time. A
+persistent compilation cache (below) lets later tests and later runs reuse compiled programs.
 """
 import os
+import sys
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -12,3 +14,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test may touch the network: tfds must never try GCS or a download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# A persistent compilation cache: the second use of a shape (a later test, the next CI run, a
+# subprocess of a CLI test, which inherits these variables) loads the executable instead of
+# compiling it again. Entries are keyed by the computation, the jax/jaxlib version and the flags
+# (the 8 host devices above included). Set JAX_COMPILATION_CACHE_DIR yourself to move or share it.
+# No size limit (a limit needs the `filelock` package): delete the folder to reclaim its space.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "vitnorm", "jax_test_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+if "jax" in sys.modules:  # a plugin imported JAX before this file: the variables came too late
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
