@@ -29,3 +29,39 @@ if "jax" in sys.modules:  # a plugin imported JAX before this file: the variable
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+import pytest  # noqa: E402  (after the environment above, which must come first)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+  """run_cli('train' | 'evaluate' | 'benchmark', *ARGS, cwd=None) -> (exit code, stdout, stderr)
+  of `python -m vitnorm.<name> ARGS`, run in this process.
+
+  The same path as the console script (vitnorm.<name>.run: absl flags, app.run, exit codes), without
+  a new interpreter or recompiling what this process compiled already. The flags the command
+  defines are removed again afterwards, so the next in-process command can define its own.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def run(name, *args, cwd=None):
+    module = importlib.import_module(f"vitnorm.{name}")
+    if cwd is not None:
+      monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [f"vitnorm.{name}", *args])
+    if hasattr(module, "_FLAGS"):  # vitnorm.train keeps its flag holders between calls
+      monkeypatch.setattr(module, "_FLAGS", None)
+    defined = set(flags.FLAGS)
+    capsys.readouterr()
+    try:
+      with pytest.raises(SystemExit) as exit_info:
+        module.run()
+    finally:
+      for flag in set(flags.FLAGS) - defined:
+        delattr(flags.FLAGS, flag)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+  return run

@@ -1,8 +1,6 @@
 """The training loop, in-process on 8 CPU devices with a tiny ViT on the offline 8x8 `digits`:
 outputs, resume == uninterrupted, preemption, divergence, refused resumes, bad input."""
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -149,23 +147,19 @@ def test_norm_short_names_and_epochs_derive_steps():
   assert plan.warmup_steps == round(per_epoch)
 
 
-def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "vitnorm.train", *args], capture_output=True, text=True,
-                        cwd=REPO, env=env, timeout=120)
-
-
-def test_cli_rejects_an_unknown_override_in_one_line(tmp_path):
-  proc = _cli("--config", "configs/quickstart.py", "--workdir", str(tmp_path),
-              "--config.model.no_such_field=3")
-  assert proc.returncode == 2
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+def test_cli_rejects_an_unknown_override_in_one_line(tmp_path, run_cli):
+  # In-process (conftest's run_cli): the console script's code path without a new interpreter.
+  code, _, stderr = run_cli("train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path),
+                            "--config.model.no_such_field=3", cwd=REPO)
+  assert code == 2
+  errors = [l for l in stderr.splitlines() if l.startswith("error:")]
   assert errors == ["error: config.model.no_such_field: no such config field; fix the name (fields and "
-                    "their comments: configs/common.py)"], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  proc = _cli("--config", "configs/quickstart.py:norm=bogus", "--workdir", str(tmp_path))
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+                    "their comments: configs/common.py)"], stderr[-2000:]
+  assert "Traceback" not in stderr
+  code, _, stderr = run_cli("train", "--config", "configs/quickstart.py:norm=bogus",
+                            "--workdir", str(tmp_path), cwd=REPO)
+  errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+  assert code == 2 and "Traceback" not in stderr
   assert len(errors) == 1 and errors[0].startswith("error: --config: config argument norm='bogus': unknown norm")
   assert not os.listdir(tmp_path)
 

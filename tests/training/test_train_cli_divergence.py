@@ -1,16 +1,16 @@
 """`vitnorm.train` exits with code 3 on divergence: a non-finite step and a loss spike.
 
-The command line runs in-process (sys.argv + vitnorm.train.run(), as the console script does), on a
-tiny config file written to a temporary folder, so no extra interpreter or compilation is paid.
+The command line runs in-process (the `run_cli` fixture of conftest: vitnorm.train.run(), as the
+console script does) on a tiny config file written to a temporary folder, so no extra interpreter
+or compilation is paid.
 """
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from vitnorm import train, workdir as workdir_lib
+from vitnorm import workdir as workdir_lib
 from vitnorm.training import checkpoints
 
 # Weight decay with lr * weight_decay = 2.5 > 2: each decoupled decay step multiplies every kernel
@@ -37,12 +37,10 @@ CONFIG = textwrap.dedent("""
 """)
 
 
-def run_cli(monkeypatch, capsys, *args):
-  """(exit code, stderr lines) of `python -m vitnorm.train ARGS`, run in this process."""
-  monkeypatch.setattr(sys, "argv", ["vitnorm.train", *args])
-  with pytest.raises(SystemExit) as exit_info:
-    train.run()
-  return exit_info.value.code, capsys.readouterr().err.splitlines()
+def train(run_cli, *args):
+  """(exit code, stderr lines) of `python -m vitnorm.train ARGS` (in-process, see conftest)."""
+  code, _, err = run_cli("train", *args)
+  return code, err.splitlines()
 
 
 @pytest.fixture
@@ -52,9 +50,9 @@ def config_file(tmp_path):
   return str(path)
 
 
-def test_nan_gradient_exits_3_and_keeps_the_last_finite_checkpoint(monkeypatch, capsys, config_file, tmp_path):
+def test_nan_gradient_exits_3_and_keeps_the_last_finite_checkpoint(run_cli, config_file, tmp_path):
   workdir = str(tmp_path / "nan")
-  code, err = run_cli(monkeypatch, capsys, "--config", config_file, "--workdir", workdir,
+  code, err = train(run_cli, "--config", config_file, "--workdir", workdir,
                       "--config.debug.inject_nan_at_step=5")
   assert code == 3
   assert err[-1].startswith("error: training diverged at step 5: non-finite loss (nan) or gradient norm (nan)"), err
@@ -66,9 +64,9 @@ def test_nan_gradient_exits_3_and_keeps_the_last_finite_checkpoint(monkeypatch, 
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
 
 
-def test_loss_spike_exits_3_with_the_spike_named(monkeypatch, capsys, config_file, tmp_path):
+def test_loss_spike_exits_3_with_the_spike_named(run_cli, config_file, tmp_path):
   workdir = str(tmp_path / "spike")
-  code, err = run_cli(monkeypatch, capsys, "--config", config_file, "--workdir", workdir)
+  code, err = train(run_cli, "--config", config_file, "--workdir", workdir)
   assert code == 3
   assert err[-1].startswith("error: training diverged at step 21: loss spiked to "), err
   assert "(config.loss_spike_factor)" in err[-1]
