@@ -23,7 +23,9 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
     "vitnorm", "jax_test_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Threshold 0: also the many small programs (optimizer init, orbax slicing, eager ops) are kept;
+# together they cost as much compile time as the train steps.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "jax" in sys.modules:  # a plugin imported JAX before this file: the variables came too late
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

@@ -52,8 +52,9 @@ def config_file(tmp_path):
 
 def test_nan_gradient_exits_3_and_keeps_the_last_finite_checkpoint(run_cli, config_file, tmp_path):
   workdir = str(tmp_path / "nan")
+  # debug.inject_nan_at_step feeds NaN images: the loss and every gradient are non-finite.
   code, err = train(run_cli, "--config", config_file, "--workdir", workdir,
-                      "--config.debug.inject_nan_at_step=5")
+                    "--config.debug.inject_nan_at_step=5")
   assert code == 3
   assert err[-1].startswith("error: training diverged at step 5: non-finite loss (nan) or gradient norm (nan)"), err
   assert err[-1].endswith(f"(status.json in {workdir}; the last good checkpoint is kept)")
