@@ -1,8 +1,10 @@
 """Test setup: 8 CPU devices, so pmap, sharding and BatchNorm sync really run on several devices.
 
-This must run before JAX starts its backend, hence the environment variable at import time.
+This must run before JAX starts its backend, hence the environment variables at import time. A
+persistent compilation cache (below) lets later tests and later runs reuse compiled programs.
 """
 import os
+import sys
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -12,3 +14,56 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test may touch the network: tfds must never try GCS or a download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# A persistent compilation cache: the second use of a shape (a later test, the next CI run, a
+# subprocess of a CLI test, which inherits these variables) loads the executable instead of
+# compiling it again. Entries are keyed by the computation, the jax/jaxlib version and the flags
+# (the 8 host devices above included). Set JAX_COMPILATION_CACHE_DIR yourself to move or share it.
+# No size limit (a limit needs the `filelock` package): delete the folder to reclaim its space.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "vitnorm", "jax_test_compilation_cache"))
+# Threshold 0: also the many small programs (optimizer init, orbax slicing, eager ops) are kept;
+# together they cost as much compile time as the train steps.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "jax" in sys.modules:  # a plugin imported JAX before this file: the variables came too late
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+import pytest  # noqa: E402  (after the environment above, which must come first)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+  """run_cli('train' | 'evaluate' | 'benchmark', *ARGS, cwd=None) -> (exit code, stdout, stderr)
+  of `python -m vitnorm.<name> ARGS`, run in this process.
+
+  The same path as the console script (vitnorm.<name>.run: absl flags, app.run, exit codes), without
+  a new interpreter or recompiling what this process compiled already. The flags the command
+  defines are removed again afterwards, so the next in-process command can define its own.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def run(name, *args, cwd=None):
+    module = importlib.import_module(f"vitnorm.{name}")
+    if cwd is not None:
+      monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [f"vitnorm.{name}", *args])
+    if hasattr(module, "_FLAGS"):  # vitnorm.train keeps its flag holders between calls
+      monkeypatch.setattr(module, "_FLAGS", None)
+    defined = set(flags.FLAGS)
+    capsys.readouterr()
+    try:
+      with pytest.raises(SystemExit) as exit_info:
+        module.run()
+    finally:
+      for flag in set(flags.FLAGS) - defined:
+        delattr(flags.FLAGS, flag)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+  return run

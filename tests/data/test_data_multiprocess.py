@@ -1,8 +1,10 @@
 """Two real JAX processes on localhost (2 CPU devices each) read one dataset through the defaults.
 
-Each process takes its part from jax.process_index(); the parts are disjoint and cover the split;
+Each process takes its part from jax.process_index(); the parts are disjoint and cover the split
+(train: the images of one epoch of each part; eval: every example once);
 both yield the same number of eval batches; to_global_arrays assembles a global batch.
 """
+import collections
 import json
 import os
 import socket
@@ -11,6 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 import vitnorm.data as data
 
@@ -28,20 +31,34 @@ WORKER = textwrap.dedent("""
     cfg = data.default_data_config(name="digits", data_dir=data_dir, image_size=8, inception_crop=False,
                                    hflip=False, normalize_mean=(0.0,), normalize_std=(1 / 255,),
                                    eval_crop_fraction=1.0, cache=True)
-    batch = next(data.train_batches(cfg, global_batch_size=8, seed=0))
+    train = data.train_batches(cfg, global_batch_size=8, seed=0)
+    batch = next(train)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     sharding = jax.NamedSharding(mesh, jax.P("data"))
     global_batch = device.to_global_arrays(batch, sharding)
     gathered = multihost_utils.process_allgather(global_batch["label"], tiled=True)
+    gathered_images = multihost_utils.process_allgather(global_batch["image"], tiled=True)
+    # This process's first 180 local batches of 4 (720 rows: one epoch of its ~719-example part).
+    stream = [batch] + [next(train) for _ in range(179)]
+    train_rows = [(b["image"][i].round().astype(np.uint8).tobytes().hex(), int(b["label"][i].argmax()))
+                  for b in stream for i in range(len(b["label"]))]
     evals = list(data.eval_batches(cfg, global_batch_size=64))
     rows = [(b["image"][i].round().astype(np.uint8).tobytes().hex(), int(b["label"][i]))
             for b in evals for i in np.flatnonzero(b["mask"])]
     json.dump({"global_shape": list(global_batch["image"].shape), "local_label": batch["label"].tolist(),
                "gathered": np.asarray(gathered).tolist(), "num_eval": len(evals),
+               "local_image": batch["image"].tolist(), "gathered_image": np.asarray(gathered_images).tolist(),
+               "train_rows": train_rows,
                "expected_eval": data.num_eval_batches(cfg, global_batch_size=64), "rows": rows},
               open(out, "w"))
     jax.distributed.shutdown()
 """)
+
+
+def _train_split_rows(data_dir):
+  arrays = tfds.as_numpy(tfds.builder("digits", data_dir=data_dir).as_dataset(split="train", batch_size=-1))
+  return collections.Counter((img.astype(np.uint8).tobytes().hex(), int(label))
+                             for img, label in zip(arrays["image"], arrays["label"]))
 
 
 def _free_port():
@@ -68,6 +85,15 @@ def test_two_processes_read_disjoint_covering_parts(tmp_path):
     assert r["num_eval"] == r["expected_eval"] == 6  # 360 / 2 = 180 per process: 6 batches of 32, padded
   # The global batch holds process 0's rows, then process 1's.
   np.testing.assert_array_equal(results[0]["gathered"], results[0]["local_label"] + results[1]["local_label"])
+  np.testing.assert_array_equal(results[0]["gathered_image"],
+                                results[0]["local_image"] + results[1]["local_image"])  # images too
+  # Training: each process reads its own part of the train split (through jax.process_index()):
+  # over one epoch of its part the two processes see disjoint examples that together are the split.
+  parts = [tfds.builder("digits", data_dir=data_dir).info.splits[s].num_examples for s in tfds.even_splits("train", 2)]
+  assert parts == [719, 718]
+  epochs = [collections.Counter(tuple(r) for r in res["train_rows"][:n]) for res, n in zip(results, parts)]
+  assert len(set(epochs[0]) & set(epochs[1])) == 0
+  assert epochs[0] + epochs[1] == _train_split_rows(data_dir)
   rows = [tuple(r) for res in results for r in res["rows"]]
   assert len(rows) == 360  # every example once over both processes (the multiset check below)
   expected = data.eval_batches(data.default_data_config(

@@ -114,12 +114,12 @@ def test_cli_writes_json_and_prints_the_table(tmp_path):
   assert "| bn_folded " in proc.stdout and "vs no-norm" in proc.stdout
 
 
-def test_cli_bad_batch_size_is_one_line_error_before_any_work():
-  proc = _cli(*TINY_FLAGS, "--batch_sizes=8,12")
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1] == (
+def test_cli_bad_batch_size_is_one_line_error_before_any_work(run_cli):
+  code, _, stderr = run_cli("benchmark", *TINY_FLAGS, "--batch_sizes=8,12")  # in-process (conftest)
+  assert code == 2
+  assert stderr.strip().splitlines()[-1] == (
       "error: --batch_sizes: 12 is not divisible by the 8 devices; use a multiple of 8")
-  assert "Traceback" not in proc.stderr and "matmul peak" not in proc.stderr
+  assert "Traceback" not in stderr and "matmul peak" not in stderr
 
 
 def test_paired_ratio_cancels_drift_between_rounds():

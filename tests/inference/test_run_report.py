@@ -190,16 +190,13 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, workdir, data_dir):
     run_report.evaluate(workdir=str(mismatch), measure=False)
 
 
-def _cli_error(*args):
-  proc = subprocess.run([sys.executable, "-m", "vitnorm.evaluate", *args], capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ), check=False)
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  return proc.stderr.strip().splitlines()[-1]
-
-
-def test_cli_errors_are_one_line_and_exit_code_2(tmp_path):
-  assert _cli_error(f"--workdir={tmp_path}").startswith(f"error: {tmp_path}/config.json does not exist")
-  assert _cli_error(f"--config={tmp_path}/missing.py").startswith("error: --config: ")
+def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, run_cli):
+  def last_error_line(*args):  # in-process (conftest's run_cli)
+    code, _, stderr = run_cli("evaluate", *args)
+    assert code == 2 and "Traceback" not in stderr
+    return stderr.strip().splitlines()[-1]
+  assert last_error_line(f"--workdir={tmp_path}").startswith(f"error: {tmp_path}/config.json does not exist")
+  assert last_error_line(f"--config={tmp_path}/missing.py").startswith("error: --config: ")
 
 
 def test_cli_prints_the_tables(workdir, tmp_path):
