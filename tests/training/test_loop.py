@@ -179,7 +179,7 @@ def test_loss_spike_past_the_factor_and_chance_level_is_divergence():
   monitor.observe(30, metrics(0.9))  # 9x the running mean: noise, not divergence
   with pytest.raises(loop.TrainingDiverged, match="loss spiked to 5"):
     monitor.observe(31, metrics(5.0))
-  assert monitor.last_finite["train/loss"] == 0.9
+  assert monitor.last_finite["train/loss"] == float(np.float32(0.9))  # kept on device, in float32
   # A large relative jump that stays below chance level (log 10) is not a blow-up.
   quiet = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
   for step in range(1, 30):

@@ -4,6 +4,8 @@
 resumes from the latest checkpoint; the data order continues exactly, so a resumed run ends where
 an uninterrupted one would.
 """
+import collections
+import functools
 import math
 import os
 import signal
@@ -26,6 +28,8 @@ from vitnorm.training.state import TrainState, create_train_state, load_pretrain
 
 SPIKE_WARMUP_STEPS = 20  # steps before the loss-spike test starts (the running mean settles)
 SPIKE_MEAN_DECAY = 0.95  # decay of the running mean of the train loss for the spike test
+STEPS_IN_FLIGHT = 2  # dispatched, unfinished train steps before the host waits for the oldest
+MAX_PENDING_STEPS = 64  # steps' metrics queued on the host before the monitor folds them on device
 
 
 class TrainingDiverged(Exception):
@@ -65,44 +69,142 @@ class _PreemptionGuard:
       signal.signal(sig, handler)
 
 
-class _Monitor:
-  """Host side of the step metrics: divergence test, averages over the log interval."""
+# Names of the monitor's device state (all scalars): the divergence test and the interval sums.
+_MONITOR_FIELDS = dict(
+    step=jnp.int32,  # the last step folded in
+    observed=jnp.int32,  # finite steps folded in since this process started (the spike warm-up)
+    running=jnp.float32,  # running mean of the loss (valid once observed > 0)
+    bad_step=jnp.int32,  # the first diverged step; 0 while none
+    bad_kind=jnp.int32,  # 1 non-finite loss or gradient norm, 2 loss spike
+    bad_loss=jnp.float32, bad_grad_norm=jnp.float32, bad_running=jnp.float32,
+    count=jnp.int32, sum_loss=jnp.float32, sum_top1=jnp.float32, sum_grad_norm=jnp.float32,
+    last_loss=jnp.float32, last_top1=jnp.float32, last_grad_norm=jnp.float32, last_lr=jnp.float32)
+_STEP_METRICS = ("loss", "top1", "grad_norm", "lr", "finite")  # what the monitor reads of a step
 
-  def __init__(self, spike_factor: float, chance_loss: float, start_step: int):
-    self.spike_factor = spike_factor
-    self.chance_loss = chance_loss
-    self.start_step = start_step
-    self.running_loss = None
+
+def _fold_step(m: dict, metrics: dict, valid, spike_factor: float, chance_loss: float) -> dict:
+  """One step into the monitor state (elementwise; `valid` False leaves it as it is).
+
+  Once a step diverged the state freezes: the first bad step and the last finite metrics stay."""
+  f32 = jnp.float32
+  loss, grad_norm = metrics["loss"].astype(f32), metrics["grad_norm"].astype(f32)
+  live = valid & (m["bad_step"] == 0)
+  observed = m["observed"] + 1
+  finite = metrics["finite"].astype(bool)
+  spike = ((spike_factor > 0) & (m["observed"] > 0) & (observed > SPIKE_WARMUP_STEPS) &
+           (loss > spike_factor * m["running"]) & (loss > chance_loss))
+  bad = live & (~finite | spike)
+  good = live & ~bad
+  step = jnp.where(valid, m["step"] + 1, m["step"])
+  keep = lambda new, old: jnp.where(good, new, old)  # noqa: E731
+  running = jnp.where(m["observed"] > 0, SPIKE_MEAN_DECAY * m["running"] + (1 - SPIKE_MEAN_DECAY) * loss, loss)
+  return dict(
+      step=step, observed=keep(observed, m["observed"]), running=keep(running, m["running"]),
+      bad_step=jnp.where(bad, step, m["bad_step"]),
+      bad_kind=jnp.where(bad, jnp.where(finite, 2, 1), m["bad_kind"]),
+      bad_loss=jnp.where(bad, loss, m["bad_loss"]), bad_grad_norm=jnp.where(bad, grad_norm, m["bad_grad_norm"]),
+      bad_running=jnp.where(bad, m["running"], m["bad_running"]),
+      count=m["count"] + good.astype(jnp.int32),
+      sum_loss=m["sum_loss"] + jnp.where(good, loss, 0), sum_top1=m["sum_top1"] + jnp.where(good, metrics["top1"], 0),
+      sum_grad_norm=m["sum_grad_norm"] + jnp.where(good, grad_norm, 0),
+      last_loss=keep(loss, m["last_loss"]), last_top1=keep(metrics["top1"].astype(f32), m["last_top1"]),
+      last_grad_norm=keep(grad_norm, m["last_grad_norm"]), last_lr=keep(metrics["lr"].astype(f32), m["last_lr"]))
+
+
+def _fold_steps(m: dict, steps: list, valid, *, spike_factor: float, chance_loss: float) -> dict:
+  """Folds a fixed-length list of steps' metrics (`valid` [L] masks the padding) in step order."""
+  stacked = {k: jnp.stack([jnp.reshape(s[k], ()) for s in steps]) for k in _STEP_METRICS}
+
+  def body(carry, xs):
+    return _fold_step(carry, xs[0], xs[1], spike_factor, chance_loss), None
+
+  return jax.lax.scan(body, m, (stacked, valid))[0]
+
+
+def _reset_sums(m: dict) -> dict:
+  return dict(m, **{k: jnp.zeros_like(m[k]) for k in ("count", "sum_loss", "sum_top1", "sum_grad_norm")})
+
+
+class _Monitor:
+  """The train metrics' divergence test and interval means, computed on the device.
+
+  The host never reads a step's metrics on the way: the loop hands each step's metric arrays to
+  `add` (no transfer, no wait), and at its sync points (log, eval, checkpoint, diagnostics and
+  stop steps; at least every log_every steps) calls `sync`, which folds the pending steps into a
+  small device state in one compiled call (a scan in step order) and reads that state back in one
+  transfer. The state records the first step whose loss or gradient norm was non-finite, or whose
+  loss spiked (> spike_factor x the running mean and above chance level, after
+  SPIKE_WARMUP_STEPS steps), so `sync` raises TrainingDiverged naming exactly that step, with the
+  metrics of the last finite step before it. The train step leaves the state unchanged on a
+  non-finite step, and the loop saves only after a sync, so no checkpoint holds a diverged step.
+  """
+
+  def __init__(self, spike_factor: float, chance_loss: float, start_step: int, max_pending: int = 64):
+    self.spike_factor = float(spike_factor or 0.0)
+    self.chance_loss = float(chance_loss)
+    self.max_pending = max(1, int(max_pending))  # sequence length of one fold (padded)
+    self._fold = jax.jit(functools.partial(_fold_steps, spike_factor=self.spike_factor,
+                                           chance_loss=self.chance_loss))
+    self._reset = jax.jit(_reset_sums)
+    self._state = {k: jnp.asarray(start_step if k == "step" else 0, dtype) for k, dtype in _MONITOR_FIELDS.items()}
+    self._pending = []
+    self.host = {k: 0 for k in _MONITOR_FIELDS}
     self.last_finite = {}
-    self.sums, self.count = {}, 0
-    self.diagnostics = {}
+
+  def add(self, metrics: dict):
+    """Queues one step's metrics (device arrays, replicated or per device) without reading them."""
+    self._pending.append({k: _first_shard(metrics[k]) for k in _STEP_METRICS})
+    if len(self._pending) >= self.max_pending:
+      self._flush()
+
+  def _flush(self):
+    if not self._pending:
+      return
+    n, pad = len(self._pending), self.max_pending - len(self._pending)
+    valid = np.arange(self.max_pending) < n
+    self._state = self._fold(self._state, self._pending + [self._pending[-1]] * pad, valid)
+    self._pending = []
+
+  def sync(self) -> dict:
+    """Folds the pending steps, reads the state (waits for them); raises TrainingDiverged."""
+    self._flush()
+    self.host = {k: v.item() for k, v in jax.device_get(self._state).items()}
+    h = self.host
+    if h["observed"]:
+      self.last_finite = {"train/loss": h["last_loss"], "train/top1": h["last_top1"],
+                          "train/grad_norm": h["last_grad_norm"], "train/lr": h["last_lr"]}
+    if h["bad_step"]:
+      if h["bad_kind"] == 1:
+        reason = f"non-finite loss ({h['bad_loss']}) or gradient norm ({h['bad_grad_norm']})"
+      else:
+        reason = (f"loss spiked to {h['bad_loss']:.4g}, more than {self.spike_factor:g}x its running mean "
+                  f"{h['bad_running']:.4g} (config.loss_spike_factor)")
+      raise TrainingDiverged(h["bad_step"], reason)
+    return h
 
   def observe(self, step: int, metrics: dict):
-    """Raises TrainingDiverged for a non-finite step or a loss spike."""
-    loss = metrics["loss"]
-    if not metrics["finite"]:
-      raise TrainingDiverged(step, f"non-finite loss ({loss}) or gradient norm ({metrics['grad_norm']})")
-    if (self.spike_factor and self.running_loss is not None and
-        step - self.start_step > SPIKE_WARMUP_STEPS and
-        loss > self.spike_factor * self.running_loss and loss > self.chance_loss):
-      raise TrainingDiverged(step, f"loss spiked to {loss:.4g}, more than {self.spike_factor:g}x its "
-                             f"running mean {self.running_loss:.4g} (config.loss_spike_factor)")
-    self.running_loss = loss if self.running_loss is None else (
-        SPIKE_MEAN_DECAY * self.running_loss + (1 - SPIKE_MEAN_DECAY) * loss)
-    for key in ("loss", "top1", "grad_norm"):
-      self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
-    self.count += 1
-    self.last_finite = {f"train/{k}": v for k, v in metrics.items() if k in ("loss", "top1", "grad_norm", "lr")}
-    self.diagnostics = {k: v for k, v in metrics.items() if k.startswith("diag/")}
-    self.lr = metrics["lr"]
+    """One step's metrics (host or device scalars) folded in and checked at once (tests)."""
+    del step  # the state counts steps itself
+    self.add({k: jnp.asarray(metrics[k]) for k in _STEP_METRICS})
+    self.sync()
 
   def interval_summary(self) -> dict:
-    """Means over the steps observed since the last call."""
-    out = {f"train/{k}": v / self.count for k, v in self.sums.items()} if self.count else {}
-    if self.count:
-      out["train/lr"] = self.lr
-    self.sums, self.count = {}, 0
+    """Means over the steps folded in since the last call (call after sync)."""
+    h = self.host
+    out = {}
+    if h["count"]:
+      out = {"train/loss": h["sum_loss"] / h["count"], "train/top1": h["sum_top1"] / h["count"],
+             "train/grad_norm": h["sum_grad_norm"] / h["count"], "train/lr": h["last_lr"]}
+    self._state = self._reset(self._state)
+    self.host = dict(h, count=0, sum_loss=0.0, sum_top1=0.0, sum_grad_norm=0.0)
     return out
+
+
+def _first_shard(x):
+  """The local copy of a replicated array, or the first device's entry of a pmap output (no copy)."""
+  if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+    return x.addressable_data(0)
+  return x
 
 
 def _any_process(flag: bool) -> bool:
@@ -150,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.write_status(workdir, "running", start_step, {}, num_steps=plan.num_steps)
   logger = workdir_lib.RunLogger(workdir, total_steps=plan.num_steps, start_step=start_step,
                                  is_main=is_main, progress_bar=cfg.progress_bar)
-  monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step)
+  monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step,
+                     max_pending=min(cfg.log_every, MAX_PENDING_STEPS))
   if start_step:
     logger.print(f"Resuming {workdir} from step {start_step}.")
 
@@ -187,17 +290,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      start_step=start_step, num_classes=plan.num_classes)
         batches = data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, start_step),
                                        placement.put_batch, size=2)
-      pending = None  # (step, device metrics) of the last step, read while the next one runs
+      # Per step the host only fetches a placed batch, dispatches the step and queues its metric
+      # arrays; it reads nothing back. It waits only when STEPS_IN_FLIGHT steps are unfinished
+      # (bounded run-ahead: memory, and XLA:CPU collectives can starve with too many queued runs).
+      in_flight = collections.deque()
       tick, interval_time, interval_steps = time.time(), 0.0, 0
       while step < plan.num_steps:
         diagnose = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0
         state, metrics = placement.step(state, next(batches), dropout_rng, diagnose)
         step += 1
         interval_steps += 1
-        if pending is not None:
-          monitor.observe(pending[0], placement.metrics_to_host(pending[1]))
-          logger.advance(pending[0])
-        pending = (step, metrics)
+        monitor.add(metrics)
+        in_flight.append(metrics["finite"])
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
+        logger.advance(step)
         if cfg.debug.preempt_at_step is not None and step == cfg.debug.preempt_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         stop = preemption.requested
@@ -208,13 +315,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save_now = step == plan.num_steps or step % cfg.checkpoint_every == 0 or stop
         if not (log_now or eval_now or save_now or diagnose or stop):
           continue
-        monitor.observe(pending[0], placement.metrics_to_host(pending[1]))  # waits for the step
-        pending = None
+        monitor.sync()  # waits for the step; raises TrainingDiverged naming the first bad step
+        in_flight.clear()
         now = time.time()
         interval_time += now - tick
         train_time += now - tick
         if diagnose:
-          logger.write(step, monitor.diagnostics)
+          logger.write(step, placement.metrics_to_host(
+              {k: v for k, v in metrics.items() if k.startswith("diag/")}))
         if log_now:
           scalars = monitor.interval_summary()
           scalars.update({"train/img_per_s": interval_steps * cfg.batch_size / interval_time,
