@@ -125,6 +125,11 @@ def _reset_sums(m: dict) -> dict:
   return dict(m, **{k: jnp.zeros_like(m[k]) for k in ("count", "sum_loss", "sum_top1", "sum_grad_norm")})
 
 
+# Module-level, so every run in a process (tests, sweeps) reuses the compiled monitor programs.
+_fold_steps_jit = jax.jit(_fold_steps, static_argnames=("spike_factor", "chance_loss"))
+_reset_sums_jit = jax.jit(_reset_sums)
+
+
 class _Monitor:
   """The train metrics' divergence test and interval means, computed on the device.
 
@@ -143,9 +148,9 @@ class _Monitor:
     self.spike_factor = float(spike_factor or 0.0)
     self.chance_loss = float(chance_loss)
     self.max_pending = max(1, int(max_pending))  # sequence length of one fold (padded)
-    self._fold = jax.jit(functools.partial(_fold_steps, spike_factor=self.spike_factor,
-                                           chance_loss=self.chance_loss))
-    self._reset = jax.jit(_reset_sums)
+    self._fold = functools.partial(_fold_steps_jit, spike_factor=self.spike_factor,
+                                   chance_loss=self.chance_loss)
+    self._reset = _reset_sums_jit
     self._state = {k: jnp.asarray(start_step if k == "step" else 0, dtype) for k, dtype in _MONITOR_FIELDS.items()}
     self._pending = []
     self.host = {k: 0 for k in _MONITOR_FIELDS}

@@ -76,6 +76,10 @@ def run_loop_benchmark(config: ml_collections.ConfigDict, *, num_steps: int = 60
   with_data = _plain_loop(placement, states.pop(), lambda: next(fed), rng)
   throughput.warm_up(bare, warmup)
   throughput.warm_up(with_data, warmup)
+  if cfg.diagnostics_every:  # compile the diagnostics step now, not inside a timed interval
+    spare = placement.put_state(create_train_state(plan, jax.random.PRNGKey(cfg.seed)))
+    jax.block_until_ready(placement.step(spare, one_batch, rng, True))
+    del spare
   seconds = {"bare": [], "bare_data": []}
 
   def plain_rounds(count):
