@@ -20,7 +20,6 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from vitnorm.errors import ConfigError
