@@ -179,7 +179,7 @@ def test_loss_spike_past_the_factor_and_chance_level_is_divergence():
   monitor.observe(30, metrics(0.9))  # 9x the running mean: noise, not divergence
   with pytest.raises(loop.TrainingDiverged, match="loss spiked to 5"):
     monitor.observe(31, metrics(5.0))
-  assert monitor.last_finite["train/loss"] == 0.9
+  assert monitor.last_finite["train/loss"] == float(np.float32(0.9))  # kept on device, in float32
   # A large relative jump that stays below chance level (log 10) is not a blow-up.
   quiet = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
   for step in range(1, 30):
@@ -207,3 +207,55 @@ def test_init_from_a_reference_checkpoint_starts_from_its_weights(tmp_path):
   np.testing.assert_array_equal(loaded.params["head"]["kernel"], state.params["head"]["kernel"])
   with pytest.raises(UserError, match="init_from"):
     plan_lib.prepare(tiny_config(init_from=str(tmp_path / "missing.npz")))
+
+
+def test_divergence_between_sync_points_is_found_at_its_exact_step(tmp_path, monkeypatch):
+  # NaN at step 13: the host reads nothing until the sync at step 16 (a log and checkpoint step),
+  # where the device monitor names step 13; the step-16 checkpoint is never written.
+  syncs = []
+  sync = loop._Monitor.sync
+  monkeypatch.setattr(loop._Monitor, "sync", lambda self: syncs.append(self.host["step"]) or sync(self))
+  workdir = str(tmp_path / "nan13")
+  with pytest.raises(loop.TrainingDiverged, match="non-finite") as err:
+    loop.train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 13}), workdir)
+  assert err.value.step == 13
+  status = run_logging.read_status(workdir)
+  assert status["status"] == "diverged" and status["step"] == 13
+  assert np.isfinite(status["metrics"]["train/loss"]) and status["last_checkpoint_step"] == 8
+  assert checkpoints.all_steps(workdir) == [8]
+  # One host read per sync point (log 4/8/12/16, diagnostics 6/12, checkpoint 8/16, eval 12), none between.
+  assert len(syncs) == 5
+  assert [r["step"] for r in run_logging.read_metrics(workdir) if "train/loss" in r] == [4, 8, 12]
+
+
+def test_monitor_folds_many_pending_steps_in_order_like_one_at_a_time():
+  def metrics(loss, finite=True):
+    return dict(loss=np.float32(loss), top1=np.float32(0.5), grad_norm=np.float32(2 * loss),
+                lr=np.float32(1e-3), finite=np.bool_(finite))
+  losses = [0.2 + 0.01 * (i % 3) for i in range(30)]
+  # 30 steps queued (folded in chunks of 8 without a host read), then one sync.
+  batched = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=100, max_pending=8)
+  for loss in losses:
+    batched.add({k: jax.numpy.asarray(v) for k, v in metrics(loss).items()})
+  host = batched.sync()
+  assert host["step"] == 130 and host["count"] == 30
+  summary = batched.interval_summary()
+  np.testing.assert_allclose(summary["train/loss"], np.mean(np.float32(losses)), rtol=1e-6)
+  np.testing.assert_allclose(summary["train/grad_norm"], 2 * np.mean(np.float32(losses)), rtol=1e-6)
+  # The sums restart after a summary; a spike, then more (finite) steps, all before the next sync.
+  for loss in [0.2, 0.21, 5.0, 0.2, 7.0, float("nan")]:
+    batched.add({k: jax.numpy.asarray(v) for k, v in metrics(loss, np.isfinite(loss)).items()})
+  with pytest.raises(loop.TrainingDiverged, match="loss spiked to 5") as err:
+    batched.sync()
+  assert err.value.step == 133  # the first bad step, not the later ones
+  assert batched.last_finite["train/loss"] == float(np.float32(0.21))
+  assert batched.host["count"] == 2  # only the steps before the spike were averaged
+  # Before SPIKE_WARMUP_STEPS steps a jump is not judged; a non-finite step always is.
+  early = loop._Monitor(spike_factor=10.0, chance_loss=np.log(10), start_step=0)
+  for loss in [0.1] * 5 + [9.0]:
+    early.add({k: jax.numpy.asarray(v) for k, v in metrics(loss).items()})
+  assert early.sync()["bad_step"] == 0
+  early.add({k: jax.numpy.asarray(v) for k, v in metrics(float("nan"), False).items()})
+  with pytest.raises(loop.TrainingDiverged, match="non-finite") as err:
+    early.sync()
+  assert err.value.step == 7

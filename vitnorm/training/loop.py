@@ -4,6 +4,7 @@
 resumes from the latest checkpoint; the data order continues exactly, so a resumed run ends where
 an uninterrupted one would.
 """
+import collections
 import math
 import os
 import signal
@@ -21,21 +22,14 @@ from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
 from vitnorm.training import checkpoints, disk_full, evaluation, header, workdir_lock
+from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
+                                     Monitor as _Monitor, TrainingDiverged)
 from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
 
-SPIKE_WARMUP_STEPS = 20  # steps before the loss-spike test starts (the running mean settles)
-SPIKE_MEAN_DECAY = 0.95  # decay of the running mean of the train loss for the spike test
-
-
-class TrainingDiverged(Exception):
-  """The loss or gradient went non-finite, or the loss spiked (status.json says 'diverged')."""
-
-  def __init__(self, step: int, reason: str):
-    self.step, self.reason = step, reason
-    super().__init__(f"training diverged at step {step}: {reason}")
-
+STEPS_IN_FLIGHT = 2  # dispatched, unfinished train steps before the host waits for the oldest
+MAX_PENDING_STEPS = 64  # steps' metrics queued on the host before the monitor folds them on device
 
 
 class _PreemptionGuard:
@@ -64,46 +58,6 @@ class _PreemptionGuard:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-class _Monitor:
-  """Host side of the step metrics: divergence test, averages over the log interval."""
-
-  def __init__(self, spike_factor: float, chance_loss: float, start_step: int):
-    self.spike_factor = spike_factor
-    self.chance_loss = chance_loss
-    self.start_step = start_step
-    self.running_loss = None
-    self.last_finite = {}
-    self.sums, self.count = {}, 0
-    self.diagnostics = {}
-
-  def observe(self, step: int, metrics: dict):
-    """Raises TrainingDiverged for a non-finite step or a loss spike."""
-    loss = metrics["loss"]
-    if not metrics["finite"]:
-      raise TrainingDiverged(step, f"non-finite loss ({loss}) or gradient norm ({metrics['grad_norm']})")
-    if (self.spike_factor and self.running_loss is not None and
-        step - self.start_step > SPIKE_WARMUP_STEPS and
-        loss > self.spike_factor * self.running_loss and loss > self.chance_loss):
-      raise TrainingDiverged(step, f"loss spiked to {loss:.4g}, more than {self.spike_factor:g}x its "
-                             f"running mean {self.running_loss:.4g} (config.loss_spike_factor)")
-    self.running_loss = loss if self.running_loss is None else (
-        SPIKE_MEAN_DECAY * self.running_loss + (1 - SPIKE_MEAN_DECAY) * loss)
-    for key in ("loss", "top1", "grad_norm"):
-      self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
-    self.count += 1
-    self.last_finite = {f"train/{k}": v for k, v in metrics.items() if k in ("loss", "top1", "grad_norm", "lr")}
-    self.diagnostics = {k: v for k, v in metrics.items() if k.startswith("diag/")}
-    self.lr = metrics["lr"]
-
-  def interval_summary(self) -> dict:
-    """Means over the steps observed since the last call."""
-    out = {f"train/{k}": v / self.count for k, v in self.sums.items()} if self.count else {}
-    if self.count:
-      out["train/lr"] = self.lr
-    self.sums, self.count = {}, 0
-    return out
 
 
 def _any_process(flag: bool) -> bool:
@@ -176,7 +130,8 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   logger = workdir_lib.RunLogger(workdir, total_steps=plan.num_steps, start_step=start_step,
                                  is_main=is_main, progress_bar=cfg.progress_bar)
   logger.write_config(header.hparams(plan), header.config_text(cfg))
-  monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step)
+  monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step,
+                     max_pending=min(cfg.log_every, MAX_PENDING_STEPS))
 
   def evaluate(step):
     host = placement.global_state(state)
@@ -214,17 +169,22 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
                                      start_step=start_step, num_classes=plan.num_classes)
         batches = data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, start_step),
                                        placement.put_batch, size=2)
-      pending = None  # (step, device metrics) of the last step, read while the next one runs
+      # Per step the host only fetches a placed batch, dispatches the step and queues its metric
+      # arrays; it reads nothing back. It waits only when STEPS_IN_FLIGHT steps are unfinished
+      # (bounded run-ahead: memory, and XLA:CPU collectives can starve with too many queued runs;
+      # on XLA:CPU the dispatch itself already waits for the previous step, whose output it donates).
+      in_flight = collections.deque()
       tick, interval_time, interval_steps = time.time(), 0.0, 0
       while step < plan.num_steps:
         diagnose = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0
         state, metrics = placement.step(state, next(batches), dropout_rng, diagnose)
         step += 1
         interval_steps += 1
-        if pending is not None:
-          monitor.observe(pending[0], placement.metrics_to_host(pending[1]))
-          logger.advance(pending[0])
-        pending = (step, metrics)
+        monitor.add(metrics)
+        in_flight.append(metrics["finite"])
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
+        logger.advance(step)
         if cfg.debug.preempt_at_step is not None and step == cfg.debug.preempt_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         stop = preemption.requested
@@ -235,13 +195,14 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
         save_now = step == plan.num_steps or step % cfg.checkpoint_every == 0 or stop
         if not (log_now or eval_now or save_now or diagnose or stop):
           continue
-        monitor.observe(pending[0], placement.metrics_to_host(pending[1]))  # waits for the step
-        pending = None
+        monitor.sync()  # waits for the step; raises TrainingDiverged naming the first bad step
+        in_flight.clear()
         now = time.time()
         interval_time += now - tick
         train_time += now - tick
         if diagnose:
-          logger.write(step, monitor.diagnostics)
+          logger.write(step, placement.metrics_to_host(
+              {k: v for k, v in metrics.items() if k.startswith("diag/")}))
         if log_now:
           scalars = monitor.interval_summary()
           scalars.update({"train/img_per_s": interval_steps * cfg.batch_size / interval_time,

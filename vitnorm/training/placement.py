@@ -1,7 +1,7 @@
 """Where the step runs: 'jit' (one Mesh over all devices, sharded batch) or 'pmap' (axis 'batch').
 
-Both placements expose the same interface (put_state, put_batch, step, metrics_to_host,
-global_state), so the loop never knows which one it drives.
+Both placements expose the same interface (put_state, put_batch, step, step_function,
+metrics_to_host, global_state), so the loop never knows which one it drives.
 """
 import functools
 
@@ -47,6 +47,10 @@ class JitPlacement:
   def step(self, state, batch, rng, diagnostics: bool):
     return self._steps[diagnostics](state, batch, rng)
 
+  def step_function(self, diagnostics: bool = False):
+    """The jitted / pmapped step itself (`.lower(state, batch, rng)` for cost analysis, benchmarks)."""
+    return self._steps[diagnostics]
+
   def metrics_to_host(self, metrics) -> dict:
     return {k: parallel.host_copy(v).item() for k, v in metrics.items()}
 
@@ -80,6 +84,10 @@ class PmapPlacement:
 
   def step(self, state, batch, rng, diagnostics: bool):
     return self._steps[diagnostics](state, batch, rng)
+
+  def step_function(self, diagnostics: bool = False):
+    """The jitted / pmapped step itself (`.lower(state, batch, rng)` for cost analysis, benchmarks)."""
+    return self._steps[diagnostics]
 
   def metrics_to_host(self, metrics) -> dict:
     return {k: np.asarray(v.addressable_data(0)).reshape(-1)[0].item() for k, v in metrics.items()}
