@@ -216,48 +216,6 @@ def test_parameter_counts_of_dyt_prepbn_and_qk_norm_variants():
   assert _param_count_with("Ti/16", norm="batch", ffn_norm="dyt") == ln + layers * (2 * 768 + 1)
 
 
-def test_qk_norm_normalizes_each_head_over_head_dim_and_matches_a_hand_written_attention():
-  hidden, heads = 16, 2
-  head_dim = hidden // heads
-  x = jax.random.normal(jax.random.key(0), (2, 5, hidden)) * 3 + 1
-  for kind in ("layer", "rms"):
-    attn = vit.MultiHeadDotProductAttention(heads, qk_norm=kind)
-    variables = attn.init(jax.random.key(1), x, train=False)
-    p = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), variables["params"])
-    assert p["query_norm"]["scale"].shape == (head_dim,)
-    out, inter = attn.apply({"params": p}, x, train=False, capture_intermediates=True,
-                            mutable=["intermediates", "diagnostics"])
-    # The norm's own output, undone of its affine part, has zero mean (layer) and unit mean
-    # square over head_dim for every (example, token, head).
-    for name in ("query_norm", "key_norm"):
-      y = np.asarray(inter["intermediates"][name]["__call__"][0], np.float64)
-      y = (y - (np.asarray(p[name]["bias"]) if kind == "layer" else 0)) / np.asarray(p[name]["scale"])
-      assert y.shape == (2, 5, heads, head_dim)
-      if kind == "layer":
-        np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
-        np.testing.assert_allclose(y.var(-1), 1, rtol=1e-3)
-      else:
-        np.testing.assert_allclose(np.mean(y ** 2, -1), 1, rtol=1e-3)
-
-    def norm(z, q):
-      z = np.asarray(z, np.float64)
-      if kind == "layer":
-        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
-        return z * np.asarray(q["scale"]) + np.asarray(q["bias"])
-      return z / np.sqrt(np.mean(z ** 2, -1, keepdims=True) + 1e-6) * np.asarray(q["scale"])
-
-    proj = lambda name: np.einsum("btc,chd->bthd", np.asarray(x, np.float64),  # noqa: E731
-                                  np.asarray(p[name]["kernel"])) + np.asarray(p[name]["bias"])
-    q, k, v = norm(proj("query"), p["query_norm"]), norm(proj("key"), p["key_norm"]), proj("value")
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    o = np.einsum("bhqk,bkhd->bqhd", w, v)
-    expected = np.einsum("bqhd,hdc->bqc", o, np.asarray(p["out"]["kernel"])) + np.asarray(p["out"]["bias"])
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(float(inter["diagnostics"]["max_attention_logit"][0]), logits.max(), rtol=1e-5)
-
-
 def test_dyt_prepbn_and_qk_norm_agree_under_pmap_jit_and_one_device():
   n = jax.device_count()
   cfg = dict(TINY, hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, image_size=8, norm="prepbn",

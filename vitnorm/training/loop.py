@@ -103,9 +103,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   cfg = plan.config
   is_main = parallel.is_main_process()
-  start_step = checkpoints.latest_step(workdir) or 0
+  ckpt = None
+  start_step = 0
+  if checkpoints.latest_step(workdir):  # verify before anything trusts the latest step
+    ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+    start_step = ckpt.restorable_step() or 0  # damaged newer steps are moved aside
   done = _already_completed(workdir, start_step, plan)
   if done is not None:
+    ckpt.close()
     return done
   if is_main:
     print(header.start_header(plan, workdir, start_step), flush=True)
@@ -118,8 +123,10 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   state = create_train_state(plan, init_rng)
   if not start_step and cfg.get("init_from"):  # before checkpoints/ exists: a failure leaves none
     state = load_pretrained(state, cfg.init_from, eval_model)
-  ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
-  start_step = ckpt.restorable_step() or 0  # damaged newer steps are moved aside
+  if ckpt is None:
+    ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  if start_step and is_main:
+    print(f"Resuming {workdir} from step {start_step}.", flush=True)
   if start_step:
     state = _restore(ckpt, start_step, state, mesh)
   state = placement.put_state(state)
