@@ -12,3 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test may touch the network: tfds must never try GCS or a download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes on localhost (kept small; runs in CI; "
+      "select with -m multiprocess, skip with -m 'not multiprocess')")

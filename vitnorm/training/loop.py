@@ -24,6 +24,7 @@ from vitnorm.training.placement import make_placement
 from vitnorm.training.plan import prepare
 from vitnorm.training.state import TrainState, create_train_state, load_pretrained
 
+EXIT_PREEMPTED = 75  # exit code of a preempted run (checkpoint saved; re-run to resume); os.EX_TEMPFAIL
 SPIKE_WARMUP_STEPS = 20  # steps before the loss-spike test starts (the running mean settles)
 SPIKE_MEAN_DECAY = 0.95  # decay of the running mean of the train loss for the spike test
 
@@ -105,9 +106,9 @@ class _Monitor:
     return out
 
 
-def _any_process(flag: bool) -> bool:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.process_allgather(np.int32(flag)).max())
+def exit_code(summary: dict) -> int:
+  """The trainer's exit code for a finished call: 0 completed, EXIT_PREEMPTED preempted."""
+  return EXIT_PREEMPTED if summary["status"] == "preempted" else 0
 
 
 def _inject_nan(batches, nan_step: Optional[int], start_step: int):
@@ -188,27 +189,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches = data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, start_step),
                                        placement.put_batch, size=2)
       pending = None  # (step, device metrics) of the last step, read while the next one runs
+      # Several processes: each step carries this process's preemption flag and returns the max
+      # over all processes ('stop'); all read it one step later and stop at the same step.
+      peers_stop = [False]
+
+      def observe(pending):
+        host_metrics = placement.metrics_to_host(pending[1])
+        peers_stop[0] = peers_stop[0] or bool(host_metrics.get("stop", 0))
+        monitor.observe(pending[0], host_metrics)
+
       tick, interval_time, interval_steps = time.time(), 0.0, 0
       while step < plan.num_steps:
         diagnose = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0
-        state, metrics = placement.step(state, next(batches), dropout_rng, diagnose)
+        state, metrics = placement.step(state, next(batches), dropout_rng, diagnose,
+                                        stop=preemption.requested)
         step += 1
         interval_steps += 1
         if pending is not None:
-          monitor.observe(pending[0], placement.metrics_to_host(pending[1]))
+          observe(pending)
           logger.advance(pending[0])
         pending = (step, metrics)
         if cfg.debug.preempt_at_step is not None and step == cfg.debug.preempt_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        stop = preemption.requested
-        if jax.process_count() > 1:  # every process must stop at the same step
-          stop = step % cfg.log_every == 0 and _any_process(stop)
+        # One process: stop now. Several: stop at this step once the previous step's shared flag
+        # says some process was signalled (at most two steps after the signal, on every process).
+        stop = peers_stop[0] if jax.process_count() > 1 else preemption.requested
         log_now = step % cfg.log_every == 0 or step == plan.num_steps
         eval_now = step == plan.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         save_now = step == plan.num_steps or step % cfg.checkpoint_every == 0 or stop
         if not (log_now or eval_now or save_now or diagnose or stop):
           continue
-        monitor.observe(pending[0], placement.metrics_to_host(pending[1]))  # waits for the step
+        observe(pending)  # waits for the step
         pending = None
         now = time.time()
         interval_time += now - tick
