@@ -119,9 +119,13 @@ class RunLogger:
     self._bar = None
     if not is_main:
       return
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     os.makedirs(workdir, exist_ok=True)
-    self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    except ImportError:  # a host without clu / TensorFlow: metrics.jsonl only
+      print(f"note: clu/TensorFlow not installed: no TensorBoard events; metrics go to "
+            f"{os.path.join(workdir, METRICS_FILE)}", file=sys.stderr, flush=True)
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
     use_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
     if use_bar:
@@ -136,7 +140,8 @@ class RunLogger:
     row = {"step": int(step), **{k: json_safe(float(v)) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
     self._jsonl.flush()
-    self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+    if self._tb is not None:
+      self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
 
   def eta(self, step: int) -> float:
     done = step - self._start_step

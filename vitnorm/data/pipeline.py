@@ -52,6 +52,7 @@ from vitnorm.data import config as config_lib
 from vitnorm.data import mixup as mixup_lib
 from vitnorm.data import offline
 from vitnorm.data import preprocess
+from vitnorm.data.config import DatasetInfo
 from vitnorm.errors import ConfigError, UserError
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -60,16 +61,6 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 1, 2, 3
 # Decoded splits held in memory (cache=True), keyed by (data_dir, builder name, split).
 _MEMORY_CACHE = {}
 _MEMORY_CACHE_ENTRIES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the pipeline produces for a data config."""
-  name: str
-  num_classes: int
-  image_shape: Tuple[int, int, int]  # (H, W, C) of the images the pipeline outputs
-  num_train_examples: int  # whole train split, all processes together
-  num_eval_examples: int  # whole eval split, all processes together
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,33 +269,9 @@ def dataset_info(data_cfg) -> DatasetInfo:
   )
 
 
-def _model_field(model_cfg, key, default=None):
-  try:
-    value = model_cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
 def check_model_compatible(data_cfg, model_cfg, info: Optional[DatasetInfo] = None):
   """Raises ConfigError naming both sides when image size, channels or classes do not match."""
-  info = info or dataset_info(data_cfg)
-  height, _, channels = info.image_shape
-  checks = (
-      ("image_size", height, _model_field(model_cfg, "image_size"),
-       "set both to the same value (the pipeline resizes images to data.image_size)"),
-      ("channels", channels, _model_field(model_cfg, "num_channels", 3),
-       "set data.channels (gray<->RGB conversion) or model.num_channels to match"),
-      ("num_classes", info.num_classes, _model_field(model_cfg, "num_classes"),
-       f"dataset {info.name!r} has {info.num_classes} classes; set model.num_classes={info.num_classes}"),
-  )
-  for key, data_value, model_value, fix in checks:
-    model_key = {"channels": "num_channels"}.get(key, key)
-    if model_value is None:
-      raise ConfigError(f"model.{model_key}", f"is not set; the data gives {key}={data_value}")
-    if int(model_value) != data_value:
-      data_side = f"data.{key}={data_value}" if key != "num_classes" else f"data ({info.name}) has num_classes={data_value}"
-      raise ConfigError(f"model.{model_key}", f"{data_side} but model.{model_key}={model_value}: {fix}")
+  config_lib.check_model_compatible(model_cfg, info or dataset_info(data_cfg))
 
 
 def _global_order_slices(cfg, builder, image_key, label_key, train_fn, seed, p_index, p_count,
