@@ -50,9 +50,9 @@ class Sizes:
 
 
 FULL = Sizes()
-REDUCED = Sizes(variants=("S/16",), image_size=32, batch_size=8, tiny_model=dict(
-    hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=8), warmup=1, iterations=2,
-    repeats=2, matmul_size=128, train_batch=8, train_steps=3, quickstart_steps=40)
+REDUCED = Sizes(variants=("S/16",), image_size=16, batch_size=8, tiny_model=dict(
+    hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, patch_size=8), warmup=1, iterations=2,
+    repeats=2, matmul_size=64, train_batch=8, train_steps=2, quickstart_steps=10)
 
 
 def _log(message):
