@@ -11,7 +11,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["vitnorm", "vitnorm.*", "configs", "experiments"]),
     install_requires=[
         # jax without an extra is the CPU build; on GPU/TPU install jax[cuda12] / jax[tpu] (README).
-        "jax>=0.7,<0.11",
+        "jax>=0.7,<0.13",  # 0.11+ needs Python >= 3.12; 0.12 is what PyPI serves now
         "flax>=0.11,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",

@@ -67,3 +67,8 @@ def run_cli(monkeypatch, capsys):
     return exit_info.value.code, out.out, out.err
 
   return run
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes on localhost (kept small; runs in CI; "
+      "select with -m multiprocess, skip with -m 'not multiprocess')")

@@ -2,7 +2,6 @@
 --help, --print_config, one-line errors, None for optional fields, exit codes (0 completed /
 already completed, 2 bad input with the workdir untouched, 75 preempted), the start header,
 re-run rules, init_from a vitnorm workdir. One subprocess checks that nothing but our lines print."""
-import json
 import os
 import subprocess
 import sys

@@ -22,6 +22,13 @@ EXIT_DIVERGED = 3
 EXIT_DISK_FULL = 4
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"; schedulers may requeue on it
 
+
+
+def exit_code(summary: dict) -> int:
+  """The trainer's exit code for a train_and_evaluate summary: completed 0, preempted 75."""
+  return EXIT_PREEMPTED if summary["status"] == "preempted" else EXIT_COMPLETED
+
+
 # TensorFlow's C++ start-up lines ('All log messages before absl::InitializeLog()', oneDNN notices,
 # CPU feature notices) are printed unless both are set. TF only runs the input pipeline here (the
 # mnist5k batches came out bit-identical with oneDNN on and off); set TF_ENABLE_ONEDNN_OPTS=1 to keep it.

@@ -219,7 +219,7 @@ def _run(config, workdir, print_config) -> int:
     return cli.EXIT_DISK_FULL
   if parallel.is_main_process():
     print(loop.summary_text(summary), flush=True)
-  return cli.EXIT_PREEMPTED if summary["status"] == "preempted" else cli.EXIT_COMPLETED
+  return cli.exit_code(summary)
 
 
 def run():

@@ -123,14 +123,21 @@ class RunLogger:
     self._tb_local = None  # bucket workdir: local directory of the TensorBoard events
     if not is_main:
       return
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     paths.makedirs(workdir)
+    try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    except ImportError:  # a host without clu / TensorFlow: metrics.jsonl only
+      metric_writers = None
+      print(f"note: clu/TensorFlow not installed: no TensorBoard events; metrics go to "
+            f"{paths.join(workdir, METRICS_FILE)}", file=sys.stderr, flush=True)
     if paths.is_url(workdir):
       self._bucket_rows = read_metrics(workdir)
-      self._tb_local = tempfile.mkdtemp(prefix="vitnorm_tensorboard_")
-      self._tb = metric_writers.SummaryWriter(self._tb_local)
+      if metric_writers is not None:
+        self._tb_local = tempfile.mkdtemp(prefix="vitnorm_tensorboard_")
+        self._tb = metric_writers.SummaryWriter(self._tb_local)
     else:
-      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      if metric_writers is not None:
+        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
     use_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
     if use_bar:
@@ -143,7 +150,8 @@ class RunLogger:
     if not self.is_main or not scalars:
       return
     row = {"step": int(step), **{k: json_safe(float(v)) for k, v in scalars.items()}}
-    self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+    if self._tb is not None:
+      self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
     if self._bucket_rows is not None:
       self._bucket_rows.append(row)
       paths.write_text_atomic(paths.join(self.workdir, METRICS_FILE), _rows_text(self._bucket_rows))
@@ -154,6 +162,8 @@ class RunLogger:
 
   def _upload_tensorboard(self):
     """Bucket workdir: copies each local events file to WORKDIR/tensorboard/ (whole objects)."""
+    if self._tb is None:
+      return
     self._tb.flush()
     for name in sorted(os.listdir(self._tb_local)):
       local = os.path.join(self._tb_local, name)
@@ -163,7 +173,7 @@ class RunLogger:
 
   def write_config(self, hparams: Mapping[str, Any], config_text: str):
     """The run's main hyperparameters (TensorBoard's hparams tab) and its whole config (a text)."""
-    if not self.is_main:
+    if not self.is_main or self._tb is None:
       return
     self._tb.write_hparams(dict(hparams))
     self._tb.write_texts(0, {"config": "```\n" + config_text + "\n```"})

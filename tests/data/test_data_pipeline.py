@@ -1,7 +1,7 @@
 """Pipelines over the real offline datasets (mnist5k, digits), prepared into a temporary data_dir.
 
-Shapes, dtypes, value ranges; determinism for (seed, step) and exact resume; per-process parts
-disjoint and covering; eval sees every example exactly once; clear errors for bad input.
+Shapes, dtypes, value ranges; determinism for (seed, step) and exact resume; cached global
+batches independent of the process count; streamed per-process parts disjoint and covering; eval sees every example exactly once; clear errors for bad input.
 """
 import collections
 import time
@@ -98,8 +98,33 @@ def test_batches_are_a_function_of_seed_and_step_and_resume_exactly(data_dir, ca
   assert not np.array_equal(other_process["image"], first[0]["image"])
 
 
-@pytest.mark.parametrize("cache", [True, False])
+def test_cached_global_batches_do_not_depend_on_the_process_count(data_dir):
+  # Mixup and CutMix on: each process's slice must be mixed with the mirrored rows of the global
+  # batch. Steps 29-31 of batch 48 cross the end of digits' first epoch (1,437 examples).
+  c = cfg(data_dir, cache=True, **{**HEAVY_AUG, "randaugment_layers": 0})
+  kw = dict(global_batch_size=48, seed=3, start_step=29)
+  whole = [b for _, b in zip(range(3), data.train_batches(c, process_index=0, process_count=1, **kw))]
+  for count in (2, 3):
+    parts = [[b for _, b in zip(range(3), data.train_batches(c, process_index=p, process_count=count, **kw))]
+             for p in range(count)]
+    for k in range(3):
+      for key in ("image", "label"):
+        np.testing.assert_array_equal(np.concatenate([part[k][key] for part in parts]), whole[k][key])
+  # The global stream visits every example once per epoch, in a new order each epoch.
+  c = cfg(data_dir, cache=True)
+  n = 1437
+  stream = [b for _, b in zip(range(60), data.train_batches(c, global_batch_size=48, seed=1, process_index=0,
+                                                             process_count=1))]
+  images = np.concatenate([b["image"] for b in stream])
+  labels = np.concatenate([b["label"].argmax(1) for b in stream])
+  assert _rows(images[:n], labels[:n]) == _split_rows(data_dir, "digits", "train")
+  assert _rows(images[n:2 * n], labels[n:2 * n]) == _split_rows(data_dir, "digits", "train")
+  assert not np.array_equal(images[:n], images[n:2 * n])
+
+
+@pytest.mark.parametrize("cache", [False])
 def test_process_parts_are_disjoint_covering_permutations(data_dir, cache):
+  # Streaming (cache=False) only: each process reads its own part of the split.
   c = cfg(data_dir, cache=cache, shuffle_buffer=64)
   total = collections.Counter()
   sizes = []

@@ -1,33 +1,74 @@
-"""Input pipelines: tfds datasets -> normalized, augmented, per-process batches; offline datasets.
+"""Input pipelines: datasets -> normalized, augmented, per-process batches; offline datasets.
 
-  config      config.data fields (DATA_CONFIG_FIELDS), defaults, validation
-  pipeline    dataset_info, check_model_compatible, train_batches, eval_batches, num_eval_batches
+  config      config.data fields (DATA_CONFIG_FIELDS), defaults, validation, DatasetInfo
+  pipeline    tf.data over tfds datasets (imports TensorFlow): train_dataset, eval_dataset
+  arrays      in-memory NumPy datasets ('*.npz', 'numpy:digits'), no TensorFlow
   preprocess  inception crop, flip, random shift, normalization, random erasing, eval resize + crop
   randaugment timm-style RandAugment (rand-m9-mstd0.5-inc1) with stateless randomness
   mixup       Mixup / CutMix with label smoothing, per batch
   offline     'mnist5k' and 'digits' tfds builders (real images shipped by pip packages)
   device      shard_for_pmap, to_global_arrays, prefetch
+  export_npz  python -m vitnorm.data.export_npz: a dataset -> .npz for hosts without TensorFlow
 
-Importing this package registers the offline builders with tfds.
+dataset_info, check_model_compatible, train_batches, eval_batches and num_eval_batches dispatch on
+data.name: NumPy datasets go to `arrays`, everything else to `pipeline`. TensorFlow is imported
+only when a tfds dataset is used, so hosts without it (a stock CUDA image) can import the trainer.
+The tfds builders of `offline` are registered when the tfds pipeline is first used.
 """
-from vitnorm.data import offline  # registers 'mnist5k' and 'digits' with tfds
-from vitnorm.data.config import (DATA_CONFIG_FIELDS, DataConfig, default_data_config,
+import importlib
+
+from vitnorm.data import arrays
+from vitnorm.data.config import (DATA_CONFIG_FIELDS, DataConfig, DatasetInfo, default_data_config,
                                  resolve_data_config)
 
-# The pipeline imports TensorFlow: it is loaded on first use of one of its names, so that entry
-# points (python -m vitnorm.data) can quiet TensorFlow's start-up output before it is imported.
-_PIPELINE_NAMES = ("DatasetInfo", "check_model_compatible", "dataset_info", "eval_batches",
-                   "eval_dataset", "num_eval_batches", "train_batches", "train_dataset")
+# The pipeline (and `offline`, the tfds builders it registers) import TensorFlow: they are loaded on
+# first use, so that entry points can quiet TensorFlow's start-up output before it is imported and
+# hosts without TensorFlow can use the NumPy datasets.
+def _pipeline():
+  return importlib.import_module("vitnorm.data.pipeline")
+
+
+def _source(data_cfg):
+  return arrays if arrays.is_array_source(resolve_data_config(data_cfg).name) else _pipeline()
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+  """Name, classes, output image shape and split sizes; fast, never downloads (UserError instead)."""
+  return _source(data_cfg).dataset_info(data_cfg)
+
+
+def check_model_compatible(data_cfg, model_cfg, info=None):
+  """Raises ConfigError naming both sides when image size, channels or classes do not match."""
+  from vitnorm.data import config  # pylint: disable=import-outside-toplevel
+  config.check_model_compatible(model_cfg, info or dataset_info(data_cfg))
+
+
+def train_batches(data_cfg, **kwargs):
+  """Infinite iterator of this process's part of each global training batch (see pipeline / arrays)."""
+  return _source(data_cfg).train_batches(data_cfg, **kwargs)
+
+
+def eval_batches(data_cfg, **kwargs):
+  """One pass over this process's part of the eval split, padded (see pipeline / arrays)."""
+  return _source(data_cfg).eval_batches(data_cfg, **kwargs)
+
+
+def num_eval_batches(data_cfg, **kwargs) -> int:
+  """Batches `eval_batches` yields (the same on every process)."""
+  return _source(data_cfg).num_eval_batches(data_cfg, **kwargs)
 
 
 def __getattr__(name):
-  if name in _PIPELINE_NAMES:
-    from vitnorm.data import pipeline  # pylint: disable=import-outside-toplevel
-    return getattr(pipeline, name)
+  if name in ("train_dataset", "eval_dataset", "pipeline"):
+    pipeline = _pipeline()
+    return pipeline if name == "pipeline" else getattr(pipeline, name)
+  if name == "offline":  # registers 'mnist5k' and 'digits' with tfds
+    return importlib.import_module("vitnorm.data.offline")
   raise AttributeError(f"module 'vitnorm.data' has no attribute {name!r}")
 
+
 __all__ = [
-    "DATA_CONFIG_FIELDS", "DataConfig", "DatasetInfo", "check_model_compatible", "dataset_info",
-    "default_data_config", "eval_batches", "eval_dataset", "num_eval_batches", "offline",
-    "resolve_data_config", "train_batches", "train_dataset",
+    "DATA_CONFIG_FIELDS", "DataConfig", "DatasetInfo", "arrays", "check_model_compatible",
+    "dataset_info", "default_data_config", "eval_batches", "eval_dataset", "num_eval_batches",
+    "offline", "resolve_data_config", "train_batches", "train_dataset",
 ]

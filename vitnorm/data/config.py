@@ -241,3 +241,41 @@ def check_normalization(cfg: DataConfig, channels: int):
                         f"channel(s); give one value per channel{hint}, or set data.channels")
     result.append(values)
   return tuple(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline produces for a data config."""
+  name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]  # (H, W, C) of the images the pipeline outputs
+  num_train_examples: int  # whole train split, all processes together
+  num_eval_examples: int  # whole eval split, all processes together
+
+
+def _model_field(model_cfg, key, default=None):
+  try:
+    value = model_cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def check_model_compatible(model_cfg, info: DatasetInfo):
+  """Raises ConfigError naming both sides when image size, channels or classes do not match."""
+  height, _, channels = info.image_shape
+  checks = (
+      ("image_size", height, _model_field(model_cfg, "image_size"),
+       "set both to the same value (the pipeline resizes images to data.image_size)"),
+      ("channels", channels, _model_field(model_cfg, "num_channels", 3),
+       "set data.channels (gray<->RGB conversion) or model.num_channels to match"),
+      ("num_classes", info.num_classes, _model_field(model_cfg, "num_classes"),
+       f"dataset {info.name!r} has {info.num_classes} classes; set model.num_classes={info.num_classes}"),
+  )
+  for key, data_value, model_value, fix in checks:
+    model_key = {"channels": "num_channels"}.get(key, key)
+    if model_value is None:
+      raise ConfigError(f"model.{model_key}", f"is not set; the data gives {key}={data_value}")
+    if int(model_value) != data_value:
+      data_side = f"data.{key}={data_value}" if key != "num_classes" else f"data ({info.name}) has num_classes={data_value}"
+      raise ConfigError(f"model.{model_key}", f"{data_side} but model.{model_key}={model_value}: {fix}")

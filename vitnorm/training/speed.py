@@ -101,7 +101,7 @@ def compile_train_step(plan: Plan, mesh, *, seed: int = 0) -> TrainProgram:
       label=np.eye(plan.num_classes, dtype=np.float32)[rng.integers(0, plan.num_classes, cfg.batch_size)]))
   dropout_rng = jax.random.PRNGKey(seed + 1)
   start = time.perf_counter()
-  compiled = placement.step_function(False).lower(state, batch, dropout_rng).compile()
+  compiled = placement.lower_step(state, batch, dropout_rng, False).compile()
   compile_seconds = time.perf_counter() - start
   flops = float("nan")
   try:
@@ -114,7 +114,7 @@ def compile_train_step(plan: Plan, mesh, *, seed: int = 0) -> TrainProgram:
   holder, in_flight = [state], collections.deque()
 
   def call():
-    holder[0], metrics = compiled(holder[0], batch, dropout_rng)
+    holder[0], metrics = compiled(holder[0], batch, dropout_rng, placement.no_stop)
     in_flight.append(metrics["loss"])
     if len(in_flight) > STEPS_IN_FLIGHT:
       in_flight.popleft().block_until_ready()
