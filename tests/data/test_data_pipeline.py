@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import vitnorm.data as data
-from vitnorm.data import offline
+from vitnorm.data import arrays, offline
 from vitnorm.errors import ConfigError
 
 # Pixel-space output: normalize to x / 255 / (1 / 255) = x, so images identify examples.
@@ -206,3 +206,13 @@ def test_prepare_command(data_dir, capsys):
     main(["--data_dir", data_dir, "cifar10"])
   assert exit_info.value.code == 2
   assert "error: unknown offline dataset 'cifar10'; choose from mnist5k, digits" in capsys.readouterr().err
+
+
+def test_numpy_mnist5k_holds_the_same_splits_as_the_tfds_builder(data_dir):
+  """'numpy:mnist5k' (the NumPy feed) and 'mnist5k' (tfds) hold the same train and test images."""
+  info = data.dataset_info(dict(name="numpy:mnist5k", image_size=28, **RAW))
+  assert info == data.DatasetInfo("numpy:mnist5k", 10, (28, 28, 1), 4000, 1000)
+  data.dataset_info(cfg(data_dir, "mnist5k"))  # prepares the tfds builder
+  split = arrays.split_arrays("mnist5k")
+  for name in ("train", "test"):
+    assert _split_rows(data_dir, "mnist5k", name) == _rows(split[f"{name}_images"], split[f"{name}_labels"])

@@ -2,7 +2,7 @@
 
   config      config.data fields (DATA_CONFIG_FIELDS), defaults, validation, DatasetInfo
   pipeline    tf.data over tfds datasets (imports TensorFlow): train_dataset, eval_dataset
-  arrays      in-memory NumPy datasets ('*.npz', 'numpy:digits'), no TensorFlow
+  arrays      in-memory NumPy datasets ('*.npz', 'numpy:digits', 'numpy:mnist5k'), no TensorFlow
   preprocess  inception crop, flip, random shift, normalization, random erasing, eval resize + crop
   randaugment timm-style RandAugment (rand-m9-mstd0.5-inc1) with stateless randomness
   mixup       Mixup / CutMix with label smoothing, per batch

