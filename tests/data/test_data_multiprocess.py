@@ -1,7 +1,8 @@
 """Two real JAX processes on localhost (2 CPU devices each) read one dataset through the defaults.
 
 Each process takes its part from jax.process_index(); the parts are disjoint and cover the split
-(train: the images of one epoch of each part; eval: every example once);
+(train, cached: its slice of each global batch of one global order, the first global epoch is the
+split once; eval: every example once);
 both yield the same number of eval batches; to_global_arrays assembles a global batch.
 """
 import collections
@@ -87,13 +88,18 @@ def test_two_processes_read_disjoint_covering_parts(tmp_path):
   np.testing.assert_array_equal(results[0]["gathered"], results[0]["local_label"] + results[1]["local_label"])
   np.testing.assert_array_equal(results[0]["gathered_image"],
                                 results[0]["local_image"] + results[1]["local_image"])  # images too
-  # Training: each process reads its own part of the train split (through jax.process_index()):
-  # over one epoch of its part the two processes see disjoint examples that together are the split.
-  parts = [tfds.builder("digits", data_dir=data_dir).info.splits[s].num_examples for s in tfds.even_splits("train", 2)]
-  assert parts == [719, 718]
-  epochs = [collections.Counter(tuple(r) for r in res["train_rows"][:n]) for res, n in zip(results, parts)]
-  assert len(set(epochs[0]) & set(epochs[1])) == 0
-  assert epochs[0] + epochs[1] == _train_split_rows(data_dir)
+  # Training (cache=True): every process walks the same global order and takes its slice of each
+  # global batch (process 0 rows 0-3, process 1 rows 4-7), so the first epoch of the global
+  # stream (1,437 rows) is the train split once, and the two processes' rows in it are disjoint.
+  n_train = tfds.builder("digits", data_dir=data_dir).info.splits["train"].num_examples
+  assert n_train == 1437
+  local = [[tuple(r) for r in res["train_rows"]] for res in results]
+  global_rows = [row for k in range(180) for part in local for row in part[4 * k:4 * k + 4]]
+  first_epoch = global_rows[:n_train]
+  assert collections.Counter(first_epoch) == _train_split_rows(data_dir)
+  owner = [p for k in range(180) for p in (0, 1) for _ in range(4)][:n_train]
+  by_process = [collections.Counter(r for r, o in zip(first_epoch, owner) if o == p) for p in (0, 1)]
+  assert len(set(by_process[0]) & set(by_process[1])) == 0
   rows = [tuple(r) for res in results for r in res["rows"]]
   assert len(rows) == 360  # every example once over both processes (the multiset check below)
   expected = data.eval_batches(data.default_data_config(

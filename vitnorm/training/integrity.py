@@ -29,15 +29,21 @@ HASH = "sha256"
 _CHUNK = 8 << 20  # bytes read at a time while hashing
 
 
+def _without_scheme(path) -> str:
+  """'gs://b/run/x' -> 'b/run/x' (fsspec's walk yields bucket paths without their scheme)."""
+  text = str(path)
+  return text.split("://", 1)[1] if "://" in text else text
+
+
 def _files(step_dir: epath.Path) -> dict:
   """{relative posix path: path} of every regular file under step_dir, manifest excluded."""
   out = {}
+  base = _without_scheme(step_dir).rstrip("/")
   for root, _, names in step_dir.walk():
     for name in names:
-      path = epath.Path(root) / name
-      rel = str(path)[len(str(step_dir)):].lstrip("/")
+      rel = (_without_scheme(root).rstrip("/") + "/" + name)[len(base):].lstrip("/")
       if rel != MANIFEST_FILE and not rel.startswith(MANIFEST_FILE + "."):
-        out[rel] = path
+        out[rel] = step_dir / rel
   return out
 
 
