@@ -15,10 +15,16 @@ Arguments (`:key=value,...`):
   ffn_norm  ... plus this norm inside the FFN (bn, ln, rms, dyt, prepbn); alone: added to the default's norm
   epochs    training length in epochs (num_steps follows; --config.num_steps=N overrides)
   batch     global batch size
+  feed      tfds (default: the tfds 'mnist5k' builder through tf.data) or numpy (the same images and
+            split from memory, `data.name=numpy:mnist5k`: no tf.data work on the two cores the
+            train step needs, so the training loop runs close to the bare step's speed, see
+            experiments/results/speed_cpu/loop_quickstart*.txt; only random shifts and flips,
+            no tfds split slices)
 """
 from configs import common
 
-ARGS = dict(variant=None, norm=None, ffn_norm=None, epochs=100.0, batch=64)  # None: not given
+ARGS = dict(variant=None, norm=None, ffn_norm=None, epochs=100.0, batch=64, feed="tfds")  # None: not given
+FEEDS = {"tfds": "mnist5k", "numpy": "numpy:mnist5k"}
 DEFAULT_VARIANT = "bn_ffnbn"
 
 
@@ -42,7 +48,9 @@ def get_config(arg=None):
   c.model.num_heads = 4
   c.model.patch_size = 7  # 4 x 4 = 16 patches + CLS: ~3x cheaper than 4x4 patches, learns faster per step
 
-  c.data = common.data_config(name="mnist5k", image_size=28)
+  if args["feed"] not in FEEDS:
+    raise ValueError(f"config argument feed={args['feed']!r}: choose tfds or numpy")
+  c.data = common.data_config(name=FEEDS[args["feed"]], image_size=28)
   c.data.channels = 1
   c.data.cache = True  # 4,000 images: decode once, exact per-epoch permutations
   c.data.inception_crop = False

@@ -10,13 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-experiments/results/speed_cpu}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python}"  # e.g. PYTHON=.venv/bin/python
 mkdir -p "$OUT"
 
 run() {  # run NAME COMMAND...: the command's stdout to NAME.txt (and the terminal); its JSON via --output
   local name="$1"; shift
   echo "== $name: $*" >&2
-  { echo "\$ $*"; "$@"; } | tee "$OUT/$name.txt"
+  { echo "\$ python ${*:2}"; "$@"; } | tee "$OUT/$name.txt"
 }
 
 # Issue 10: the trainer's loop against the same compiled step fed one resident batch.

@@ -18,18 +18,12 @@ import os
 import sys
 from typing import List, Optional
 
-from experiments import run_files
+from experiments import plots, run_files
 from experiments import run_sweep
 from experiments import study
 from experiments import sweeps as sweeps_lib
 from vitnorm.errors import UserError, exit_on_user_error
 
-DIAGNOSTICS = (
-    ("residual_rms", "residual stream RMS"),
-    ("ffn_hidden_rms", "FFN hidden RMS"),
-    ("max_attention_logit", "max attention logit"),
-    ("grad_norm", "gradient norm"),
-)
 # Knob columns shown when they vary across a sweep's runs.
 _KNOBS = (("bn_group_size", "BN group"), ("bn_momentum", "BN momentum"),
           ("bn_epsilon", "BN epsilon"), ("bn_include_cls", "CLS in BN stats"),
@@ -206,133 +200,6 @@ def _benchmark_section(doc: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------
-
-
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _plain_log_axis(ax):
-  """Log y axis with plain tick labels (3, 0.5) instead of 3x10^0."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  ax.set_yscale("log")
-  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-  ax.yaxis.set_major_formatter(plain)
-
-  def minor(v, _):  # every minor tick within about a decade, else only the 2s and 5s
-    low, high = ax.get_ylim()
-    narrow = low > 0 and high / low < 8
-    return f"{float(f'{v:.2g}'):g}" if narrow or f"{v:.0e}"[0] in "25" else ""
-
-  ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
-
-
-def _save(fig, path: str, dpi: int) -> None:
-  """PNG with a 256-colour palette: a third of the size of matplotlib's RGBA, same look."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib depends on pillow)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi)
-  buf.seek(0)
-  with Image.open(buf) as image:
-    image.convert("RGB").quantize(colors=256).save(path, optimize=True)
-
-
-def _finite(points):
-  pts = [(s, v) for s, v in points if math.isfinite(v)]
-  return [s for s, _ in pts], [v for _, v in pts]
-
-
-def _diverged_step(run):
-  return run.get("step") if run.get("status") == "diverged" else None
-
-
-def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, percent=False) -> bool:
-  """One line per run of `key` vs step; diverged runs end in an x with 'diverged @ step'."""
-  runs = [r for r in doc["runs"] if _finite(r["series"].get(key, []))[0]]
-  if not runs:
-    return False
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for r in runs:
-    steps, values = _finite(r["series"][key])
-    if percent and max(values) <= 1.0:
-      values = [100 * v for v in values]
-    label = r["name"]
-    stop = _diverged_step(r)
-    if stop is not None:
-      label += f" (diverged @ {stop})"
-    (line,) = ax.plot(steps, values, label=label, lw=1.4,
-                      ls="--" if stop is not None else "-", marker="o" if len(steps) < 15 else None, ms=3)
-    if stop is not None:
-      ax.plot(steps[-1], values[-1], "x", color=line.get_color(), ms=12, mew=3)
-      ax.axvline(stop, color=line.get_color(), ls=":", lw=1)
-  ax.set_xlabel("step")
-  ax.set_ylabel(ylabel + (" (%)" if percent else ""))
-  if log_y:
-    _plain_log_axis(ax)
-  ax.set_title(f"{doc['sweep']}: {ylabel}")
-  ax.grid(True, alpha=0.3, which="both")
-  ax.legend(fontsize=9)
-  fig.tight_layout()
-  _save(fig, path, dpi=110)
-  plt.close(fig)
-  return True
-
-
-def plot_diagnostics(doc: dict, path: str) -> bool:
-  """A row per run, a column per diagnostic, a line per block (dark = first, light = last)."""
-  rows = [(r, run_files.block_diagnostics(r["series"])) for r in doc["runs"]]
-  rows = [(r, d) for r, d in rows if d]
-  cols = [(k, label) for k, label in DIAGNOSTICS if any(k in d for _, d in rows)]
-  if not rows or not cols:
-    return False
-  plt = _plt()
-  fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols), 2.6 * len(rows) + 0.6),
-                           sharex=True, sharey="col", squeeze=False)
-  cmap = plt.get_cmap("viridis")
-  for i, (r, diag) in enumerate(rows):
-    stop = _diverged_step(r)
-    for j, (key, label) in enumerate(cols):
-      ax = axes[i][j]
-      blocks = diag.get(key, {})
-      for b in sorted(blocks):
-        steps, values = _finite(blocks[b])
-        if steps:
-          ax.plot(steps, [max(v, 1e-12) for v in values], color=cmap(b / max(len(blocks) - 1, 1)),
-                  lw=1.2, label=f"block {b}")
-      if stop is not None:
-        ax.axvline(stop, color="red", ls="--", lw=1)
-      _plain_log_axis(ax)
-      ax.grid(True, alpha=0.3, which="both")
-      if i == 0:
-        ax.set_title(label)
-      if j == 0:
-        ax.set_ylabel(r["name"] + ("\n(diverged)" if stop is not None else ""), fontsize=10,
-                      color="red" if stop is not None else "black")
-      if i == len(rows) - 1:
-        ax.set_xlabel("step")
-  handles, labels = axes[0][0].get_legend_handles_labels()
-  for row in axes:
-    for ax in row:
-      h, l = ax.get_legend_handles_labels()
-      if len(h) > len(handles):
-        handles, labels = h, l
-  if handles:
-    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(len(handles), 12))
-  fig.suptitle(f"{doc['sweep']}: per-block diagnostics (red dashes: divergence)", x=0.01, ha="left")
-  fig.tight_layout(rect=(0, 0, 1, 0.97))
-  _save(fig, path, dpi=90)
-  plt.close(fig)
-  return True
-
-
-# ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
 
@@ -359,13 +226,13 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     summary.update(stability_map={v: {f"{lr:g}": c for lr, c in cells.items()} for v, cells in smap.items()},
                    mechanism=mech)
     lines += [study.criterion_text(), "", study.stability_table(smap)]
-    plt = _plt()
+    plt = plots.pyplot()
     figures = []
     if study.plot_stability(smap, f"{doc['sweep']}: success rate and mean final top-1",
-                            os.path.join(plot_dir, "stability_map.png"), _save, plt):
+                            os.path.join(plot_dir, "stability_map.png"), plots.save_png, plt):
       figures.append(f"![stability map]({rel('stability_map.png')})")
     if study.plot_mechanism(mech, f"{doc['sweep']}: what grows with the learning rate",
-                            os.path.join(plot_dir, "mechanism.png"), _save, plt):
+                            os.path.join(plot_dir, "mechanism.png"), plots.save_png, plt):
       figures.append(f"![mechanism]({rel('mechanism.png')})")
     lines += [""] + figures
     lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
@@ -378,7 +245,7 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += ["Final eval top-1 over seeds (completed seeds only; the interval is Student's t over "
               "the seeds' means).", "", study.aggregate_table(rows), ""]
     if study.plot_spread(rows, doc["runs"], f"{doc['sweep']}: final top-1 per seed",
-                         os.path.join(plot_dir, "spread.png"), _save, _plt()):
+                         os.path.join(plot_dir, "spread.png"), plots.save_png, plots.pyplot()):
       lines += [f"![spread]({rel('spread.png')})", ""]
     lines += ["<details><summary>every run</summary>", ""]
   lines.append(markdown_table(doc["runs"]))
@@ -396,15 +263,15 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
            for r in doc["runs"] if r.get("note") or r.get("reason") or r.get("eval_error")]
   if notes:
     lines += [""] + notes
-  plots = []
+  figures = []
   for name, made in (
-      ("loss.png", plot_curves(doc, "train/loss", "train loss", os.path.join(plot_dir, "loss.png"), log_y=True)),
-      ("eval_top1.png", plot_curves(doc, "eval/top1", "eval top-1", os.path.join(plot_dir, "eval_top1.png"), percent=True)),
-      ("diagnostics.png", plot_diagnostics(doc, os.path.join(plot_dir, "diagnostics.png")))):
+      ("loss.png", plots.plot_curves(doc, "train/loss", "train loss", os.path.join(plot_dir, "loss.png"), log_y=True)),
+      ("eval_top1.png", plots.plot_curves(doc, "eval/top1", "eval top-1", os.path.join(plot_dir, "eval_top1.png"), percent=True)),
+      ("diagnostics.png", plots.plot_diagnostics(doc, os.path.join(plot_dir, "diagnostics.png")))):
     if made:
-      plots.append(f"![{name}]({os.path.relpath(os.path.join(plot_dir, name), rel_to)})")
-  if plots:
-    lines += [""] + plots
+      figures.append(f"![{name}]({os.path.relpath(os.path.join(plot_dir, name), rel_to)})")
+  if figures:
+    lines += [""] + figures
   lines += ["", f"Regenerate: `{regenerate_command(doc)}`"]
   return "\n".join(lines)
 

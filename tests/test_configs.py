@@ -35,7 +35,7 @@ def test_every_field_in_common_is_commented():
 
 
 @pytest.mark.parametrize("module, arg", [
-    (quickstart, None), (quickstart, "norm=ln,ffn_norm=none,epochs=5,batch=64"),
+    (quickstart, None), (quickstart, "norm=ln,ffn_norm=none,epochs=5,batch=64"), (quickstart, "feed=numpy"),
     (deit, None), (deit, "variant=Ti/16,norm=bn,ffn_norm=bn,bn_group=128"),
     (deit, "variant=B/16,norm=bn,ffn_norm=bn,ffn_norm_position=post_act"),
     (cifar, None), (cifar, "dataset=cifar100,norm=bn,ffn_norm=bn"),
@@ -58,6 +58,11 @@ def test_args_select_variant_norms_and_dataset():
   q = quickstart.get_config("norm=layer,ffn_norm=rms,epochs=3")
   assert (q.model.norm, q.model.ffn_norm, q.num_epochs) == ("layer", "rms", 3.0)
   assert cifar.get_config("dataset=cifar100").model.num_classes == 100
+  # The quickstart's feed: tfds by default, the same digits from memory with feed=numpy.
+  assert quickstart.get_config().data.name == "mnist5k"
+  fed = quickstart.get_config("feed=numpy")
+  assert fed.data.name == "numpy:mnist5k" and fed.model == quickstart.get_config().model
+  assert data.dataset_info(fed.data) == data.DatasetInfo("numpy:mnist5k", 10, (28, 28, 1), 4000, 1000)
 
 
 def test_deit_recipe_values():
@@ -81,7 +86,8 @@ def test_placeholders_stay_overridable():
 
 
 @pytest.mark.parametrize("arg, message", [("norm=bogus", "unknown norm"), ("colour=red", "is unknown"),
-                                          ("epochs=ten", "not a valid float"), ("norm", "not key=value")])
+                                          ("epochs=ten", "not a valid float"), ("norm", "not key=value"),
+                                          ("feed=tf", "feed='tf': choose tfds or numpy")])
 def test_bad_args_name_the_key(arg, message):
   with pytest.raises(ValueError, match=message):
     quickstart.get_config(arg)

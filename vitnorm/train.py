@@ -4,10 +4,11 @@ The user-facing help is HELP below (--help prints it and exits 0); what training
 vitnorm.training.loop; the exit codes are in vitnorm.cli. Nothing heavy (JAX, TensorFlow) is
 imported before the quiet start and the flag checks.
 """
-import re
 import sys
 
 from vitnorm import cli
+from vitnorm.config_overrides import (HELP_FLAGS, apply_none, bad_value, last_error_line,
+                                      none_overrides, syntax_error_line, unknown_field)
 from vitnorm.errors import UserError, exit_with_error, one_line
 
 HELP = """\
@@ -46,108 +47,11 @@ workdir's disk is full (free space, run the same command again), 75 preempted by
 (a checkpoint is saved: run the same command again), 1 anything unexpected (a traceback).
 """
 
-# Fields that may be None although their default is a value (the others: placeholders in configs/common.py).
-NULLABLE_FIELDS = ("optim.lr_scaling_batch",)
-HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-help")
-_NONE = ("none", "null")
-_OVERRIDE = re.compile(r"^--config\.([\w.]+)=(.*)$")
-
-
-def _none_overrides(argv):
-  """(argv without the --config.FIELD=None overrides, [FIELD, ...]): absl cannot parse None."""
-  rest, fields = [], []
-  for arg in argv:
-    match = _OVERRIDE.match(arg)
-    if match and match.group(2).strip().lower() in _NONE:
-      fields.append(match.group(1))
-    else:
-      rest.append(arg)
-  return rest, fields
-
-
-def _apply_none(config, field):
-  """Sets a field to None where its default may be None; a str field takes the text 'none'."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  *path, key = field.split(".")
-  parent = config
-  for part in path:
-    if not isinstance(parent, config_dict.ConfigDict) or part not in parent:
-      raise UserError(f"config.{field}: no such config field; fix the name (fields and their "
-                      "comments: configs/common.py)")
-    parent = parent[part]
-  if not isinstance(parent, config_dict.ConfigDict) or key not in parent:
-    raise UserError(f"config.{field}: no such config field; fix the name (fields and their comments: "
-                    "configs/common.py)")
-  value = parent[key]
-  nullable = (isinstance(parent._fields.get(key), config_dict.FieldReference)  # pylint: disable=protected-access
-              or value is None or field in NULLABLE_FIELDS)
-  if nullable:
-    with parent.unlocked():
-      parent[key] = None
-  elif isinstance(value, str):
-    parent[key] = "none"
-  else:
-    raise UserError(f"config.{field}: cannot be None (it needs a value of type {type(value).__name__}); give a value "
-                    "(fields that may be None say so in configs/common.py)")
-
-
-def _clean(text: str) -> str:
-  return one_line(text)
-
-
-def _syntax_error_line(e: SyntaxError) -> str:
-  return (f"--config: {e.filename} line {e.lineno}: {e.msg}; fix the syntax error in the config "
-          "file (python -m py_compile FILE shows it)")
-
-
-def _last_error_line(message: str) -> str:
-  """The useful line of a config_flags error (which may embed a whole traceback)."""
-  lines = [l.strip() for l in message.splitlines() if l.strip()]
-  if "Traceback (most recent call last)" in message and lines:
-    last = lines[-1]
-    return last.split(": ", 1)[1] if re.match(r"^\w+(Error|Exception): ", last) else last
-  if any("No such file" in l for l in lines):  # config file missing: say which and why
-    return next(l for l in lines if "No such file" in l)
-  return " ".join(message.split())
-
-
-def _unknown_field(err, argv) -> str:
-  """'config.model.nrom: no such config field; ...' for an override naming a missing field."""
-  raw = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-  text = _clean(str(raw))
-  key = text.split(" Did you mean")[0].strip("\"' ")
-  override = next((a for a in argv if a.startswith("--config.") and
-                   re.search(rf"[.]{re.escape(key)}$", a.split("=")[0])), None)
-  field = override.split("=")[0][2:] if override else key
-  suggestion = re.search(r'Did you mean "([\w.]+)"', text)
-  if suggestion:
-    prefix = field[:-len(key)] if field.endswith(key) else ""
-    hint = f"did you mean {prefix}{suggestion.group(1).split('.')[-1]}? "
-  else:
-    hint = "fix the name "
-  return f"{field}: no such config field; {hint}(fields and their comments: configs/common.py)"
-
-
-def _bad_value(message: str) -> str:
-  """'config.data.cache: 'maybe' is not a boolean; use true or false' from absl's flag error."""
-  match = re.match(r"^flag --(config\.[\w.]+)=(.*?): (.*)$", message)
-  if not match:
-    return _clean(message)
-  field, value, reason = match.groups()
-  if "boolean" in reason.lower():
-    return f"{field}: {value!r} is not a boolean; use true or false"
-  if "float" in reason:
-    return f"{field}: {value!r} is not a number; give a float (or None where the field may be None)"
-  if "int" in reason:
-    return f"{field}: {value!r} is not an integer; give an int (or None where the field may be None)"
-  return f"{field}: {value!r}: {_clean(reason)}"
-
-
 def parse(argv):
   """(config, workdir, print_config, verbose) from the command line; UserError (one line) if bad."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv, none_fields = _none_overrides(list(argv))
+  argv, none_fields = none_overrides(list(argv))
   values = flags.FlagValues()
   config_flags.DEFINE_config_file(
       "config", None, "Config file FILE.py[:ARGS].", flag_values=values, lock_config=True,
@@ -167,18 +71,18 @@ def parse(argv):
     config = values.config
     config.get("num_cpu_devices")  # config_flags reports a file it could not load only when used
     for field in none_fields:
-      _apply_none(config, field)
+      apply_none(config, field)
   except UserError:
     raise
   except (AttributeError, KeyError) as e:  # an override names a field the config lacks
-    raise UserError(_unknown_field(e, argv)) from None
+    raise UserError(unknown_field(e, argv)) from None
   except SyntaxError as e:  # the config file does not parse: name the file and line
-    raise UserError(_syntax_error_line(e)) from None
+    raise UserError(syntax_error_line(e)) from None
   except (flags.Error, ValueError, TypeError, OSError, ImportError) as e:
-    message = _last_error_line(str(e))
+    message = last_error_line(str(e))
     if "Traceback" in str(e) or isinstance(e, (OSError, SyntaxError, ImportError)):
-      message = f"--config: {_clean(message)}"
-    raise UserError(_bad_value(message)) from None
+      message = f"--config: {one_line(message)}"
+    raise UserError(bad_value(message)) from None
   return config, values.workdir, values.print_config or values.dry_run, values.verbose
 
 
