@@ -13,8 +13,10 @@ OUT="${1:-experiments/results/speed_cpu}"
 PY="${PYTHON:-python}"  # e.g. PYTHON=.venv/bin/python
 mkdir -p "$OUT"
 
+# MEASURE_ONLY="name1 name2": run only those (e.g. to redo one figure).
 run() {  # run NAME COMMAND...: the command's stdout to NAME.txt (and the terminal); its JSON via --output
   local name="$1"; shift
+  if [[ -n "${MEASURE_ONLY:-}" && " $MEASURE_ONLY " != *" $name "* ]]; then return 0; fi
   echo "== $name: $*" >&2
   { echo "\$ python ${*:2}"; "$@"; } | tee "$OUT/$name.txt"
 }
@@ -36,8 +38,10 @@ run loop_s16 "$PY" -m vitnorm.benchmark --mode=loop --config=configs/quickstart.
 run train_quickstart_model "$PY" -m vitnorm.benchmark --mode=train --variant=Ti/16 --hidden_size=64 \
     --num_layers=4 --mlp_dim=128 --num_heads=4 --patch_size=7 --image_size=28 --num_channels=1 \
     --num_classes=10 --batch_sizes=64 --output="$OUT/train_quickstart_model.json"
+# S/16 on this CPU: about 10 s per train step at batch 32, so one timed call per model per round,
+# jit and float32 only (bfloat16 matmuls are emulated on this CPU; pmap measures the same program).
 run train_s16 "$PY" -m vitnorm.benchmark --mode=train --variant=S/16 --image_size=224 --batch_sizes=32 \
-    --parallelism=jit --dtypes=float32 --iterations=2 --repeats=3 --output="$OUT/train_s16.json"
+    --parallelism=jit --dtypes=float32 --warmup=1 --iterations=1 --repeats=3 --output="$OUT/train_s16.json"
 
 # Issue 9: the cost of the integrity manifest (SHA-256 of every file) on an S/16-size train state.
 run checkpoint_hashing "$PY" -m experiments.checkpoint_hashing --variant=S/16 --repeats=5

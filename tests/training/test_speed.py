@@ -117,3 +117,13 @@ def test_cli_train_and_loop_modes_refuse_bad_input_in_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --config: loop mode needs a training config, e.g. --config=configs/quickstart.py")
+
+
+def test_dyt_and_prepbn_train_steps_compile_and_run():
+  """Every norm of the table gets a real train step (PRepBN needs its decay resolved, as the trainer does)."""
+  from vitnorm import parallel  # pylint: disable=g-import-not-at-top
+  for name in ("dyt", "prepbn"):
+    cfg = dict(comparison.model_config("Ti/16", 16, num_classes=10, **TINY), **speed.TRAIN_MODELS[name])
+    plan = speed.train_plan(cfg, batch_size=16, parallelism="jit")
+    program = speed.compile_train_step(plan, parallel.data_mesh())
+    assert np.isfinite(float(program.call())), name
