@@ -39,7 +39,7 @@ run train_quickstart_model "$PY" -m vitnorm.benchmark --mode=train --variant=Ti/
     --num_layers=4 --mlp_dim=128 --num_heads=4 --patch_size=7 --image_size=28 --num_channels=1 \
     --num_classes=10 --batch_sizes=64 --output="$OUT/train_quickstart_model.json"
 # S/16 on this CPU: about 10 s per train step at batch 32, so one timed call per model per round,
-# jit and float32 only (bfloat16 matmuls are emulated on this CPU; pmap measures the same program).
+# jit and float32 only, to fit the time (the quickstart-size run above covers pmap and bfloat16).
 run train_s16 "$PY" -m vitnorm.benchmark --mode=train --variant=S/16 --image_size=224 --batch_sizes=32 \
     --parallelism=jit --dtypes=float32 --warmup=1 --iterations=1 --repeats=3 --output="$OUT/train_s16.json"
 
