@@ -32,7 +32,8 @@ def test_apply_none_unsets_nullable_fields_and_refuses_required_ones():
 def test_unknown_field_names_the_override_and_suggests_the_near_name():
   err = KeyError('\'num_step\'\nDid you mean "num_steps" instead of "num_step"?')
   line = co.unknown_field(err, ["prog", "--config.num_step=20"])
-  assert line == "config.num_step: no such config field; did you mean num_steps? (fields and their comments: configs/common.py)"
+  assert line == ("config.num_step: no such config field; did you mean config.num_steps? (fields and their "
+                  "comments: configs/common.py)")
   assert "\n" not in line and "\\" not in line
 
 

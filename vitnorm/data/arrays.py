@@ -158,22 +158,6 @@ def dataset_info(data_cfg) -> config_lib.DatasetInfo:
       num_eval_examples=len(arrays[f"{cfg.eval_split}_labels"]))
 
 
-def _processes(process_index, process_count):
-  import jax  # pylint: disable=import-outside-toplevel
-  count = jax.process_count() if process_count is None else int(process_count)
-  index = jax.process_index() if process_index is None else int(process_index)
-  if not 0 <= index < count:
-    raise UserError(f"process_index {index} is outside [0, {count})")
-  return index, count
-
-
-def _local_batch(global_batch_size, process_count) -> int:
-  if isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size or global_batch_size <= 0:
-    raise ConfigError("global_batch_size", f"must be a positive integer, got {global_batch_size!r}")
-  if global_batch_size % process_count:
-    raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the "
-                      f"{process_count} processes; use a multiple of {process_count}")
-  return int(global_batch_size) // process_count
 
 
 def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -182,8 +166,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   """Infinite iterator of this process's rows of each global batch: `image` float32 [b, H, W, C]
   normalized, `label` float32 [b, num_classes] (smoothed one-hot)."""
   cfg, arrays, channels, mean, std, dataset_classes = _resolve(data_cfg)
-  p_index, p_count = _processes(process_index, process_count)
-  b = _local_batch(global_batch_size, p_count)
+  p_index, p_count = config_lib.process_slot(process_index, process_count)
+  b = config_lib.local_batch_size(global_batch_size, p_count)
   if isinstance(start_step, bool) or int(start_step) != start_step or start_step < 0:
     raise UserError(f"start_step must be a non-negative integer, got {start_step!r}")
   num_classes = dataset_classes if num_classes is None else int(num_classes)
@@ -227,8 +211,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
 
 def _eval_plan(data_cfg, global_batch_size, process_index, process_count):
   cfg, arrays, channels, mean, std, _ = _resolve(data_cfg)
-  p_index, p_count = _processes(process_index, process_count)
-  b = _local_batch(global_batch_size, p_count)
+  p_index, p_count = config_lib.process_slot(process_index, process_count)
+  b = config_lib.local_batch_size(global_batch_size, p_count)
   n = len(arrays[f"{cfg.eval_split}_labels"])
   parts = np.array_split(np.arange(n), p_count)
   return cfg, arrays, channels, mean, std, parts[p_index], b, math.ceil(max(map(len, parts)) / b)

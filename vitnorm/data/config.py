@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Tuple
 
 import ml_collections
 
-from vitnorm.errors import ConfigError
+from vitnorm.errors import ConfigError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -279,3 +279,23 @@ def check_model_compatible(model_cfg, info: DatasetInfo):
     if int(model_value) != data_value:
       data_side = f"data.{key}={data_value}" if key != "num_classes" else f"data ({info.name}) has num_classes={data_value}"
       raise ConfigError(f"model.{model_key}", f"{data_side} but model.{model_key}={model_value}: {fix}")
+
+
+def process_slot(process_index=None, process_count=None):
+  """(this process's index, the process count): the arguments, else JAX's (imported only then)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  count = jax.process_count() if process_count is None else int(process_count)
+  index = jax.process_index() if process_index is None else int(process_index)
+  if not 0 <= index < count:
+    raise UserError(f"process_index {index} is outside [0, {count})")
+  return index, count
+
+
+def local_batch_size(global_batch_size, process_count) -> int:
+  """Each process's part of a global batch; a ConfigError when it does not split evenly."""
+  if isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size or global_batch_size <= 0:
+    raise ConfigError("global_batch_size", f"must be a positive integer, got {global_batch_size!r}")
+  if global_batch_size % process_count:
+    raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the "
+                      f"{process_count} processes; use a multiple of {process_count}")
+  return int(global_batch_size) // process_count

@@ -25,7 +25,7 @@ from typing import Optional
 
 import tensorflow_datasets as tfds
 
-from vitnorm.data.arrays import (SPLIT_SEED, load_digits_arrays, load_mnist5k_arrays,  # noqa: F401
+from vitnorm.data.arrays import (load_digits_arrays, load_mnist5k_arrays,  # noqa: F401
                                  stratified_split)
 from vitnorm.errors import ConfigError
 

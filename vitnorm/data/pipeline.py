@@ -43,7 +43,6 @@ import math
 import os
 from typing import Iterator, Optional, Tuple
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -173,21 +172,6 @@ def _process_part(split: str, process_index: int, process_count: int):
   return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
 
 
-def _processes(process_index, process_count):
-  count = jax.process_count() if process_count is None else int(process_count)
-  index = jax.process_index() if process_index is None else int(process_index)
-  if not 0 <= index < count:
-    raise UserError(f"process_index {index} is outside [0, {count})")
-  return index, count
-
-
-def _local_batch(global_batch_size, process_count) -> int:
-  if isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size or global_batch_size <= 0:
-    raise ConfigError("global_batch_size", f"must be a positive integer, got {global_batch_size!r}")
-  if global_batch_size % process_count:
-    raise ConfigError("global_batch_size", f"{global_batch_size} is not divisible by the "
-                      f"{process_count} processes; use a multiple of {process_count}")
-  return int(global_batch_size) // process_count
 
 
 def _key(*values) -> tf.Tensor:
@@ -330,8 +314,8 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
                   process_count: Optional[int] = None) -> tf.data.Dataset:
   """The infinite tf.data.Dataset behind `train_batches` (dicts of `image`, `label` tensors)."""
   cfg, builder, image_key, label_key, channels, mean, std = _resolve(data_cfg)
-  p_index, p_count = _processes(process_index, process_count)
-  local_batch = _local_batch(global_batch_size, p_count)
+  p_index, p_count = config_lib.process_slot(process_index, process_count)
+  local_batch = config_lib.local_batch_size(global_batch_size, p_count)
   if isinstance(start_step, bool) or int(start_step) != start_step or start_step < 0:
     raise UserError(f"start_step must be a non-negative integer, got {start_step!r}")
   dataset_classes = _num_classes(builder, label_key)
@@ -387,8 +371,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
 
 def _eval_plan(data_cfg, global_batch_size, process_index, process_count):
   cfg, builder, image_key, label_key, channels, mean, std = _resolve(data_cfg)
-  p_index, p_count = _processes(process_index, process_count)
-  local_batch = _local_batch(global_batch_size, p_count)
+  p_index, p_count = config_lib.process_slot(process_index, process_count)
+  local_batch = config_lib.local_batch_size(global_batch_size, p_count)
   sizes = [_split_size(builder, _process_part(cfg.eval_split, p, p_count), "data.eval_split")
            for p in range(p_count)]
   num_batches = math.ceil(max(sizes) / local_batch)
