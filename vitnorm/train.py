@@ -18,7 +18,7 @@ Train a ViT (or resume one) into a workdir.
   python -m vitnorm.train --config ... --workdir DIR --print_config   # resolved config + header, exit 0
 
 Config files and their :ARGS (key=value,...; each file's docstring says more):
-  configs/quickstart.py  variant, norm, ffn_norm, epochs, batch          (mnist5k, CPU, minutes)
+  configs/quickstart.py  variant, norm, ffn_norm, epochs, batch, feed    (mnist5k, CPU, minutes)
   configs/cifar.py       dataset, size, variant, norm, ffn_norm, batch, epochs
   configs/deit.py        size, variant, norm, ffn_norm, ffn_norm_position, bn_group, dataset, batch, epochs
   variant= the paper's models: ln, bn, bn_ffnbn, ln_ffnbn, rms, none (dyt, prepbn, bn_qknorm where

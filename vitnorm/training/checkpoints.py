@@ -21,6 +21,7 @@ commit (truncated, deleted or flipped bytes) is caught by the manifest: the trai
 import json
 import sys
 import threading
+import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -309,12 +310,25 @@ class Checkpointer:
       self._manager.close()
 
 
-def discard_partial_saves(workdir: str):
-  """Removes the temporary directories of saves that failed (e.g. on a full disk); process 0 only."""
+def discard_partial_saves(workdir: str, attempts: int = 20, pause_s: float = 0.25):
+  """Removes the temporary directories of saves that failed (e.g. on a full disk); process 0 only.
+
+  Orbax's writer threads may still be finishing their failed writes into such a directory, so a
+  removal that races them ('directory not empty') is retried; a directory that still cannot be
+  removed is left (orbax and `all_steps` ignore temporary directories) rather than raised.
+  """
   directory = paths.as_path(paths.resolve(checkpoint_dir(workdir)))
-  if jax.process_index() == 0 and directory.is_dir():
-    for path in directory.glob("*.orbax-checkpoint-tmp*"):
-      path.rmtree(missing_ok=True)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return
+  for path in directory.glob("*.orbax-checkpoint-tmp*"):
+    for attempt in range(attempts):
+      try:
+        path.rmtree(missing_ok=True)
+        break
+      except OSError:
+        if attempt == attempts - 1:
+          break
+        time.sleep(pause_s)
 
 
 # ----------------------------------------------------------------------------------------------
