@@ -23,25 +23,7 @@ from vitnorm.training.state import TrainState, cached, make_schedule
 from vitnorm.training.step import train_step
 
 
-class _CompiledSteps:
-  """What both placements share: `_steps` ({diagnostics: compiled step}) and `_stop` ({0, 1}:
-  the placed preemption flags), set by the subclass."""
-
-  def step(self, state, batch, rng, diagnostics: bool, stop: bool = False):
-    return self._steps[diagnostics](state, batch, rng, self._stop[int(bool(stop))])
-
-  def lower_step(self, state, batch, rng, diagnostics: bool = False):
-    """The step lowered for these arguments (`.compile()` it for cost analysis and benchmarks);
-    the compiled program is called as compiled(state, batch, rng, placement.no_stop)."""
-    return self._steps[diagnostics].lower(state, batch, rng, self._stop[0])
-
-  @property
-  def no_stop(self):
-    """The step's preemption-flag argument when no process is stopping."""
-    return self._stop[0]
-
-
-class JitPlacement(_CompiledSteps):
+class JitPlacement:
   """One data-parallel Mesh over every device of every process; BN statistics are global
   because XLA computes them over the sharded batch (the model has no axis name)."""
 
@@ -69,6 +51,19 @@ class JitPlacement(_CompiledSteps):
   def put_batch(self, batch):
     return data_device.to_global_arrays(batch, self._shard)
 
+  def step(self, state, batch, rng, diagnostics: bool, stop: bool = False):
+    return self._steps[diagnostics](state, batch, rng, self._stop[int(bool(stop))])
+
+  def lower_step(self, state, batch, rng, diagnostics: bool = False):
+    """The step lowered for these arguments (`.compile()` it for cost analysis and benchmarks);
+    the compiled program is called as compiled(state, batch, rng, placement.no_stop)."""
+    return self._steps[diagnostics].lower(state, batch, rng, self._stop[0])
+
+  @property
+  def no_stop(self):
+    """The step's preemption-flag argument when no process is stopping."""
+    return self._stop[0]
+
   def metrics_to_host(self, metrics) -> dict:
     return {k: parallel.host_copy(v).item() for k, v in metrics.items()}
 
@@ -77,7 +72,7 @@ class JitPlacement(_CompiledSteps):
     return state
 
 
-class PmapPlacement(_CompiledSteps):
+class PmapPlacement:
   """pmap over the local devices with axis 'batch': the model averages BN statistics over it,
   the step averages gradients and metrics."""
 
@@ -101,6 +96,19 @@ class PmapPlacement(_CompiledSteps):
 
   def put_batch(self, batch):
     return data_device.shard_for_pmap(batch)
+
+  def step(self, state, batch, rng, diagnostics: bool, stop: bool = False):
+    return self._steps[diagnostics](state, batch, rng, self._stop[int(bool(stop))])
+
+  def lower_step(self, state, batch, rng, diagnostics: bool = False):
+    """The step lowered for these arguments (`.compile()` it for cost analysis and benchmarks);
+    the compiled program is called as compiled(state, batch, rng, placement.no_stop)."""
+    return self._steps[diagnostics].lower(state, batch, rng, self._stop[0])
+
+  @property
+  def no_stop(self):
+    """The step's preemption-flag argument when no process is stopping."""
+    return self._stop[0]
 
   def metrics_to_host(self, metrics) -> dict:
     return {k: np.asarray(v.addressable_data(0)).reshape(-1)[0].item() for k, v in metrics.items()}
