@@ -242,8 +242,11 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   if any(r.get("group") and r.get("group") != r["name"] for r in doc["runs"]):
     rows = study.aggregate(doc["runs"])
     summary["variants"] = rows
-    lines += ["Final eval top-1 over seeds (completed seeds only; the interval is Student's t over "
-              "the seeds' means).", "", study.aggregate_table(rows), ""]
+    lines += ["Final eval top-1 over seeds (completed seeds only; the intervals are Student's t "
+              "over the seeds). The paired difference is this variant's top-1 minus the reference's "
+              "for the same seed (same data order), averaged over the seeds both completed: an "
+              "interval that contains 0 means no difference resolvable with these seeds.", "",
+              study.aggregate_table(rows), ""]
     if study.plot_spread(rows, doc["runs"], f"{doc['sweep']}: final top-1 per seed",
                          os.path.join(plot_dir, "spread.png"), plots.save_png, plots.pyplot()):
       lines += [f"![spread]({rel('spread.png')})", ""]
@@ -285,6 +288,8 @@ def regenerate_command(doc: dict) -> str:
   if doc.get("seeds") and (sweep is None or tuple(doc["seeds"]) != tuple(sweep.seeds)):
     parts.append("--seeds " + ",".join(map(str, doc["seeds"])))
   parts += [f"--set {o}" for o in doc.get("overrides") or []]
+  if any(r.get("evaluated") or r.get("throughput") for r in doc.get("runs") or []):
+    parts.append("--evaluate")
   return " ".join(parts) + " && python -m experiments.report --root runs"
 
 

@@ -198,6 +198,21 @@ def throughput(evaluation: Optional[dict]) -> Dict[str, float]:
   return found
 
 
+def accuracy_of(evaluation: Optional[dict]) -> Dict[str, object]:
+  """Test-split accuracy from evaluation.json (`python -m vitnorm.evaluate`): {'top1': as trained,
+  'folded_top1': with BN folded into the Dense layers, 'folded_agrees': the evaluator's check}
+  (whichever exist; {} when the run was not evaluated)."""
+  accuracy = (evaluation or {}).get("accuracy") or {}
+  out: Dict[str, object] = {}
+  for key, name in (("as_trained", "top1"), ("folded", "folded_top1")):
+    value = _to_float((accuracy.get(key) or {}).get("top1"))
+    if value is not None and math.isfinite(value):
+      out[name] = value
+  if "folded_agrees" in accuracy:
+    out["folded_agrees"] = bool(accuracy["folded_agrees"])
+  return out
+
+
 def summarize_run(run, workdir: str) -> dict:
   """One run's outcome: status, final metrics, model fields and throughput, as a JSON-able dict.
 
@@ -232,6 +247,7 @@ def summarize_run(run, workdir: str) -> dict:
       "final": {k: final[k] for k in ("train/loss", "eval/top1", "eval/loss") if k in final},
       "model": model_fields(run_config, run),
       "throughput": throughput(evaluation),
+      "evaluated": accuracy_of(evaluation),
   }
   if status is not None and status.get("reason"):
     summary["reason"] = str(status["reason"])  # why a diverged run was stopped

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from experiments import sweeps as sweeps_lib
 
 CRASHED, FAILED, TRAINED, UNFINISHED = "crashed", "failed to learn", "trained", "not finished"
+REFERENCE = "ln"  # the variant the tables' paired differences are taken against
 MECHANISM = (("ffn_hidden_rms", "FFN hidden RMS"), ("residual_rms", "residual stream RMS"),
              ("max_attention_logit", "max attention logit"))
 
@@ -70,18 +71,42 @@ def _groups(runs: List[dict]) -> Dict[str, List[dict]]:
   return out
 
 
-def aggregate(runs: List[dict]) -> List[dict]:
-  """One row per variant: top-1 statistics over its completed seeds and the count of crashes."""
+def _completed_top1_by_seed(members: List[dict]) -> Dict[object, float]:
+  return {r.get("seed"): final_top1(r) for r in members
+          if r.get("status") == "completed" and final_top1(r) is not None}
+
+
+def aggregate(runs: List[dict], reference: Optional[str] = REFERENCE) -> List[dict]:
+  """One row per variant: top-1 statistics over its completed seeds and the count of crashes.
+
+  `difference`: the paired difference to the `reference` variant (same seed, so the same data
+  order; top-1 of this variant minus the reference's), over the seeds both completed: the seeds'
+  shared luck cancels, so it is the interval to read for "does X match LN". None for the
+  reference itself, or when it is not in the runs.
+  `folded_top1`: the evaluator's top-1 with BN folded into the Dense layers (runs evaluated with
+  `run_sweep --evaluate`), and `folded_agrees` / `folded_checked`: in how many runs the evaluator
+  found folded and unfolded predictions equal within round-off.
+  """
+  groups = _groups(runs)
+  ref = _completed_top1_by_seed(groups[reference]) if reference in groups else None
   rows = []
-  for group, members in _groups(runs).items():
+  for group, members in groups.items():
     completed = [r for r in members if r.get("status") == "completed"]
     stats = mean_interval([final_top1(r) for r in completed])
+    difference = None
+    if ref is not None and group != reference:
+      mine = _completed_top1_by_seed(members)
+      difference = mean_interval([mine[s] - ref[s] for s in sorted(mine, key=str) if s in ref])
+    evaluated = [r.get("evaluated") or {} for r in completed]
+    checked = [e["folded_agrees"] for e in evaluated if "folded_agrees" in e]
     rows.append(dict(variant=group, seeds=[r.get("seed") for r in members], runs=len(members),
                      completed=len(completed),
                      crashed=sum(r.get("status") == "diverged" for r in members),
                      unfinished=sum(r.get("status") not in ("completed", "diverged") for r in members),
-                     top1=stats, model=members[0].get("model", {}),
-                     note=members[0].get("note", "")))
+                     top1=stats, difference=difference, reference=reference if ref is not None else None,
+                     folded_top1=mean_interval([e.get("folded_top1") for e in evaluated]),
+                     folded_agrees=sum(checked), folded_checked=len(checked),
+                     model=members[0].get("model", {}), note=members[0].get("note", "")))
   return rows
 
 
@@ -151,15 +176,45 @@ def _pct(value) -> str:
   return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _interval(s: Optional[dict]) -> str:
+  return "-" if not s or s["ci95"] is None else f"{_pct(s['ci95'][0])} - {_pct(s['ci95'][1])}"
+
+
+def _signed_pct(value) -> str:
+  return "-" if value is None else f"{100 * value:+.2f}"
+
+
 def aggregate_table(rows: List[dict]) -> str:
-  """Markdown: variant, n, mean top-1, std, 95% interval, crashed / unfinished seeds."""
-  lines = ["| variant | seeds completed | mean top-1 % | std | 95% interval of the mean | crashed | not finished |",
-           "|---|---|---|---|---|---|---|"]
+  """Markdown: variant, n, mean top-1, std, 95% interval, the paired difference to the reference
+  with its interval, the folded top-1 (when evaluated), crashed / unfinished seeds."""
+  reference = next((r["reference"] for r in rows if r.get("reference")), None)
+  folded = any(r.get("folded_top1", {}).get("n") for r in rows)
+  header = ["variant", "seeds completed", "mean top-1 %", "std", "95% interval of the mean"]
+  if reference:
+    header += [f"paired difference to {reference} (pp)", "its 95% interval"]
+  if folded:
+    header += ["top-1 % BN folded", "folded = unfolded"]
+  header += ["crashed", "not finished"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   for row in rows:
     s = row["top1"]
-    ci = "-" if s["ci95"] is None else f"{_pct(s['ci95'][0])} - {_pct(s['ci95'][1])}"
-    lines.append(f"| {row['variant']} | {row['completed']}/{row['runs']} | {_pct(s['mean'])} | "
-                 f"{_pct(s['std'])} | {ci} | {row['crashed']} | {row['unfinished']} |")
+    cells = [row["variant"], f"{row['completed']}/{row['runs']}", _pct(s["mean"]), _pct(s["std"]),
+             _interval(s)]
+    if reference:
+      d = row.get("difference")
+      if row["variant"] == reference:
+        cells += ["(reference)", "-"]
+      elif not d or not d["n"]:
+        cells += ["-", "-"]
+      else:
+        ci = "-" if d["ci95"] is None else f"{_signed_pct(d['ci95'][0])} to {_signed_pct(d['ci95'][1])}"
+        cells += [_signed_pct(d["mean"]), ci]
+    if folded:
+      f = row.get("folded_top1") or {}
+      cells += [_pct(f.get("mean")) if f.get("n") else "-",
+                f"{row['folded_agrees']}/{row['folded_checked']}" if row.get("folded_checked") else "-"]
+    cells += [str(row["crashed"]), str(row["unfinished"])]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -83,7 +83,8 @@ FAKE_TRAINER = textwrap.dedent('''
 
 # What the fake evaluate writes to evaluation.json.
 FAKE_EVALUATION = {
-    "accuracy": {"top1": 0.6},
+    "accuracy": {"as_trained": {"top1": 0.6, "loss": 1.0, "num_examples": 10},
+                 "folded": {"top1": 0.6, "loss": 1.0, "num_examples": 10}, "folded_agrees": True},
     "throughput": [{"model": "unfolded", "batch_size": 64, "images_per_second": {"median": 100.0}},
                    {"model": "folded", "batch_size": 64, "images_per_second": {"median": 125.0}},
                    {"model": "folded", "batch_size": 8, "images_per_second": {"median": 90.0}}],
@@ -188,11 +189,15 @@ def _parse_like_the_trainer(cmd):
   """The ConfigDict `python -m vitnorm.train` builds from a command's --config flags."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from vitnorm import config_overrides  # pylint: disable=g-import-not-at-top
   args = [a for a in cmd[3:] if a.startswith("--config")]
   args[0] = "--config=" + os.path.join(run_sweep.PROJECT_ROOT, args[0].split("=", 1)[1])
+  args, none_fields = config_overrides.none_overrides(args)  # --config.FIELD=None, as the trainer does
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=["prog"] + args)
   values(["prog"] + args)
+  for field in none_fields:
+    config_overrides.apply_none(values.config, field)
   return values.config
 
 
@@ -331,7 +336,8 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   assert runs["ln"]["final"] == {"train/loss": 2.0 / 6, "eval/top1": 0.56, "eval/loss": 1.0 / 6}
   assert runs["ln"]["model"]["norm"] == "ln" and runs["ln"]["throughput"] == {"unfolded": 100.0, "folded": 125.0}
   assert (runs["bn"]["status"], runs["bn"]["step"]) == ("diverged", 3)
-  assert runs["bn"]["throughput"] == {}  # a diverged run is not evaluated
+  assert runs["ln"]["evaluated"] == {"top1": 0.6, "folded_top1": 0.6, "folded_agrees": True}
+  assert runs["bn"]["throughput"] == {} and runs["bn"]["evaluated"] == {}  # a diverged run is not evaluated
   assert runs["bn_ffnbn"]["model"]["bn_momentum"] == 0.99
   assert runs["bad"]["status"] == "failed"
   assert runs["bad"]["error"] == "error: model.bn_momentum: fake trainer refuses 0.5"
