@@ -135,3 +135,28 @@ def plot_diagnostics(doc: dict, path: str) -> bool:
   save_png(fig, path, dpi=90)
   plt.close(fig)
   return True
+
+
+def plot_speed_ratios(ratios: dict, title: str, path: str) -> bool:
+  """Inference img/s relative to LN against the batch size, a line per model (log x axis)."""
+  if not ratios:
+    return False
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for model, per_batch in ratios.items():
+    points = sorted((int(b), v) for b, v in per_batch.items() if v is not None)
+    style = dict(ls="--", color="grey") if model.endswith("_aa") else {}
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, label=model, **style)
+  ax.axhline(1.0, color="black", lw=0.8)
+  ax.set_xscale("log", base=2)
+  batches = sorted({int(b) for per_batch in ratios.values() for b in per_batch})
+  ax.set_xticks(batches, [str(b) for b in batches])
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("img/s relative to LN")
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  save_png(fig, path, dpi=100)
+  plt.close(fig)
+  return True

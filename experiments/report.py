@@ -7,7 +7,8 @@ For every sweep directory ROOT/<sweep>/ (made by `experiments.run_sweep`) it wri
   <out>/<sweep>/eval_top1.png     eval top-1 vs step
   <out>/<sweep>/diagnostics.png   per-block residual RMS, FFN hidden RMS, max attention logit and
                                   gradient norm vs step (a row per run, a line per block)
-and one markdown file <out>/report.md with a table per sweep (run, norm, ffn_norm, FFN-norm
+and one markdown file <out>/report.md with a table per sweep (each also alone in
+<out>/<sweep>/section.md, and its numbers in <out>/<sweep>/summary.json) (run, norm, ffn_norm, FFN-norm
 position, the knobs that vary, final eval top-1, eval loss, status, img/s when evaluated), which
 it also prints. <out> defaults to ROOT. The report reads the runs' own files afresh, so it can be
 made while a sweep is still running.
@@ -23,6 +24,8 @@ from experiments import run_sweep
 from experiments import study
 from experiments import sweeps as sweeps_lib
 from vitnorm.errors import UserError, exit_on_user_error
+
+SECTION = "section.md"  # <out>/<sweep>/section.md: the sweep's section without its title
 
 # Knob columns shown when they vary across a sweep's runs.
 _KNOBS = (("bn_group_size", "BN group"), ("bn_momentum", "BN momentum"),
@@ -178,7 +181,30 @@ def benchmark_table(bench: dict) -> str:
   return head + "\n\n" + "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
-def _benchmark_section(doc: dict) -> str:
+def ratio_table(ratios: dict) -> str:
+  """Markdown: a row per model, a column per batch size: img/s relative to LN at that batch."""
+  batches = sorted({int(b) for per_batch in ratios.values() for b in per_batch})
+  lines = ["| model | " + " | ".join(f"batch {b}" for b in batches) + " |",
+           "|---|" + "|".join("---" for _ in batches) + "|"]
+  for model, per_batch in ratios.items():
+    lines.append(f"| {model} | " + " | ".join(_number(per_batch.get(str(b)), "{:.3f}") for b in batches) + " |")
+  return "\n".join(lines)
+
+
+def benchmark_summary(bench: dict) -> dict:
+  """The numbers a write-up cites: per model and batch the median img/s and the ratio to LN."""
+  ratios, speeds = {}, {}
+  for r in bench.get("results", []):
+    ips = (r.get("images_per_second") or {}).get("median")
+    if r.get("status", "ok") == "ok" and ips is not None:
+      speeds.setdefault(r["model"], {})[str(r["batch_size"])] = ips
+      if r.get("ratio_to_ln") is not None:
+        ratios.setdefault(r["model"], {})[str(r["batch_size"])] = r["ratio_to_ln"]
+  return dict(setup=bench.get("setup"), reliability=bench.get("reliability"),
+              reliable=bench.get("reliable"), images_per_second=speeds, ratio_to_ln=ratios)
+
+
+def _benchmark_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   bench = doc.get("benchmark") or {}
   sweep_dir = doc["dir"]
   if not bench:
@@ -187,7 +213,17 @@ def _benchmark_section(doc: dict) -> str:
           "", "command: `" + readable_command(bench.get("command", [])) + "`", ""]
   output = run_files.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
   if output and output.get("results"):
-    return "\n".join(text + [benchmark_table(output)])
+    summary = benchmark_summary(output)
+    os.makedirs(plot_dir, exist_ok=True)
+    run_files.write_json(os.path.join(plot_dir, "summary.json"), dict(sweep=doc["sweep"], **summary))
+    text += [benchmark_table(output)]
+    if summary["ratio_to_ln"]:
+      text += ["", "Images/s relative to LN at the same batch size (above 1: faster than LN):", "",
+               ratio_table(summary["ratio_to_ln"])]
+      if plots.plot_speed_ratios(summary["ratio_to_ln"], f"{doc['sweep']}: img/s relative to LN",
+                                 os.path.join(plot_dir, "speed_vs_batch.png")):
+        text += ["", f"![speed vs batch]({os.path.relpath(os.path.join(plot_dir, 'speed_vs_batch.png'), rel_to)})"]
+    return "\n".join(text)
   try:  # no JSON: show what the benchmark printed last
     with open(os.path.join(sweep_dir, bench.get("log", "benchmark.log")), encoding="utf-8") as f:
       log = f.read()
@@ -214,7 +250,8 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   if doc.get("overrides"):
     lines += ["Every run with " + " ".join(f"`--set {o}`" for o in doc["overrides"]) + ".", ""]
   if "benchmark" in doc or (not doc.get("runs") and doc["sweep"].startswith("inference_speed")):
-    lines.append(_benchmark_section(doc))
+    lines.append(_benchmark_section(doc, plot_dir, rel_to))
+    lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
     return "\n".join(lines)
   os.makedirs(plot_dir, exist_ok=True)
   rel = lambda name: os.path.relpath(os.path.join(plot_dir, name), rel_to)  # noqa: E731
@@ -237,7 +274,7 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += [""] + figures
     lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
     run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
-    lines += ["", f"Regenerate: `{regenerate_command(doc)}`"]
+    lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
     return "\n".join(lines)
   if any(r.get("group") and r.get("group") != r["name"] for r in doc["runs"]):
     rows = study.aggregate(doc["runs"])
@@ -275,11 +312,11 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
       figures.append(f"![{name}]({os.path.relpath(os.path.join(plot_dir, name), rel_to)})")
   if figures:
     lines += [""] + figures
-  lines += ["", f"Regenerate: `{regenerate_command(doc)}`"]
+  lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
   return "\n".join(lines)
 
 
-def regenerate_command(doc: dict) -> str:
+def regenerate_command(doc: dict, out: Optional[str] = None) -> str:
   """The run_sweep command (as a reader types it) that re-makes this sweep's results."""
   parts = [f"python -m experiments.run_sweep --sweep {doc['sweep']} --root runs"]
   sweep = sweeps_lib.SWEEPS.get(doc["sweep"])
@@ -290,7 +327,12 @@ def regenerate_command(doc: dict) -> str:
   parts += [f"--set {o}" for o in doc.get("overrides") or []]
   if any(r.get("evaluated") or r.get("throughput") for r in doc.get("runs") or []):
     parts.append("--evaluate")
-  return " ".join(parts) + " && python -m experiments.report --root runs"
+  report_cmd = "python -m experiments.report --root runs"
+  if out is not None:
+    rel = os.path.relpath(os.path.abspath(out), run_sweep.PROJECT_ROOT)
+    if not rel.startswith("..") and os.path.normpath(rel) != "runs":
+      report_cmd += f" --out {rel}"
+  return " ".join(parts) + " && " + report_cmd
 
 
 def find_sweep_dirs(root: str, names: Optional[List[str]] = None) -> List[str]:
@@ -327,7 +369,12 @@ def make_report(root: str, *, sweeps: Optional[List[str]] = None, out: Optional[
     doc = load_sweep(sweep_dir)
     if doc is None:
       continue
-    sections += [sweep_section(doc, os.path.join(out, doc["sweep"]), out), ""]
+    section = sweep_section(doc, os.path.join(out, doc["sweep"]), out)
+    sections += [section, ""]
+    # The section on its own (figure paths relative to the results folder), for the write-up.
+    os.makedirs(os.path.join(out, doc["sweep"]), exist_ok=True)
+    with open(os.path.join(out, doc["sweep"], SECTION), "w", encoding="utf-8") as f:
+      f.write(section.split("\n", 1)[1].lstrip("\n") + "\n")
   text = "\n".join(sections)
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
     f.write(text)

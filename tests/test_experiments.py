@@ -598,6 +598,16 @@ def test_benchmark_sweep_runs_once_and_reports_its_table(tmp_path, monkeypatch, 
   assert "S/16 @ 224 px, float32, 2 cpu device(s) (cpu), 3 interleaved rounds of 5 calls" in text
   assert "| bn_folded | 8 | 120.0 | 119.0-121.0 | 1.200 | 0.960 | 25.0% |" in text
   assert "| bn_unfolded | 8 | out_of_memory | - | - | - | - |" in text
+  # The ratio pivot, its curve, the numbers for a write-up and the section on its own.
+  assert "| model | batch 8 |\n|---|---|\n| ln | 1.000 |\n| bn_folded | 1.200 |\n| none | 1.250 |" in text
+  out = root / "inference_speed_cpu"
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["ratio_to_ln"]["bn_folded"] == {"8": 1.2}
+  assert summary["images_per_second"]["none"] == {"8": 125.0} and "bn_unfolded" not in summary["ratio_to_ln"]
+  assert _png_size(out / "speed_vs_batch.png")[0] >= 600
+  section = (out / "section.md").read_text()
+  assert section.startswith("_Is a BN ViT") and "![speed vs batch](inference_speed_cpu/speed_vs_batch.png)" in section
+  assert "Regenerate: `python -m experiments.run_sweep --sweep inference_speed_cpu --root runs && " in section
 
 
 def test_report_without_sweeps_is_a_one_line_error(tmp_path, capsys):
