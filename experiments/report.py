@@ -260,9 +260,11 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   if doc.get("kind") == "stability":
     smap = study.stability_map(doc["runs"], doc.get("lrs") or {})
     mech = study.mechanism(doc["runs"], doc.get("lrs") or {})
+    totals = study.variant_totals(smap)
     summary.update(stability_map={v: {f"{lr:g}": c for lr, c in cells.items()} for v, cells in smap.items()},
-                   mechanism=mech)
-    lines += [study.criterion_text(), "", study.stability_table(smap)]
+                   totals=totals, mechanism=mech)
+    lines += [study.criterion_text(), "", study.stability_table(smap), "", "Per variant, over its row:",
+              "", study.totals_table(totals)]
     plt = plots.pyplot()
     figures = []
     if study.plot_stability(smap, f"{doc['sweep']}: success rate and mean final top-1",

@@ -140,6 +140,35 @@ def stability_map(runs: List[dict], lrs: Dict[str, float]) -> Dict[str, Dict[flo
   return out
 
 
+def variant_totals(smap: Dict[str, Dict[float, dict]]) -> Dict[str, dict]:
+  """Per variant over its whole row of the map: finished runs, crashed / failed / trained counts,
+  the lowest learning rate at which any seed crashed, and the highest at which every seed trained."""
+  out = {}
+  for variant, cells in smap.items():
+    finished = {lr: c for lr, c in cells.items() if c["n"]}
+    crash_lrs = [lr for lr, c in finished.items() if c[CRASHED]]
+    all_trained = [lr for lr, c in finished.items() if c[TRAINED] == c["n"]]
+    out[variant] = dict(runs=sum(c["n"] for c in finished.values()),
+                        crashed=sum(c[CRASHED] for c in finished.values()),
+                        failed=sum(c[FAILED] for c in finished.values()),
+                        trained=sum(c[TRAINED] for c in finished.values()),
+                        unfinished=sum(c[UNFINISHED] for c in cells.values()),
+                        lowest_crash_lr=min(crash_lrs) if crash_lrs else None,
+                        highest_all_trained_lr=max(all_trained) if all_trained else None)
+  return out
+
+
+def totals_table(totals: Dict[str, dict]) -> str:
+  """Markdown: a row per variant with its counts over the map's row."""
+  lr = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+  lines = ["| variant | runs finished | crashed | failed to learn | trained | lowest lr with a crash | "
+           "highest lr where every seed trained |", "|---|---|---|---|---|---|---|"]
+  for variant, t in totals.items():
+    lines.append(f"| {variant} | {t['runs']} | {t['crashed']} | {t['failed']} | {t['trained']} | "
+                 f"{lr(t['lowest_crash_lr'])} | {lr(t['highest_all_trained_lr'])} |")
+  return "\n".join(lines)
+
+
 def _peak(series: Dict[str, list], name: str) -> Optional[float]:
   best = None
   for key, points in series.items():

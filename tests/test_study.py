@@ -87,6 +87,10 @@ def test_stability_map_and_mechanism_per_variant_and_learning_rate():
   assert (high["n"], high[study.CRASHED], high[study.UNFINISHED], high["success_rate"]) == (1, 1, 1, 0.0)
   table = study.stability_table(smap)
   assert "1/2 trained, 60.00% (1 failed to learn)" in table and "0/1 trained (1 crashed, 1 not finished)" in table
+  totals = study.variant_totals(smap)["bn"]
+  assert (totals["runs"], totals["crashed"], totals["failed"], totals["trained"], totals["unfinished"]) == (3, 1, 1, 1, 1)
+  assert (totals["lowest_crash_lr"], totals["highest_all_trained_lr"]) == (1e-2, None)
+  assert "| bn | 3 | 1 | 1 | 1 | 0.01 | - |" in study.totals_table({"bn": totals})
   mech = study.mechanism(runs, lrs)
   # Peak over steps and blocks (non-finite values skipped), then the mean over seeds.
   assert mech["ffn_hidden_rms"]["bn"] == [(1e-3, pytest.approx(4.0)), (1e-2, pytest.approx(20.0))]
@@ -148,6 +152,8 @@ def test_seeded_stability_sweep_end_to_end_with_the_report(tmp_path, fake_module
   assert (out / "stability_map.png").stat().st_size > 0 and (out / "mechanism.png").stat().st_size > 0
   summary = json.loads((out / "summary.json").read_text())
   assert summary["stability_map"]["ln"]["0.001"]["success_rate"] == 1.0
+  assert summary["totals"]["bn"]["crashed"] == 4 and summary["totals"]["ln"]["highest_all_trained_lr"] == 0.01
+  assert "| ln | 4 | 0 | 0 | 4 | - | 0.01 |" in text
   assert f"Regenerate: `python -m experiments.run_sweep --sweep {FAKE_STABILITY.name} --root runs" in text
   assert str(tmp_path) not in text  # no absolute paths of the machine it ran on
 
