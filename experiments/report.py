@@ -111,10 +111,10 @@ def _throughput_text(run: dict) -> str:
   return " / ".join(parts)
 
 
-def markdown_table(runs: List[dict]) -> str:
+def markdown_table(runs: List[dict], show_throughput: bool = True) -> str:
   knobs = [(key, label) for key, label in _KNOBS
            if len({str(r["model"].get(key)) for r in runs}) > 1]
-  show_tp = any(r.get("throughput") for r in runs)
+  show_tp = show_throughput and any(r.get("throughput") for r in runs)
   header = (["run", "norm", "ffn_norm", "position"] + [label for _, label in knobs]
             + ["eval top-1", "eval loss", "train loss", "status"] + (["img/s"] if show_tp else []))
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -290,12 +290,15 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
                          os.path.join(plot_dir, "spread.png"), plots.save_png, plots.pyplot()):
       lines += [f"![spread]({rel('spread.png')})", ""]
     lines += ["<details><summary>every run</summary>", ""]
-  lines.append(markdown_table(doc["runs"]))
-  if "variants" in summary:
+  # A seeded table is about accuracy: each evaluation's img/s was timed alone, at its own moment
+  # (possibly beside other jobs), so speeds are left to the interleaved inference_speed_* sweep.
+  seeded = "variants" in summary
+  lines.append(markdown_table(doc["runs"], show_throughput=not seeded))
+  if seeded:
     lines += ["", "</details>"]
   lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
   run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
-  if any(r.get("throughput") for r in doc["runs"]):
+  if not seeded and any(r.get("throughput") for r in doc["runs"]):
     lines += ["", "img/s: inference images/s from each run's `vitnorm.evaluate` (best median over its "
               "batch sizes; unfolded / BN folded into the Dense layers). Each run is measured on its "
               "own, at a different time: compare speeds with the interleaved `inference_speed_*` sweep."]

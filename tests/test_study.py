@@ -161,10 +161,13 @@ def test_seeded_stability_sweep_end_to_end_with_the_report(tmp_path, fake_module
 def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules):  # noqa: F811
   root = tmp_path / "runs"
   assert run_sweep.main(["--sweep", "fake_cpu", "--root", str(root), "--seeds", "0,1,2", "--num_steps", "4",
-                         *fake_modules]) == 1  # the fake 'bad' run fails
+                         "--evaluate", *fake_modules]) == 1  # the fake 'bad' run fails
   text = report.make_report(str(root), out=str(tmp_path / "out"))
-  assert "| ln | 3/3 | 54.00 | 0.00 | 54.00 - 54.00 | (reference) | - | 0 | 0 |" in text
-  assert "| bn | 0/3 | - | - | - | - | - | 3 | 0 |" in text
+  # The fake evaluation reports 60% folded, folded = unfolded, for every completed run.
+  assert "| ln | 3/3 | 54.00 | 0.00 | 54.00 - 54.00 | (reference) | - | 60.00 | 3/3 | 0 | 0 |" in text
+  assert "| bn | 0/3 | - | - | - | - | - | - | - | 3 | 0 |" in text
+  assert "img/s" not in text  # speeds of evaluations timed one by one stay out of a seeded table
+  assert "--evaluate && python -m experiments.report --root runs" in text
   assert (tmp_path / "out" / "fake_cpu" / "spread.png").exists()
 
 
