@@ -40,7 +40,9 @@ def train_command(run: sweeps_lib.Run, workdir: str, *, num_steps: Optional[int]
   cmd = [python, "-m", train_module, f"--config={run.config}", f"--workdir={workdir}"]
   if num_steps is not None:
     cmd.append(f"--config.num_steps={num_steps}")
-  cmd += [f"--config.{field}={value}" for field, value in sweeps_lib.logging_overrides(scale, num_steps)]
+  own = {field for field, _ in run.overrides}  # a run's own logging intervals win
+  cmd += [f"--config.{field}={value}" for field, value in sweeps_lib.logging_overrides(scale, num_steps)
+          if field not in own]
   cmd += run.override_flags()
   return cmd + [f"--config.{field}={value}" for field, value in parse_overrides(overrides)]
 

@@ -210,12 +210,14 @@ def _stability(scale):
 # The harsh recipe: 12 blocks, no warm-up, no gradient clipping (grad_clip_norm=None removes the
 # clipping transform), and learning rates up to 50x the quickstart's.
 _HARSH = (("model.num_layers", 12), ("optim.warmup_steps", 0), ("optim.grad_clip_norm", None))
+# 12 blocks cost 3x a step: evaluate 5 times and record the diagnostics 25 times per 250-step run.
+_HARSH_LOGGING = {"cpu": (("eval_every", 50), ("diagnostics_every", 10)), "imagenet": ()}
 
 
 def _stability_harsh(scale):
   pairs = [(name, lr) for name in HARSH_VARIANTS for lr in HARSH_LRS[scale]]
   runs = tuple(dataclasses.replace(
-      _variant_run(scale, name, _HARSH + (("optim.base_lr", lr),),
+      _variant_run(scale, name, _HARSH + _HARSH_LOGGING[scale] + (("optim.base_lr", lr),),
                    f", harsh recipe, peak lr {lr:g}"), name=f"{name}_{_lr_name(lr)}")
       for name, lr in pairs)
   return Sweep(f"stability_harsh_{scale}", scale,

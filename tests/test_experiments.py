@@ -211,7 +211,9 @@ def test_every_sweep_command_parses_with_the_trainers_config_flags():
       config = _parse_like_the_trainer(cmd)
       assert (config.num_steps, config.seed) == (20, 3)
       assert config.data.name == ("mnist5k" if sweep.scale == "cpu" else "imagenet2012")
-      assert config.eval_every == (2 if sweep.scale == "cpu" else config.eval_every)
+      own = dict(run.overrides)
+      assert config.eval_every == (int(own.get("eval_every", 2)) if sweep.scale == "cpu" else config.eval_every)
+      assert cmd.count(f"--config.eval_every={config.eval_every}") <= 1  # one interval per command
       declared = run_files.model_fields(None, run)
       assert run_files.model_fields(config.to_dict()) == declared, (sweep.name, run.name)
       vit.resolve_model_config(config.model)  # a valid model
