@@ -209,13 +209,15 @@ def _benchmark_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   sweep_dir = doc["dir"]
   if not bench:
     return "_benchmark not run yet_"
-  text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else ""),
+  text = [f"status: {bench.get('status')}" + (f" ({bench['error']})" if bench.get("error") else "")
+          + (f", {bench['wall_s'] / 60:.0f} min wall-clock" if bench.get("wall_s") else ""),
           "", "command: `" + readable_command(bench.get("command", [])) + "`", ""]
   output = run_files.read_json(os.path.join(sweep_dir, bench.get("output", "benchmark.json")))
   if output and output.get("results"):
     summary = benchmark_summary(output)
     os.makedirs(plot_dir, exist_ok=True)
-    run_files.write_json(os.path.join(plot_dir, "summary.json"), dict(sweep=doc["sweep"], **summary))
+    run_files.write_json(os.path.join(plot_dir, "summary.json"),
+                         dict(sweep=doc["sweep"], wall_minutes=(bench.get("wall_s") or 0) / 60 or None, **summary))
     text += [benchmark_table(output)]
     if summary["ratio_to_ln"]:
       text += ["", "Images/s relative to LN at the same batch size (above 1: faster than LN):", "",
@@ -255,8 +257,13 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     return "\n".join(lines)
   os.makedirs(plot_dir, exist_ok=True)
   rel = lambda name: os.path.relpath(os.path.join(plot_dir, name), rel_to)  # noqa: E731
+  walls = [float(r["wall_s"]) for r in doc["runs"] if r.get("wall_s") is not None]
   summary = {"sweep": doc["sweep"], "num_steps": doc.get("num_steps"), "seeds": doc.get("seeds"),
-             "overrides": doc.get("overrides")}
+             "overrides": doc.get("overrides"), "runs": len(doc["runs"]),
+             "wall_minutes": sum(walls) / 60 if walls else None}
+  if walls:
+    lines += [f"Machine time: {sum(walls) / 60:.0f} min of training wall-clock over {len(walls)} runs "
+              "(the runner's `wall_s` per run; evaluations not included).", ""]
   if doc.get("kind") == "stability":
     smap = study.stability_map(doc["runs"], doc.get("lrs") or {})
     mech = study.mechanism(doc["runs"], doc.get("lrs") or {})
