@@ -335,6 +335,10 @@ def plot_mechanism(mech: Dict[str, Dict[str, List[Tuple[float, float]]]], title:
               label=variant)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 3, not 3x10^0
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(  # label the 2s and 5s between decades
+        lambda v, _: f"{float(f'{v:.1g}'):g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("peak learning rate")
     ax.set_title(f"peak {label} (max over blocks and steps)", fontsize=9)
     ax.grid(True, alpha=0.3, which="both")
