@@ -288,7 +288,7 @@ def plot_stability(smap: Dict[str, Dict[float, dict]], title: str, path: str, sa
     return False
   variants = list(smap)
   lrs = sorted({lr for cells in smap.values() for lr in cells})
-  fig, axes = plt.subplots(1, 2, figsize=(3.2 + 1.3 * len(lrs) * 2, 1.2 + 0.45 * len(variants)))
+  fig, axes = plt.subplots(1, 2, figsize=(3.2 + 1.3 * len(lrs) * 2, 1.4 + 0.6 * len(variants)))
   for ax, (key, label, cmap) in zip(axes, (("success_rate", "success rate", "RdYlGn"),
                                            ("top1", "mean final top-1 (%)", "viridis"))):
     grid = []
@@ -306,7 +306,8 @@ def plot_stability(smap: Dict[str, Dict[float, dict]], title: str, path: str, sa
       for j, value in enumerate(row):
         cell = smap[variants[i]].get(lrs[j])
         if key == "success_rate":
-          text = "-" if not cell or not cell["n"] else f"{cell[TRAINED]}/{cell['n']}"
+          text = "-" if not cell or not cell["n"] else f"{cell[TRAINED]}/{cell['n']}" + "".join(
+              f"\n{cell[k]} {mark}" for k, mark in ((CRASHED, "crashed"), (FAILED, "failed")) if cell[k])
         else:
           text = "-" if math.isnan(value) else f"{value:.0f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8)
@@ -315,7 +316,8 @@ def plot_stability(smap: Dict[str, Dict[float, dict]], title: str, path: str, sa
     ax.set_xlabel("peak learning rate")
     ax.set_title(label)
     fig.colorbar(image, ax=ax, fraction=0.04)
-  fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+  fig.suptitle(title + " (cells: trained / finished seeds, then crashed and failed-to-learn counts)",
+               x=0.01, ha="left", fontsize=10)
   fig.tight_layout()
   save(fig, path, dpi=100)
   plt.close(fig)
