@@ -41,6 +41,7 @@ FORMATS = {
     "pct": _pct,                                   # a fraction as a percentage: 0.9612 -> 96.12
     "pct1": lambda v: f"{100 * v:.1f}",            # 0.9612 -> 96.1
     "pp": lambda v: f"{100 * v:+.2f}",             # a difference of fractions in points: +0.35
+    "ppabs": lambda v: f"{abs(100 * v):.2f}",      # its size, for "trails by": -0.0135 -> 1.35
     "ci": lambda v: f"{_pct(v[0])} to {_pct(v[1])}",  # an interval of fractions: 95.10 to 96.90
     "cipp": lambda v: f"{100 * v[0]:+.2f} to {100 * v[1]:+.2f}",  # an interval of differences
     "f3": lambda v: f"{v:.3f}",
