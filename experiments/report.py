@@ -269,7 +269,9 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     mech = study.mechanism(doc["runs"], doc.get("lrs") or {})
     totals = study.variant_totals(smap)
     summary.update(stability_map={v: {f"{lr:g}": c for lr, c in cells.items()} for v, cells in smap.items()},
-                   totals=totals, mechanism=mech)
+                   totals=totals, mechanism=mech,
+                   overall={k: sum(t[k] for t in totals.values())
+                            for k in ("runs", "crashed", "failed", "trained", "unfinished")})
     lines += [study.criterion_text(), "", study.stability_table(smap), "", "Per variant, over its row:",
               "", study.totals_table(totals)]
     plt = plots.pyplot()

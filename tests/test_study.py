@@ -153,6 +153,7 @@ def test_seeded_stability_sweep_end_to_end_with_the_report(tmp_path, fake_module
   summary = json.loads((out / "summary.json").read_text())
   assert summary["stability_map"]["ln"]["0.001"]["success_rate"] == 1.0
   assert summary["totals"]["bn"]["crashed"] == 4 and summary["totals"]["ln"]["highest_all_trained_lr"] == 0.01
+  assert summary["overall"] == {"runs": 8, "crashed": 4, "failed": 0, "trained": 4, "unfinished": 0}
   assert "| ln | 4 | 0 | 0 | 4 | - | 0.01 |" in text
   assert f"Regenerate: `python -m experiments.run_sweep --sweep {FAKE_STABILITY.name} --root runs" in text
   assert str(tmp_path) not in text  # no absolute paths of the machine it ran on
