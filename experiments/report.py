@@ -200,7 +200,8 @@ def benchmark_summary(bench: dict) -> dict:
       speeds.setdefault(r["model"], {})[str(r["batch_size"])] = ips
       if r.get("ratio_to_ln") is not None:
         ratios.setdefault(r["model"], {})[str(r["batch_size"])] = r["ratio_to_ln"]
-  return dict(setup=bench.get("setup"), reliability=bench.get("reliability"),
+  return dict(setup=bench.get("setup"), matmul_peak=bench.get("matmul_peak"),
+              reliability=bench.get("reliability"),
               reliable=bench.get("reliable"), images_per_second=speeds, ratio_to_ln=ratios)
 
 
