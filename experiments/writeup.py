@@ -48,6 +48,7 @@ FORMATS = {
     "f2": lambda v: f"{v:.2f}",
     "f1": lambda v: f"{v:.1f}",
     "int": lambda v: f"{int(round(v)):,}",
+    "giga": lambda v: f"{v / 1e9:.0f}",             # FLOP/s as GFLOP/s: 2.05e11 -> 205
     "lr": lambda v: f"{v:.0e}".replace("e-0", "e-"),  # a learning rate: 0.01 -> 1e-2
     "pctratio": lambda v: f"{100 * (v - 1):+.1f}%",  # a speed ratio as a change: 1.09 -> +9.0%
 }
