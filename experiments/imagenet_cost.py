@@ -54,7 +54,7 @@ def train_flops_per_image(python: str = sys.executable, log=None) -> float:
 
 
 def steps_of(sweep) -> int:
-  return sweep.num_steps or sweeps_lib._imagenet_steps(DEIT_EPOCHS)  # pylint: disable=protected-access
+  return sweep.num_steps or sweeps_lib.imagenet_steps(DEIT_EPOCHS)
 
 
 def command_of(name: str, seeds) -> str:

@@ -183,12 +183,12 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # imagenet2012 'train' split
 IMAGENET_BATCH = 1024  # configs/deit.py's default global batch
 
 
-def _imagenet_steps(epochs: float) -> int:
+def imagenet_steps(epochs: float) -> int:
   return math.ceil(epochs * IMAGENET_TRAIN_IMAGES / IMAGENET_BATCH)
 
 
-_STABILITY_STEPS = {"cpu": 400, "imagenet": _imagenet_steps(30)}
-_HARSH_STEPS = {"cpu": 250, "imagenet": _imagenet_steps(15)}
+_STABILITY_STEPS = {"cpu": 400, "imagenet": imagenet_steps(30)}
+_HARSH_STEPS = {"cpu": 250, "imagenet": imagenet_steps(15)}
 
 
 def _lr_name(lr: float) -> str:
