@@ -160,7 +160,9 @@ def _norm_variants(scale):
       "with LN, RMSNorm, no norm, DyT, PRepBN and BN + QK-norm?",
       tuple(_variant_run(scale, name) for name in VARIANTS),
       evaluate_args=EVALUATE_ARGS[scale],
-      # CPU: 3 seeds at 32 epochs (2,000 steps) keep the table within 45 minutes on 2 cores.
+      # CPU: 3 seeds at 32 epochs (2,000 steps), sized for 45 minutes on an idle 2-core machine
+      # (the quickstart trains at about 1,900 img/s there, experiments/results/speed_cpu/); the
+      # machine time a sweep really took is in its results' summary.json ("wall_minutes").
       seeds=(0, 1, 2) if scale == "cpu" else (),
       num_steps=2000 if scale == "cpu" else None)
 
@@ -174,7 +176,7 @@ FAILED_TO_LEARN_TOP1 = 0.5
 STABILITY_LRS = {"cpu": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "imagenet": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)}
 HARSH_LRS = {"cpu": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "imagenet": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)}
 # The harsh map's rows: the paper's three, SLAB's PRepBN, and QK-norm (does normalizing the
-# attention logits keep BN-only alive?). 5 x 5 x 2 runs of 12 blocks fit 45 minutes on 2 cores.
+# attention logits keep BN-only alive?). 5 x 5 x 2 runs of 12 blocks, sized like norm_variants above.
 HARSH_VARIANTS = ("ln", "bn", "bn_ffnbn", "prepbn", "bn_qknorm")
 # Short runs: the map asks whether a variant trains at a learning rate, not how well it ends.
 # ImageNet: 30 epochs (15 for the harsh map) of DeiT's batch 1024 instead of 300; a crash in

@@ -77,9 +77,8 @@ def _launch(tmp_path, name, processes, devices, runs_of):
   script.write_text(WORKER)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-  # Later launches reuse the executables the first one compiled.
-  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no persistent cache: see tests/conftest.py
+  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   port = _free_port()
   procs = []
   for i in range(processes):
