@@ -148,6 +148,17 @@ VARIANTS = {
 }
 
 
+# The CPU tables (norm variants and the BN knobs): 3 seeds of 2,000 steps (32 epochs), so a
+# difference between rows comes with its interval; ImageNet keeps one run of the config's length.
+_TABLE_SEEDS = {"cpu": (0, 1, 2), "imagenet": ()}
+_TABLE_STEPS = {"cpu": 2000, "imagenet": None}
+
+
+def _table(scale):
+  """The seeds and length of a CPU table sweep (Sweep keyword arguments)."""
+  return dict(seeds=_TABLE_SEEDS[scale], num_steps=_TABLE_STEPS[scale], evaluate_args=EVALUATE_ARGS[scale])
+
+
 def _variant_run(scale, name, overrides=(), note_suffix=""):
   norm, ffn_norm, extra, note = VARIANTS[name]
   return _run(scale, name, norm, ffn_norm, tuple(extra) + tuple(overrides), note + note_suffix)
@@ -159,12 +170,10 @@ def _norm_variants(scale):
       "Does BN everywhere crash, does a BN inside the FFN fix it, and how do the BN models compare "
       "with LN, RMSNorm, no norm, DyT, PRepBN and BN + QK-norm?",
       tuple(_variant_run(scale, name) for name in VARIANTS),
-      evaluate_args=EVALUATE_ARGS[scale],
-      # CPU: 3 seeds at 32 epochs (2,000 steps), sized for 45 minutes on an idle 2-core machine
-      # (the quickstart trains at about 1,900 img/s there, experiments/results/speed_cpu/); the
-      # machine time a sweep really took is in its results' summary.json ("wall_minutes").
-      seeds=(0, 1, 2) if scale == "cpu" else (),
-      num_steps=2000 if scale == "cpu" else None)
+      # CPU: sized for 45 minutes on an idle 2-core machine (the quickstart trains at about 1,900
+      # img/s there, experiments/results/speed_cpu/); the machine time a sweep really took is in
+      # its results' summary.json ("wall_minutes").
+      **_table(scale))
 
 
 # The stability maps (the criterion is fixed before the runs and printed in the report):
@@ -263,7 +272,7 @@ def _ffn_position(scale):
                        note=f"{norm.upper()} + FFN BN {'before' if position == 'pre_act' else 'after'} GELU"))
   return Sweep(f"ffn_position_{scale}", scale,
                "Should the FFN BN sit after the first Dense (before GELU) or after GELU?",
-               tuple(runs), evaluate_args=EVALUATE_ARGS[scale])
+               tuple(runs), **_table(scale))
 
 
 # Ghost-batch sizes: the per-device batch of a typical multi-device run, and a smaller one.
@@ -280,7 +289,7 @@ def _bn_sync(scale):
                              note=f"ghost batches of {size} examples (per-device statistics)"))
   return Sweep(f"bn_sync_{scale}", scale,
                "Do BN statistics need cross-device synchronisation, or do per-device ghost batches do "
-               "as well (or better)?", tuple(runs), evaluate_args=EVALUATE_ARGS[scale])
+               "as well (or better)?", tuple(runs), **_table(scale))
 
 
 def _bn_momentum(scale):
@@ -289,14 +298,14 @@ def _bn_momentum(scale):
                for m in _MOMENTA[scale])
   return Sweep(f"bn_momentum_{scale}", scale,
                "How much does the BN running-average momentum (the inference statistics) matter?",
-               runs, evaluate_args=EVALUATE_ARGS[scale])
+               runs, **_table(scale))
 
 
 def _bn_epsilon(scale):
   runs = tuple(_paper_model(scale, f"epsilon_{e:g}", [("model.bn_epsilon", e)],
                             note=f"BN epsilon {e:g}") for e in _EPSILONS)
   return Sweep(f"bn_epsilon_{scale}", scale, "Does the BN epsilon change stability or accuracy?",
-               runs, evaluate_args=EVALUATE_ARGS[scale])
+               runs, **_table(scale))
 
 
 def _bn_cls(scale):
@@ -308,8 +317,7 @@ def _bn_cls(scale):
                    note="CLS token normalized with the patch tokens' statistics only"),
   )
   return Sweep(f"bn_cls_{scale}", scale,
-               "Should the CLS token take part in the BN statistics?", runs,
-               evaluate_args=EVALUATE_ARGS[scale])
+               "Should the CLS token take part in the BN statistics?", runs, **_table(scale))
 
 
 # A harsher recipe than the config's: 4x its peak learning rate and no gradient clipping (a clip

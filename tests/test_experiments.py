@@ -246,18 +246,20 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   py = sys.executable
   wd = root / "bn_momentum_cpu"
+  # The BN-knob tables declare seeds 0, 1, 2: each run once per seed, named and seeded by it.
   assert lines[0] == (f"{py} -m vitnorm.train --config=configs/quickstart.py:norm=bn,ffn_norm=bn "
-                      f"--workdir={wd / 'momentum_0.5'} --config.num_steps=50 "
+                      f"--workdir={wd / 'momentum_0.5_seed0'} --config.num_steps=50 "
                       "--config.log_every=1 --config.eval_every=5 --config.diagnostics_every=1 "
-                      "--config.model.bn_momentum=0.5")
-  assert lines[1] == f"{py} -m vitnorm.evaluate --workdir={wd / 'momentum_0.5'} --batch_sizes=64"
-  assert len(lines) == 6 and lines[4].endswith("--config.model.bn_momentum=0.99")
+                      "--config.model.bn_momentum=0.5 --config.seed=0")
+  assert lines[1] == f"{py} -m vitnorm.evaluate --workdir={wd / 'momentum_0.5_seed0'} --batch_sizes=64"
+  assert len(lines) == 18 and lines[16].endswith("--config.model.bn_momentum=0.99 --config.seed=2")
   assert not root.exists()
-  # Without --num_steps: the config's own length, and the CPU runs log densely enough to plot.
-  run_sweep.main(["--sweep", "bn_sync_cpu", "--root", str(root), "--dry_run"])
+  # A sweep without a declared length: the config's own, and the CPU runs log densely enough to plot.
+  run_sweep.main(["--sweep", "lr_stress_cpu", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
   assert lines[0].endswith("--workdir=%s --config.log_every=25 --config.eval_every=625 "
-                           "--config.diagnostics_every=125" % (root / "bn_sync_cpu" / "global"))
+                           "--config.diagnostics_every=125 --config.optim.base_lr=0.008 "
+                           "--config.optim.grad_clip_norm=None" % (root / "lr_stress_cpu" / "ln"))
   # A sweep's own length and seeds: norm_variants_cpu declares 2,000 steps and seeds 0, 1, 2.
   run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root), "--dry_run"])
   lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
