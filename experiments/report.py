@@ -289,7 +289,8 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
     return "\n".join(lines)
   if any(r.get("group") and r.get("group") != r["name"] for r in doc["runs"]):
-    rows = study.aggregate(doc["runs"])
+    sweep = sweeps_lib.SWEEPS.get(doc["sweep"])
+    rows = study.aggregate(doc["runs"], reference=sweep.reference if sweep else study.REFERENCE)
     summary["variants"] = rows
     lines += ["Final eval top-1 over seeds (completed seeds only; the intervals are Student's t "
               "over the seeds). The paired difference is this variant's top-1 minus the reference's "

@@ -114,6 +114,7 @@ class Sweep:
   seeds: Tuple[int, ...] = ()  # Declared seeds: each run is repeated per seed (run_sweep --seeds overrides).
   num_steps: Optional[int] = None  # Default training steps of every run (run_sweep --num_steps overrides).
   kind: str = "table"  # 'table': one row per variant; 'stability': a map over base_lr (see STABILITY).
+  reference: str = "ln"  # The row a seeded table's paired differences are taken against.
 
   @property
   def is_benchmark(self) -> bool:
@@ -272,7 +273,7 @@ def _ffn_position(scale):
                        note=f"{norm.upper()} + FFN BN {'before' if position == 'pre_act' else 'after'} GELU"))
   return Sweep(f"ffn_position_{scale}", scale,
                "Should the FFN BN sit after the first Dense (before GELU) or after GELU?",
-               tuple(runs), **_table(scale))
+               tuple(runs), reference="bn_ffnbn_pre_act", **_table(scale))
 
 
 # Ghost-batch sizes: the per-device batch of a typical multi-device run, and a smaller one.
@@ -289,7 +290,7 @@ def _bn_sync(scale):
                              note=f"ghost batches of {size} examples (per-device statistics)"))
   return Sweep(f"bn_sync_{scale}", scale,
                "Do BN statistics need cross-device synchronisation, or do per-device ghost batches do "
-               "as well (or better)?", tuple(runs), **_table(scale))
+               "as well (or better)?", tuple(runs), reference="global", **_table(scale))
 
 
 def _bn_momentum(scale):
@@ -298,14 +299,14 @@ def _bn_momentum(scale):
                for m in _MOMENTA[scale])
   return Sweep(f"bn_momentum_{scale}", scale,
                "How much does the BN running-average momentum (the inference statistics) matter?",
-               runs, **_table(scale))
+               runs, reference="momentum_0.9", **_table(scale))  # configs/common.py's default
 
 
 def _bn_epsilon(scale):
   runs = tuple(_paper_model(scale, f"epsilon_{e:g}", [("model.bn_epsilon", e)],
                             note=f"BN epsilon {e:g}") for e in _EPSILONS)
   return Sweep(f"bn_epsilon_{scale}", scale, "Does the BN epsilon change stability or accuracy?",
-               runs, **_table(scale))
+               runs, reference="epsilon_1e-05", **_table(scale))  # configs/common.py's default
 
 
 def _bn_cls(scale):
@@ -317,7 +318,8 @@ def _bn_cls(scale):
                    note="CLS token normalized with the patch tokens' statistics only"),
   )
   return Sweep(f"bn_cls_{scale}", scale,
-               "Should the CLS token take part in the BN statistics?", runs, **_table(scale))
+               "Should the CLS token take part in the BN statistics?", runs, reference="cls_in",
+               **_table(scale))
 
 
 # A harsher recipe than the config's: 4x its peak learning rate and no gradient clipping (a clip

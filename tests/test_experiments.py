@@ -142,6 +142,11 @@ def test_every_ablation_exists_at_both_scales_with_the_scale_config():
     want = "configs/quickstart.py:" if sweep.scale == "cpu" else "configs/deit.py:variant="
     assert all(r.config.startswith(want) for r in sweep.runs), sweep.name
     assert sweep.is_benchmark == (not sweep.runs)
+    # A seeded table's paired differences need their reference row among its runs.
+    if sweep.kind == "table" and sweep.runs and sweep.name.startswith(("norm_variants", "bn_", "ffn_")):
+      assert sweep.reference in names, (sweep.name, sweep.reference)
+    if sweep.scale == "cpu" and sweep.name.startswith(("norm_variants", "bn_", "ffn_")):
+      assert sweep.seeds == (0, 1, 2) and sweep.num_steps == 2000, sweep.name
 
 
 def test_norm_variants_cover_the_papers_models():

@@ -1,5 +1,6 @@
 """experiments.study: seeds aggregated with intervals, the stability criterion and maps, the
 mechanism summary; seeds as a sweep dimension in the runner; the report's study sections."""
+import dataclasses
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def test_seeded_stability_sweep_end_to_end_with_the_report(tmp_path, fake_module
   assert str(tmp_path) not in text  # no absolute paths of the machine it ran on
 
 
-def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules):  # noqa: F811
+def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules, monkeypatch):  # noqa: F811
   root = tmp_path / "runs"
   assert run_sweep.main(["--sweep", "fake_cpu", "--root", str(root), "--seeds", "0,1,2", "--num_steps", "4",
                          "--evaluate", *fake_modules]) == 1  # the fake 'bad' run fails
@@ -170,6 +171,14 @@ def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules
   assert "img/s" not in text  # speeds of evaluations timed one by one stay out of a seeded table
   assert "--evaluate && python -m experiments.report --root runs" in text
   assert (tmp_path / "out" / "fake_cpu" / "spread.png").exists()
+  # A sweep that declares another reference row (the BN-knob tables: their default setting) is
+  # paired against it: the fake ends bn_ffnbn like ln, so their difference is exactly 0.
+  monkeypatch.setitem(sweeps_lib.SWEEPS, "fake_cpu",
+                      dataclasses.replace(sweeps_lib.SWEEPS["fake_cpu"], reference="bn_ffnbn"))
+  text = report.make_report(str(root), out=str(tmp_path / "out"))
+  assert "paired difference to bn_ffnbn (pp)" in text and "| ln | 3/3 | 54.00 | 0.00 | 54.00 - 54.00 | +0.00 |" in text
+  rows = json.loads((tmp_path / "out" / "fake_cpu" / "summary.json").read_text())["variants"]
+  assert {r["variant"]: r["reference"] for r in rows}["ln"] == "bn_ffnbn"
 
 
 def test_readable_command_has_no_machine_paths():
