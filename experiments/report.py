@@ -313,10 +313,17 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += ["", "img/s: inference images/s from each run's `vitnorm.evaluate` (best median over its "
               "batch sizes; unfolded / BN folded into the Dense layers). Each run is measured on its "
               "own, at a different time: compare speeds with the interleaved `inference_speed_*` sweep."]
-  notes = [f"- `{r['name']}`: {r.get('note', '')}"
-           + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
-           + (f" -- evaluation failed: {r['eval_error']}" if r.get("eval_error") else "")
-           for r in doc["runs"] if r.get("note") or r.get("reason") or r.get("eval_error")]
+  # A variant's note once (not once per seed); a run that stopped or failed to evaluate by name.
+  notes, noted = [], set()
+  for r in doc["runs"]:
+    trouble = r.get("reason") or r.get("eval_error")
+    label = r["name"] if trouble or not r.get("group") else r["group"]
+    if not (r.get("note") or trouble) or (not trouble and label in noted):
+      continue
+    noted.add(label)
+    notes.append(f"- `{label}`: {r.get('note', '')}"
+                 + (f" -- stopped: {r['reason']}" if r.get("reason") else "")
+                 + (f" -- evaluation failed: {r['eval_error']}" if r.get("eval_error") else ""))
   if notes:
     lines += [""] + notes
   figures = []

@@ -171,6 +171,9 @@ def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules
   assert "img/s" not in text  # speeds of evaluations timed one by one stay out of a seeded table
   assert "--evaluate && python -m experiments.report --root runs" in text
   assert (tmp_path / "out" / "fake_cpu" / "spread.png").exists()
+  # A variant's note is listed once; a seed that stopped is listed by its own name, with why.
+  assert text.count("- `ln`: LN\n") == 1 and "- `ln_seed0`" not in text
+  assert "- `bn_seed1`: BN only -- stopped:" in text
   # A sweep that declares another reference row (the BN-knob tables: their default setting) is
   # paired against it: the fake ends bn_ffnbn like ln, so their difference is exactly 0.
   monkeypatch.setitem(sweeps_lib.SWEEPS, "fake_cpu",
