@@ -75,10 +75,9 @@ def _launch(tmp_path, name, processes, devices, runs_of):
   """Starts `processes` workers; runs_of(process_id) -> the runs of that worker."""
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
+  # The workers inherit tests/conftest.py's environment, its disabled compilation cache included.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no persistent cache: see tests/conftest.py
-  env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   port = _free_port()
   procs = []
   for i in range(processes):
