@@ -279,7 +279,7 @@ def _already_completed(workdir: str, latest: int, plan) -> Optional[dict]:
 
 def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--print_config: the resolved config and the start header; reads the workdir, writes nothing."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # a bucket URL stays a URL
   plan = prepare(config, workdir)
   resume = checkpoints.latest_step(workdir) or 0
   text = header.config_text(plan.config).rstrip()
