@@ -182,7 +182,8 @@ def _digits_config(num_steps, dtype="float32", **extra):
 
 def resume_exactness(tmp) -> dict:
   """A run preempted (SIGTERM) at step 6 and resumed ends bit-identical to an uninterrupted one."""
-  from vitnorm.training import checkpoints, loop  # pylint: disable=import-outside-toplevel
+  from vitnorm import checkpoints  # pylint: disable=import-outside-toplevel
+  from vitnorm.training import loop  # pylint: disable=import-outside-toplevel
   full = loop.train_and_evaluate(_digits_config(12), os.path.join(tmp, "full"))
   first = loop.train_and_evaluate(_digits_config(12, **{"debug.preempt_at_step": 6}), os.path.join(tmp, "resumed"))
   second = loop.train_and_evaluate(_digits_config(12), os.path.join(tmp, "resumed"))

@@ -55,7 +55,8 @@ def main(results_path, local_workdir, bucket_workdir, num_steps, preempt_at):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   from vitnorm import evaluate as evaluate_cli, paths, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from vitnorm.training import checkpoints, loop  # pylint: disable=g-import-not-at-top
+  from vitnorm import checkpoints  # pylint: disable=g-import-not-at-top
+  from vitnorm.training import loop  # pylint: disable=g-import-not-at-top
 
   def config(**debug):
     c = quickstart.get_config()

@@ -15,7 +15,7 @@ import pytest
 
 from vitnorm import cli, train
 from vitnorm import workdir as run_files
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import pytest
 
 from configs import common
 from vitnorm.inference import comparison
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 from vitnorm import data
 from vitnorm.inference import run_report
 from vitnorm.model import vit

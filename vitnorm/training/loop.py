@@ -21,7 +21,8 @@ import numpy as np
 from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, disk_full, evaluation, header, workdir_lock
+from vitnorm import checkpoints, evaluation
+from vitnorm.training import disk_full, header, workdir_lock
 from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
                                      Monitor as _Monitor, TrainingDiverged)
 from vitnorm.training.placement import make_placement

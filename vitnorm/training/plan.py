@@ -17,7 +17,8 @@ import numpy as np
 from vitnorm import data, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.model import norms, vit
-from vitnorm.training import checkpoints, optim
+from vitnorm import checkpoints
+from vitnorm.training import optim
 
 PARALLELISM = ("jit", "pmap")
 PROGRESS_BAR = ("auto", "on", "off")

@@ -13,7 +13,8 @@ import optax
 from flax.training import train_state
 
 from vitnorm.model import pretrained, vit
-from vitnorm.training import checkpoints, optim
+from vitnorm import checkpoints
+from vitnorm.training import optim
 from vitnorm.training.plan import Plan, init_source
 
 

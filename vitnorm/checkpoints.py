@@ -33,7 +33,7 @@ from etils import epath
 from vitnorm import paths
 from vitnorm.model import vit
 from vitnorm.errors import UserError
-from vitnorm.training import integrity
+from vitnorm import checkpoint_integrity as integrity
 
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
