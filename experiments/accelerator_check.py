@@ -677,7 +677,7 @@ def run(out_dir, *, reduced=None, data_npz=None, parts=None, force=False, kill_a
   return doc
 
 
-def plan_text(data_npz="accel_carry/mnist5k.npz") -> str:
+def plan_text(data_npz="accel_carry/mnist5k.npz", out="experiments/results/accelerator") -> str:
   """The commands that fit the device budget: check parts first (deterministic), timing parts after."""
   commands = accelerator_runner.plan_commands(parts_for(FULL), COMMAND_BUDGET_SECONDS)
   install = "pip install --no-deps --no-index accel_carry/wheels/*.whl && "
@@ -688,7 +688,7 @@ def plan_text(data_npz="accel_carry/mnist5k.npz") -> str:
   for i, (names, seconds) in enumerate(commands):
     lines.append(f"# command {i + 1}: {', '.join(names)} (~{seconds:.0f} s)")
     lines.append(f"{install}timeout {COMMAND_TIMEOUT_SECONDS} python -m experiments.accelerator_check "
-                 f"--out experiments/results/accelerator --data_npz {data_npz} --parts {','.join(names)}")
+                 f"--out {out} --data_npz {data_npz} --parts {','.join(names)}")
   return "\n".join(lines)
 
 
@@ -715,7 +715,7 @@ def main(argv=None):
                         help="SIGKILL this process when the named part starts (tests)")
     args = parser.parse_args(argv)
     if args.plan:
-      print(plan_text(args.data_npz or "accel_carry/mnist5k.npz"))
+      print(plan_text(args.data_npz or "accel_carry/mnist5k.npz", args.out or "experiments/results/accelerator"))
       return 0
     if not args.out:
       raise UserError("--out: required; give the output folder, e.g. experiments/results/accelerator")
