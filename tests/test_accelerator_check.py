@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import accelerator_check, accelerator_runner
+from experiments import accelerator_check, accelerator_parts, accelerator_runner
 from vitnorm.data import export_npz
 from vitnorm.inference import comparison
 
@@ -124,14 +124,14 @@ def test_a_rerun_completes_the_rest_and_reports_every_part(killed_then_completed
     assert [r["setup"]["model"]["dtype"] for r in reports] == ["bfloat16", "float32"]
     for report in reports:
       assert report["matmul_precision"] == "default"
-      assert [row["model"] for row in report["results"]] == list(accelerator_check.REDUCED.inference_models)
+      assert [row["model"] for row in report["results"]] == list(accelerator_parts.REDUCED.inference_models)
       for row in report["results"]:
         assert row["status"] == "ok" and row["images_per_second"]["median"] > 0
         # Cost analysis counts the matmuls and more (norms, softmax, GELU: a lot at width 16;
         # tests/inference/test_flops.py compares the two at a realistic width).
         assert 0.95 < row["cost_analysis_to_analytic"] < 3
         assert 0 < row["fraction_of_matmul_peak_analytic"]
-  assert [t["model"] for t in result("train")["rows"]] == list(accelerator_check.REDUCED.train_models)
+  assert [t["model"] for t in result("train")["rows"]] == list(accelerator_parts.REDUCED.train_models)
   for t in result("train")["rows"]:
     assert t["images_per_second"] > 0 and t["mfu"] > 0 and t["mfu_analytic"] > 0
     assert t["bf16_peak_flops_per_second"] == result("peaks")["bfloat16"]["flops_per_second"]
@@ -171,7 +171,7 @@ def test_a_part_that_raises_keeps_the_others_and_is_redone_on_the_next_run(tmp_p
   def broken(_):
     raise RuntimeError("out of memory")
 
-  monkeypatch.setattr(accelerator_check, "matmul_peaks", broken)
+  monkeypatch.setattr(accelerator_parts, "matmul_peaks", broken)
   doc = accelerator_check.run(str(tmp_path), reduced=True, parts="env,peaks")
   assert doc["ok"] is False and doc["parts"]["env"]["ok"] is None
   assert doc["parts"]["peaks"]["error"] == "RuntimeError: out of memory"
@@ -185,15 +185,15 @@ def test_tree_difference_sees_a_missing_leaf_that_zip_would_not():
   a = {"params": {"w": np.ones(3), "b": np.zeros(2)}, "batch_stats": {"mean": np.ones(2)}}
   shorter = {"params": {"b": np.zeros(2)}, "batch_stats": {"mean": np.ones(2)}}  # "w", the last leaf, is gone
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(shorter)))  # the old bug
-  assert accelerator_check.tree_difference(a, shorter)["same_structure"] is False
-  assert accelerator_check.tree_difference(a, shorter)["bit_identical"] is False
+  assert accelerator_parts.tree_difference(a, shorter)["same_structure"] is False
+  assert accelerator_parts.tree_difference(a, shorter)["bit_identical"] is False
   reshaped = jax.tree.map(lambda x: x.reshape(1, -1), a)
-  assert accelerator_check.tree_difference(a, reshaped)["same_structure"] is False
+  assert accelerator_parts.tree_difference(a, reshaped)["same_structure"] is False
   changed = jax.tree.map(np.copy, a)
   changed["params"]["w"][1] = 1.5
-  d = accelerator_check.tree_difference(a, changed)
+  d = accelerator_parts.tree_difference(a, changed)
   assert d == dict(same_structure=True, bit_identical=False, max_abs_difference=0.5, max_relative_difference=0.5)
-  assert accelerator_check.tree_difference(a, jax.tree.map(np.copy, a))["bit_identical"] is True
+  assert accelerator_parts.tree_difference(a, jax.tree.map(np.copy, a))["bit_identical"] is True
 
 
 @pytest.mark.parametrize("hidden,args,missing", [
@@ -227,3 +227,24 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(start), err
   assert not (tmp_path / "o").exists()
+
+
+def test_an_xla_without_the_determinism_flag_runs_without_it(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(accelerator_check, "xla_accepts", lambda flags: False)
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  with pytest.raises(SystemExit) as exit_info:
+    accelerator_check.main(["--out", str(tmp_path), "--parts", "env", "--reduced"])
+  assert exit_info.value.code == 0
+  assert accelerator_check.DETERMINISTIC_FLAG not in os.environ["XLA_FLAGS"]
+  assert "does not accept --xla_gpu_deterministic_ops=true; running without it" in capsys.readouterr().out
+  assert accelerator_check.xla_accepts("--xla_no_such_flag_for_the_test=true") is False
+
+
+def test_a_flax_too_old_for_the_installed_jax_is_named(monkeypatch):
+  import flax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(flax, "__version__", "0.12.6")
+  missing = accelerator_check.missing_requirements(["env"], None)
+  assert missing == [f"flax >= 0.12.7 (found 0.12.6; with jax {jax.__version__} flax.jax_utils.replicate "
+                     "needs it)"]
+  monkeypatch.setattr(flax, "__version__", "0.12.7")
+  assert accelerator_check.missing_requirements(["env"], None) == []
