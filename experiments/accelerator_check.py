@@ -187,10 +187,18 @@ def xla_accepts(xla_flags: str) -> bool:
   return proc.returncode == 0
 
 
+# Installs the carried wheels: ml-collections always; flax only over one older than 0.12.7 (never
+# a downgrade of a newer flax that the image's jax may need).
+INSTALL_COMMAND = (
+    "pip install --no-deps --no-index accel_carry/wheels/ml_collections-*.whl && "
+    "{ python -c \"import flax, re, sys; sys.exit(tuple(map(int, re.findall(r'\\d+', flax.__version__)[:3]))"
+    " < (0, 12, 7))\" || pip install --no-deps --no-index accel_carry/wheels/flax-*.whl; }")
+
+
 def plan_text(data_npz="accel_carry/mnist5k.npz", out="experiments/results/accelerator") -> str:
   """The commands that fit the device budget: check parts first (deterministic), timing parts after."""
   commands = accelerator_runner.plan_commands(parts_for(FULL), COMMAND_BUDGET_SECONDS)
-  install = "pip install --no-deps --no-index accel_carry/wheels/*.whl && "
+  install = INSTALL_COMMAND + " && "
   lines = [f"# {len(commands)} device command(s), estimated at most {COMMAND_BUDGET_SECONDS} s, "
            f"killed at {COMMAND_TIMEOUT_SECONDS} s (estimated seconds per part; the JSON records the measured ones). Run from the repository "
            "root; a killed or timed-out command keeps its finished parts, and running it again resumes.",
