@@ -21,19 +21,19 @@ FOLD_TOLERANCE = 1e-5  # max |folded - unfolded| / max |unfolded| logits at 'hig
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """Everything that differs between the full check and the reduced (CPU, test) one."""
-  variants: tuple = ("S/16", "B/16")  # one inference part each
-  image_size: int = 224
-  batch_size: int = 256
-  dtypes: tuple = ("bfloat16", "float32")
+  variants: tuple = ("S/16", "B/16")  # ViT sizes of the inference benchmark: one part each
+  image_size: int = 224  # image side of the inference and train-step benchmarks
+  batch_size: int = 256  # global batch of the inference benchmark
+  dtypes: tuple = ("bfloat16", "float32")  # compute dtypes of the inference benchmark
   inference_models: Optional[tuple] = None  # None: every model of vitnorm.inference.comparison
-  tiny_model: dict = None  # overrides of the ViT size (reduced mode)
-  warmup: int = 2
-  iterations: int = 10
-  repeats: int = 5
-  matmul_size: int = 0  # 0: throughput.default_matmul_size()
-  train_batch: int = 256
-  train_steps: int = 10
-  train_models: tuple = ("ln", "bn_ffnbn")
+  tiny_model: dict = None  # overrides of the ViT size (reduced mode); None: the variant's own
+  warmup: int = 2  # untimed calls before timing (benchmarks and the matmul peaks)
+  iterations: int = 10  # timed calls per round
+  repeats: int = 5  # rounds (the median over rounds is reported)
+  matmul_size: int = 0  # side of the peak matmul; 0: throughput.default_matmul_size()
+  train_batch: int = 256  # global batch of the train-step benchmark
+  train_steps: int = 10  # timed train steps
+  train_models: tuple = ("ln", "bn_ffnbn")  # models of the train-step benchmark
   quickstart_steps: int = 0  # 0: the quickstart's own length (100 epochs)
   # The resume part's compute dtype. Reduced: bfloat16 and as many steps as the quickstart, so
   # the quickstart part reuses the compiled steps of the resume part (vitnorm.training.state.cached).
@@ -50,10 +50,11 @@ REDUCED = Sizes(image_size=16, batch_size=8, inference_models=("ln", "bn_ffnbn_f
 
 @dataclasses.dataclass
 class Context:
-  sizes: Sizes
-  reduced: bool
-  data_npz: Optional[str]
-  tmp: str
+  """What every part gets."""
+  sizes: Sizes  # FULL or REDUCED
+  reduced: bool  # tiny sizes (CPU, tests): the numbers mean nothing
+  data_npz: Optional[str]  # --data_npz (resume, quickstart); None: scikit-learn digits
+  tmp: str  # a scratch folder for the parts' workdirs, removed at the end
   doc: dict  # the results so far (the train part reads the peaks part's bf16 peak)
 
 
