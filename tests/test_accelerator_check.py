@@ -148,7 +148,8 @@ def test_a_rerun_completes_the_rest_and_reports_every_part(killed_then_completed
 
 
 def test_a_broken_check_is_reported_as_a_failure(tmp_path, monkeypatch):
-  """One BN scale folded 1% off: the fold part fails, the document is not ok, the exit code is 1."""
+  """One BN scale folded 1% off: the fold part fails, the document is not ok, the exit code is 1;
+  once fixed, only --force runs the part again."""
   from vitnorm.model import fold  # pylint: disable=import-outside-toplevel
   original = fold.batchnorm_affine
 
@@ -165,6 +166,12 @@ def test_a_broken_check_is_reported_as_a_failure(tmp_path, monkeypatch):
   assert doc["ok"] is False and doc["parts"]["fold"]["ok"] is False
   assert all(not f["ok"] and f["max_relative_difference"] > 1e-5 for f in doc["parts"]["fold"]["result"]["models"].values())
   assert "| fold | FAIL |" in (tmp_path / "cpu.md").read_text()
+  monkeypatch.setattr(fold, "batchnorm_affine", original)  # fixed: a re-run keeps the result ...
+  for args, code in (([], 1), (["--force"], 0)):  # ... until --force redoes the part
+    with pytest.raises(SystemExit) as exit_info:
+      accelerator_check.main(["--out", str(tmp_path), "--parts", "fold", "--reduced", *args])
+    assert exit_info.value.code == code
+  assert json.loads((tmp_path / "cpu.json").read_text())["ok"] is True
 
 
 def test_a_part_that_raises_keeps_the_others_and_is_redone_on_the_next_run(tmp_path, monkeypatch):
@@ -248,3 +255,13 @@ def test_a_flax_too_old_for_the_installed_jax_is_named(monkeypatch):
                      "needs it)"]
   monkeypatch.setattr(flax, "__version__", "0.12.7")
   assert accelerator_check.missing_requirements(["env"], None) == []
+
+
+def test_results_of_another_mode_are_not_mixed(tmp_path):
+  from vitnorm.errors import UserError  # pylint: disable=import-outside-toplevel
+  accelerator_check.run(str(tmp_path), reduced=True, parts="env")
+  with pytest.raises(UserError, match="holds a reduced check and this run is full"):
+    accelerator_check.run(str(tmp_path), reduced=False, parts="env")
+  (tmp_path / "cpu.json").write_text(json.dumps(dict(reduced=True, ok=True)))  # the old one-shot format
+  with pytest.raises(UserError, match="written by an older version"):
+    accelerator_check.run(str(tmp_path), reduced=True, parts="env")
