@@ -8,7 +8,9 @@ import sys
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Forced, not defaulted: an accelerator image that presets JAX_PLATFORMS (e.g. "cuda") would
+# otherwise run the suite on its one GPU instead of the 8 CPU devices the tests are written for.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test may touch the network: tfds must never try GCS or a download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
