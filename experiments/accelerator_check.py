@@ -200,8 +200,9 @@ def plan_text(data_npz="accel_carry/mnist5k.npz", out="experiments/results/accel
   commands = accelerator_runner.plan_commands(parts_for(FULL), COMMAND_BUDGET_SECONDS)
   install = INSTALL_COMMAND + " && "
   lines = [f"# {len(commands)} device command(s), estimated at most {COMMAND_BUDGET_SECONDS} s, "
-           f"killed at {COMMAND_TIMEOUT_SECONDS} s (estimated seconds per part; the JSON records the measured ones). Run from the repository "
-           "root; a killed or timed-out command keeps its finished parts, and running it again resumes.",
+           f"killed at {COMMAND_TIMEOUT_SECONDS} s (estimated seconds per part; the JSON records the "
+           "measured ones). Run from the repository root; a killed or timed-out command keeps its "
+           "finished parts, and running it again resumes.",
            "# Install recipe and what to carry: README, 'Offline accelerator host'."]
   for i, (names, seconds) in enumerate(commands):
     lines.append(f"# command {i + 1}: {', '.join(names)} (~{seconds:.0f} s)")

@@ -40,7 +40,7 @@ def markdown(doc: dict, all_parts) -> str:
 
   if result("peaks"):
     lines += ["", "## Dense matmul peak", ""]
-    for key, p in result("peaks").items():
+    for p in result("peaks").values():
       lines.append(f"- {p['dtype']} at matmul precision '{p['matmul_precision']}': "
                    f"{p['flops_per_second'] / 1e12:.2f} TFLOP/s ({p['size']}^3 per device)")
   checks = [n for n in ("fold", "sync", "resume") if result(n)]

@@ -41,7 +41,7 @@ def run_cli(monkeypatch, capsys):
   defines are removed again afterwards, so the next in-process command can define its own.
   """
   import importlib  # pylint: disable=g-import-not-at-top
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,unused-import
+  from absl import app, flags  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   # absl.app defines its own flags (run_with_pdb, ...) when first imported: imported here, they
   # are not among the command's flags removed below (else a later command finds them gone).
 

@@ -241,7 +241,7 @@ def test_unwritable_root_is_a_one_line_error(tmp_path, capsys):
       run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: --root: ") and str(root) in err
+    assert err.count("\n") == 0 and err.startswith("error: --root: ") and str(root) in err
 
 
 def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys):

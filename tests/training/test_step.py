@@ -41,7 +41,7 @@ def run_steps(plan, batches, diagnostics=False):
   placement = placement_lib.make_placement(plan, mesh)
   state = placement.put_state(state_lib.create_train_state(plan, jax.random.PRNGKey(0)))
   metrics = []
-  for i, b in enumerate(batches):
+  for b in batches:
     if plan.config.parallelism == "jit":
       placed = jax.device_put(b, parallel.batch_sharding(mesh))
     else:

@@ -14,7 +14,6 @@ from flax.training import train_state
 
 from vitnorm.model import pretrained, vit
 from vitnorm import checkpoints
-from vitnorm.training import optim
 from vitnorm.training.plan import Plan, init_source
 
 
