@@ -116,6 +116,7 @@ def _run(config, workdir, print_config) -> int:
   parallel.maybe_initialize_distributed(
       config.distributed.coordinator_address, config.distributed.num_processes,
       config.distributed.process_id, auto=bool(config.distributed.auto))
+  parallel.avoid_compilation_cache_on_cpu_devices(lambda line: print(line, file=sys.stderr, flush=True))
   if print_config:
     print(loop.describe_run(config, workdir), flush=True)
     return cli.EXIT_COMPLETED
