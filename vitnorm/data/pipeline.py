@@ -48,6 +48,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vitnorm.data import config as config_lib
+from vitnorm.data import imagenet_like  # noqa: F401  registers the imagenet_like builder with tfds
 from vitnorm.data import mixup as mixup_lib
 from vitnorm.data import offline
 from vitnorm.data import preprocess
