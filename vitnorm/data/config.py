@@ -48,6 +48,11 @@ DATA_CONFIG_FIELDS = """Fields of `config.data` (default in brackets):
   shuffle_buffer       train, streaming mode (cache=False): shuffle buffer in examples. [10000]
   cache                hold this process's decoded split in memory: exact per-epoch permutations and
                        O(1) resume; for datasets that fit in RAM (mnist5k, digits, cifar). [False]
+  reader               'tf_data': tfds + tf.data, augmentations on the host; 'grain': tfds ArrayRecord
+                       data source + Grain, one global order for every process count, the host
+                       decodes and crops, the accelerator does the rest (no RandAugment). ['tf_data']
+  grain_workers        reader='grain': Grain worker processes per host (0 = threads in the trainer's
+                       process only). [0]
 """
 
 DEFAULTS = dict(
@@ -75,7 +80,10 @@ DEFAULTS = dict(
     eval_crop_fraction=0.875,
     shuffle_buffer=10_000,
     cache=False,
+    reader="tf_data",
+    grain_workers=0,
 )
+READERS = ("tf_data", "grain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +113,8 @@ class DataConfig:
   eval_crop_fraction: float
   shuffle_buffer: int
   cache: bool
+  reader: str
+  grain_workers: int
 
   @property
   def mixing(self) -> bool:
@@ -224,7 +234,11 @@ def resolve_data_config(cfg) -> DataConfig:
       eval_crop_fraction=_float(raw, "eval_crop_fraction", low=0.0, high=1.0, low_open=True),
       shuffle_buffer=_int(raw, "shuffle_buffer", minimum=1),
       cache=_bool(raw, "cache"),
+      reader=_str(raw, "reader"),
+      grain_workers=_int(raw, "grain_workers", minimum=0),
   )
+  if out.reader not in READERS:
+    raise ConfigError("data.reader", f"must be one of {', '.join(READERS)}, got {out.reader!r}")
   return out
 
 
