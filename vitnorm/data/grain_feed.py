@@ -17,7 +17,9 @@ cannot change the result.
 
 Train batches: {'image': uint8 [b, S, S, C], 'label': int32 [b]}: decode + crop only
 (vitnorm.data.pil_preprocess); flip, random erasing, normalization, Mixup / CutMix and label
-smoothing run on the accelerator (vitnorm.data.device_augment). Eval batches add 'mask'.
+smoothing run on the accelerator (vitnorm.data.device_augment). Eval batches are what every feed's
+eval batches are (normalized float32 images, int labels, mask): evaluation is rare, so the host
+normalizes them.
 """
 import math
 from typing import Iterator, Optional
@@ -147,9 +149,11 @@ def num_eval_batches(data_cfg, *, global_batch_size: int, process_count: Optiona
 
 def eval_batches(data_cfg, *, global_batch_size: int, process_index: Optional[int] = None,
                  process_count: Optional[int] = None) -> Iterator[dict]:
-  """One pass over this process's contiguous part of the eval split: `image` uint8 [b, S, S, C],
-  `label` int32 [b], `mask` float32 [b] (0 for padding); every example once over all processes."""
+  """One pass over this process's contiguous part of the eval split: `image` float32 [b, S, S, C]
+  normalized, `label` int32 [b], `mask` float32 [b] (0 for padding, with zero images); every
+  example once over all processes."""
   cfg, _, image_key, label_key, channels = _resolve(data_cfg)
+  mean, std = (np.asarray(v, np.float32) for v in config_lib.check_normalization(cfg, channels))
   p_index, p_count = config_lib.process_slot(process_index, process_count)
   local_batch = config_lib.local_batch_size(global_batch_size, p_count)
   source = _source(cfg, cfg.eval_split, image_key, "data.eval_split")
@@ -158,11 +162,12 @@ def eval_batches(data_cfg, *, global_batch_size: int, process_index: Optional[in
   shape = (cfg.image_size, cfg.image_size, channels)
   for k in range(batches):
     indices = range(start + k * local_batch, min(start + (k + 1) * local_batch, stop))
-    images = np.zeros((local_batch,) + shape, np.uint8)
+    images = np.zeros((local_batch,) + shape, np.float32)
     labels = np.zeros((local_batch,), np.int32)
     mask = np.zeros((local_batch,), np.float32)
     for row, index in enumerate(indices):
       record = source[index]
-      images[row] = pil_preprocess.eval_crop(record[image_key], cfg, channels)
+      crop = pil_preprocess.eval_crop(record[image_key], cfg, channels)
+      images[row] = (crop.astype(np.float32) / 255.0 - mean) / std
       labels[row], mask[row] = record[label_key], 1.0
     yield {"image": images, "label": labels, "mask": mask}
