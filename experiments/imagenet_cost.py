@@ -69,8 +69,9 @@ def command_of(name: str, seeds) -> str:
           + " --set data.data_dir=gs://BUCKET/tensorflow_datasets")
 
 
-def input_rate(benchmark_json: str, host_cores: float) -> dict:
-  """Input images/s per accelerator: host_cores x the per-core rate of the input benchmark's JSON."""
+def input_rate(benchmark_json: str, host_cores: float, variant: str = "deit") -> dict:
+  """Input images/s per accelerator: host_cores x the per-core rate of `variant` (deit: the tf.data
+  feed with the DeiT recipe; grain: the Grain feed) in the input benchmark's JSON."""
   from vitnorm.data import input_speed  # pylint: disable=import-outside-toplevel
   try:
     with open(benchmark_json, encoding="utf-8") as f:
@@ -81,11 +82,11 @@ def input_rate(benchmark_json: str, host_cores: float) -> dict:
     raise UserError(f"--input_benchmark: {benchmark_json} is not the JSON of "
                     "`python -m vitnorm.benchmark --mode input --output FILE`")
   try:
-    per_core = input_speed.per_core_rate(report)
+    per_core = input_speed.per_core_rate(report, variant)
   except (KeyError, ValueError) as e:
-    raise UserError(f"--input_benchmark: {benchmark_json}: {e}; run the benchmark with the "
-                    "'deit' variant") from None
-  return dict(per_core_images_per_s=per_core, host_cores=host_cores,
+    raise UserError(f"--input_variant: {benchmark_json}: {e}; run the benchmark with the "
+                    f"{variant!r} variant") from None
+  return dict(per_core_images_per_s=per_core, host_cores=host_cores, variant=variant,
               images_per_s=per_core * host_cores, source=benchmark_json,
               image_size=report.get("image_size"), cpu_count=report.get("cpu_count"))
 
@@ -127,8 +128,10 @@ def _input_sentence(doc: dict) -> str:
             "vitnorm.benchmark --mode input --output FILE` and pass `--input_benchmark FILE "
             "--host_cores N`). ")
   source = doc.get("input_source")
+  feed = ("the tf.data feed, DeiT recipe" if source and source["variant"] == "deit" else
+          f"input variant {source['variant']}" if source else "")
   where = (f"{source['host_cores']:g} host cores x {source['per_core_images_per_s']:,.1f} images/s per "
-           f"core (DeiT recipe at {source['image_size']} px, one thread, measured by the input "
+           f"core ({feed} at {source['image_size']} px, one thread, measured by the input "
            f"benchmark in {source['source']})" if source else "given")
   which = ("input-bound: the host, not the accelerator, sets the hours" if doc["bound"] == "input"
            else "compute-bound: the host keeps up")
@@ -173,6 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--input_benchmark", default=None,
                       help="JSON of `python -m vitnorm.benchmark --mode input`: its per-core rate "
                       "times --host_cores is the input rate per accelerator")
+  parser.add_argument("--input_variant", default="deit",
+                      help="which feed of the input benchmark to price: deit (tf.data, DeiT recipe) "
+                      "or grain (the Grain feed)")
   parser.add_argument("--host_cores", type=float, default=None,
                       help="host CPU cores feeding one accelerator (with --input_benchmark)")
   parser.add_argument("--flops_per_image", type=float, default=None,
@@ -191,7 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "input rate is N x the benchmark's per-core rate)")
   if args.host_cores is not None and not args.host_cores > 0:
     raise UserError(f"--host_cores: {args.host_cores} must be positive")
-  source = input_rate(args.input_benchmark, args.host_cores) if args.input_benchmark else None
+  source = (input_rate(args.input_benchmark, args.host_cores, args.input_variant)
+            if args.input_benchmark else None)
   flops = args.flops_per_image or train_flops_per_image()
   images_per_s = source["images_per_s"] if source else args.images_per_s
   doc = estimate(flops, peak_tflops=args.peak_tflops, mfu=args.mfu, images_per_s=images_per_s,

@@ -61,6 +61,10 @@ def test_hours_are_the_max_of_compute_and_input_bound_with_the_bound_named(tmp_p
     assert r["accelerator_hours"] == pytest.approx(r["input_bound_hours"]) and r["bound"] == "input"
   text = capsys.readouterr().out
   assert "16 host cores x 150.0 images/s per core" in text and "input-bound" in text
+  # --input_variant picks another feed's per-core rate (here the A/A copy's, 1 image/s per core).
+  assert imagenet_cost.main(["--flops_per_image=4e9", f"--input_benchmark={bench}", "--host_cores=16",
+                             "--input_variant=deit_aa", f"--out={out}"]) == 0
+  assert json.loads(out.with_suffix(".json").read_text())["input_images_per_s"] == pytest.approx(16.0)
   # A host fast enough for the accelerator: compute-bound, hours unchanged by the input rate.
   fast = imagenet_cost.estimate(4e9, peak_tflops=800, mfu=0.5, images_per_s=1e9)
   assert fast["bound"] == "compute"
@@ -72,6 +76,16 @@ def test_hours_are_the_max_of_compute_and_input_bound_with_the_bound_named(tmp_p
                                          (["--input_benchmark=X", "--host_cores=8", "--images_per_s=5"], "--images_per_s"),
                                          (["--input_benchmark=/nonexistent.json", "--host_cores=8"], "--input_benchmark")])
 def test_bad_input_rate_arguments_are_one_line_errors(flags, field, tmp_path, capsys):
+  _check_one_line_error(flags, field, tmp_path, capsys)
+
+
+def test_a_variant_missing_from_the_benchmark_is_a_one_line_error(tmp_path, capsys):
+  bench = _input_report(tmp_path / "input.json", per_core_1=150.0, rate_4=520.0)
+  _check_one_line_error([f"--input_benchmark={bench}", "--host_cores=8", "--input_variant=grain"],
+                        "--input_variant", tmp_path, capsys)
+
+
+def _check_one_line_error(flags, field, tmp_path, capsys):
   with pytest.raises(SystemExit) as exc:
     imagenet_cost.main(["--flops_per_image=4e9", *flags, f"--out={tmp_path / 'x'}"])
   assert exc.value.code == 2

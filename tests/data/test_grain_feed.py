@@ -142,3 +142,15 @@ def test_eval_batches_cover_the_split_once_over_processes(data_dir):
                                                                        process_count=2) == 3
   labels = [int(l) for part in parts for b in part for l, m in zip(b["label"], b["mask"]) if m]
   assert sorted(labels) == sorted(i % 10 for i in range(16))
+
+
+def test_grain_worker_processes_yield_the_same_batches(data_dir):
+  base = dict(name="imagenet_like/tiny", data_dir=data_dir, image_size=16, reader="grain")
+  threads = grain_feed.train_batches(base, global_batch_size=8, seed=2, process_index=0, process_count=1)
+  workers = grain_feed.train_batches(dict(base, grain_workers=2), global_batch_size=8, seed=2,
+                                     process_index=0, process_count=1)
+  for _ in range(7):  # past the end of the first epoch
+    a, b = next(threads), next(workers)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  del workers

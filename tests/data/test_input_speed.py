@@ -39,7 +39,7 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
   out = tmp_path / "input.json"
   cmd = [sys.executable, "-m", "vitnorm.benchmark", "--mode=input", "--input_dataset=tiny",
          f"--input_data_dir={tmp_path / 'data'}", "--image_size=32", "--batch_sizes=4",
-         "--input_threads=1,2", "--models=deit,deit_aa,no_mix", "--iterations=2", "--repeats=1",
+         "--input_threads=1,2", "--models=deit,deit_aa,no_mix,grain", "--iterations=2", "--repeats=1",
          "--warmup=1", f"--output={out}"]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -48,14 +48,15 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
   assert [g["threads"] for g in report["groups"]] == [1, 2]
   for group in report["groups"]:
     results = {r["variant"]: r for r in group["results"]}
-    assert list(results) == ["deit", "deit_aa", "no_mix"]
+    assert list(results) == ["deit", "deit_aa", "no_mix", "grain"]
     for r in results.values():
       assert r["images_per_s"] > 0
       assert r["images_per_s_per_core"] == pytest.approx(r["images_per_s"] / group["threads"])
       assert r["core_ms_per_image"] == pytest.approx(1000 * group["threads"] / r["images_per_s"])
   assert input_speed.per_core_rate(report) == report["groups"][0]["results"][0]["images_per_s"]
   assert "A/A (threads 1): deit_aa and deit are the same pipeline" in done.stdout
-  assert "| no_mix |" in done.stdout
+  assert "| no_mix |" in done.stdout and "Grain feed (threads 2): " in done.stdout
+  assert (tmp_path / "data" / "array_record" / "imagenet_like" / "tiny").is_dir()
 
 
 @pytest.mark.parametrize("flag,field", [("--input_threads=0", "--input_threads"),

@@ -130,6 +130,9 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2 * local_batch, 64)))
   if cfg.grain_workers:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (the CLIs have parsed them)
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.grain_workers))
   return iter(ds)
 

@@ -13,13 +13,19 @@ is the noise of the measurement), and the recipe with one stage switched off at 
   no_flip, no_randaugment, no_erasing
   no_mix          Mixup, CutMix and label smoothing off (one-hot targets)
   decode_crop     every augmentation off: decode + inception crop + normalize + batch, the floor
+                  of the tf.data feed
+  grain           the Grain feed (data.reader='grain', vitnorm.data.grain_feed) on the same JPEGs
+                  as ArrayRecord: the host's whole share there is decode + inception crop + batch
+                  (uint8); flip, erasing, normalization, Mixup / CutMix and label smoothing run on
+                  the accelerator, RandAugment is not available
 Normalization and batching cannot be switched off (they make the batch); their cost is inside
 decode_crop. Each stage's cost is cost(full) - cost(full without it), in core-milliseconds per image.
 
 Threads: each value of `threads` is one group. tf.data runs the group's pipelines on a private
 thread pool of that many threads (`threading.private_threadpool_size`; 1 = one core) and no op
 uses intra-op parallelism, so threads=1 gives the per-core rate and threads=cpu_count the whole
-host. Per core = images/s / threads.
+host; the Grain feed reads with that many threads (`grain.ReadOptions(num_threads=...)`; PIL
+releases the GIL while decoding and resizing). Per core = images/s / threads.
 
 Rounds: within a group the variants are timed interleaved (A B C ... A B C ...), `repeats` rounds,
 so machine drift hits all alike. Each timing builds a fresh iterator (no variant profits from
@@ -49,7 +55,9 @@ VARIANTS = {
     "no_mix": dict(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0),
     "decode_crop": dict(hflip=False, randaugment_layers=0, random_erasing_prob=0.0, mixup_alpha=0.0,
                         cutmix_alpha=0.0, label_smoothing=0.0),
+    "grain": dict(reader="grain", randaugment_layers=0),
 }
+GRAIN = "grain"
 NUM_CLASSES = 1000  # ImageNet's: the width of the mixed targets
 
 
@@ -100,22 +108,30 @@ def _dataset_dir(data_dir: Optional[str]):
       yield tmp
 
 
-def _time_variant(data_cfg, threads, batch_size, warmup, iterations, seed) -> float:
-  """Seconds for `iterations` batches of a fresh iterator after `warmup` untimed ones."""
+def _iterator(data_cfg, threads, batch_size, seed):
+  if data_cfg.reader == GRAIN:
+    from vitnorm.data import grain_feed  # pylint: disable=import-outside-toplevel
+    return grain_feed.train_batches(data_cfg, global_batch_size=batch_size, seed=seed,
+                                    process_index=0, process_count=1, read_threads=threads)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from vitnorm.data import pipeline  # pylint: disable=import-outside-toplevel
   ds = pipeline.train_dataset(data_cfg, global_batch_size=batch_size, seed=seed,
                               num_classes=NUM_CLASSES, process_index=0, process_count=1)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
-  iterator = ds.with_options(options).as_numpy_iterator()
+  return ds.with_options(options).as_numpy_iterator()
+
+
+def _time_variant(data_cfg, threads, batch_size, warmup, iterations, seed) -> float:
+  """Seconds for `iterations` batches of a fresh iterator after `warmup` untimed ones."""
+  iterator = _iterator(data_cfg, threads, batch_size, seed)
   for _ in range(warmup):
     next(iterator)
   start = time.perf_counter()
   for _ in range(iterations):
     next(iterator)
   seconds = time.perf_counter() - start
-  del iterator, ds
+  del iterator
   gc.collect()  # the iterator's threads stop before the next variant starts
   return seconds
 
@@ -140,7 +156,12 @@ def run_input_benchmark(*, image_size: int = 224, batch_size: int = 64, threads:
     log(f"input: writing/reading imagenet_like/{dataset} in {root}")
     builder = imagenet_like.prepare(dataset, root)
     name = f"imagenet_like/{dataset}"
-    configs = {v: deit_data_config(name, root, image_size, **VARIANTS[v]) for v in names}
+    # The Grain feed reads the same JPEGs written as ArrayRecord, in a data_dir of its own.
+    grain_root = os.path.join(root, "array_record")
+    if GRAIN in names:
+      imagenet_like.prepare(dataset, grain_root, file_format="array_record")
+    configs = {v: deit_data_config(name, grain_root if v == GRAIN else root, image_size, **VARIANTS[v])
+               for v in names}
     recipe = deit_data_config(name, root, image_size).to_dict()
     for count in threads:
       seconds = {v: [] for v in names}
@@ -203,11 +224,16 @@ def format_input_report(report: dict) -> str:
       lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
                    f"{r['images_per_s_max']:.1f}) | {r['images_per_s_per_core']:.1f} | "
                    f"{r['core_ms_per_image']:.2f} | {cost} |")
+    if full and GRAIN in results:
+      lines.append(f"\nGrain feed (threads {group['threads']}): "
+                   f"{results[GRAIN]['images_per_s'] / full['images_per_s']:.2f}x the images/s of the "
+                   f"tf.data DeiT recipe (host work: decode + crop; the rest on the accelerator).")
     if full and AA_COPY in results:
       ratio = results[AA_COPY]["images_per_s"] / full["images_per_s"]
       lines.append(f"\nA/A (threads {group['threads']}): {AA_COPY} and {FULL} are the same pipeline; "
                    f"their ratio {ratio:.3f} is the noise of this measurement.")
   lines.append("\nStage cost = core-ms per image of the full recipe minus that of the recipe "
                "without the stage (no_mix: Mixup, CutMix and label smoothing; decode_crop: all "
-               "augmentations).")
+               "augmentations; grain: what the Grain feed saves the host, whose whole share there is "
+               "decode + crop, without RandAugment).")
   return "\n".join(lines)
