@@ -39,7 +39,8 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
   out = tmp_path / "input.json"
   cmd = [sys.executable, "-m", "vitnorm.benchmark", "--mode=input", "--input_dataset=tiny",
          f"--input_data_dir={tmp_path / 'data'}", "--image_size=32", "--batch_sizes=4",
-         "--input_threads=1,2", "--models=deit,deit_aa,no_mix,grain", "--iterations=2", "--repeats=1",
+         "--input_threads=1,2", "--models=deit,deit_aa,no_mix,grain,grain_no_randaugment",
+         "--iterations=2", "--repeats=1",
          "--warmup=1", f"--output={out}"]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -48,7 +49,7 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
   assert [g["threads"] for g in report["groups"]] == [1, 2]
   for group in report["groups"]:
     results = {r["variant"]: r for r in group["results"]}
-    assert list(results) == ["deit", "deit_aa", "no_mix", "grain"]
+    assert list(results) == ["deit", "deit_aa", "no_mix", "grain", "grain_no_randaugment"]
     for r in results.values():
       assert r["images_per_s"] > 0
       assert r["images_per_s_per_core"] == pytest.approx(r["images_per_s"] / group["threads"])

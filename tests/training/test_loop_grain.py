@@ -23,7 +23,8 @@ def grain_config(data_dir, **overrides):
   c.model.update(dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=8))
   c.data = common.data_config(name="imagenet_like/tiny", image_size=16)
   c.data.update(dict(data_dir=data_dir, reader="grain", eval_split="validation", hflip=True,
-                     random_erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1))
+                     random_erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                     randaugment_layers=2))
   c.batch_size = 16
   c.num_steps = 10
   c.optim.update(dict(base_lr=3e-3, lr_scaling_batch=None, warmup_steps=2))

@@ -5,6 +5,7 @@
   grain_feed  data.reader='grain': tfds ArrayRecord sources + Grain, one global order, no TensorFlow
   global_order  the global permutation per epoch and each process's rows of global batch k
   pil_preprocess  the Grain feed's host work: decode + crop (PIL)
+  pil_randaugment timm's RandAugment on PIL images, for the Grain feed's host work
   device_augment  the Grain feed's per-batch work on the accelerator: flip, erasing, mix, normalize
   imagenet_like   a tfds dataset of JPEGs at ImageNet sizes (scikit-learn's photos), offline
   input_speed     python -m vitnorm.benchmark --mode input: host images/s of the train pipeline

@@ -50,7 +50,7 @@ DATA_CONFIG_FIELDS = """Fields of `config.data` (default in brackets):
                        O(1) resume; for datasets that fit in RAM (mnist5k, digits, cifar). [False]
   reader               'tf_data': tfds + tf.data, augmentations on the host; 'grain': tfds ArrayRecord
                        data source + Grain, one global order for every process count, the host
-                       decodes and crops, the accelerator does the rest (no RandAugment). ['tf_data']
+                       decodes, crops (and RandAugments), the accelerator does the rest. ['tf_data']
   grain_workers        reader='grain': Grain worker processes per host (0 = threads in the trainer's
                        process only). [0]
 """

@@ -15,8 +15,8 @@ slice of one global batch) and runs through Grain's threaded prefetch (and worke
 `data.grain_workers`). Since every element is a pure function of its index, threads and workers
 cannot change the result.
 
-Train batches: {'image': uint8 [b, S, S, C], 'label': int32 [b]}: decode + crop only
-(vitnorm.data.pil_preprocess); flip, random erasing, normalization, Mixup / CutMix and label
+Train batches: {'image': uint8 [b, S, S, C], 'label': int32 [b]}: decode + crop (+ RandAugment)
+on the host (vitnorm.data.pil_preprocess); flip, random erasing, normalization, Mixup / CutMix and label
 smoothing run on the accelerator (vitnorm.data.device_augment). Eval batches are what every feed's
 eval batches are (normalized float32 images, int labels, mask): evaluation is rare, so the host
 normalizes them.
@@ -60,9 +60,6 @@ def _builder(cfg):
 
 def _resolve(data_cfg):
   cfg = config_lib.resolve_data_config(data_cfg)
-  if cfg.randaugment_layers:
-    raise ConfigError("data.randaugment_layers", "RandAugment runs only in the tf.data feed; with "
-                      "data.reader='grain' set it to 0 (or use data.reader='tf_data')")
   builder = _builder(cfg)
   keys = builder.info.supervised_keys
   image_key, label_key = keys if isinstance(keys, tuple) and len(keys) == 2 else ("image", "label")
@@ -99,12 +96,14 @@ class _TrainExample:
     self.image_key, self.label_key = image_key, label_key
     self.p_index, self.p_count, self.local_batch = p_index, p_count, local_batch
     self.n = len(source)
+    mean, _ = config_lib.check_normalization(cfg, channels)
+    self.fill = tuple(min(max(round(255.0 * m), 0), 255) for m in mean)  # RandAugment's, as timm
 
   def __call__(self, local_position):
     position = global_order.global_position(local_position, self.p_index, self.p_count, self.local_batch)
     record = self.source[global_order.record_index(self.seed, position, self.n)]
     rng = global_order.example_rng(self.seed, position)
-    image = pil_preprocess.train_crop(record[self.image_key], rng, self.cfg, self.channels)
+    image = pil_preprocess.train_crop(record[self.image_key], rng, self.cfg, self.channels, self.fill)
     return {"image": image, "label": np.int32(record[self.label_key])}
 
 

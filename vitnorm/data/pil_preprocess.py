@@ -4,7 +4,8 @@ Train: decode -> channels -> random resized crop (timm / torchvision `RandomResi
 area fraction uniform in [crop_scale_min, 1], log aspect ratio uniform in [log 3/4, log 4/3],
 10 tries, else a centre crop of the whole image with its aspect ratio clamped to [3/4, 4/3]),
 resized bicubic (PIL's, antialiased) to image_size; or, with inception_crop off, shorter-side
-resize + centre crop; then the optional random shift (zero pad + random crop). Out: uint8.
+resize + centre crop; then the optional random shift (zero pad + random crop) and RandAugment
+(vitnorm.data.pil_randaugment, fill = the normalization mean in 0..255, as timm). Out: uint8.
 Eval: decode -> shorter side to round(image_size / eval_crop_fraction) -> centre crop. Out: uint8.
 
 Flip, random erasing, normalization and Mixup / CutMix are per-batch work on the accelerator
@@ -17,6 +18,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+from vitnorm.data import pil_randaugment
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ATTEMPTS = 10
@@ -83,8 +86,9 @@ def random_shift(image: np.ndarray, rng: np.random.Generator, pad: int) -> np.nd
   return padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
 
 
-def train_crop(data, rng: np.random.Generator, cfg, channels: int) -> np.ndarray:
-  """uint8 [image_size, image_size, channels]: decode, crop, resize (and shift) one train image."""
+def train_crop(data, rng: np.random.Generator, cfg, channels: int, fill=(0, 0, 0)) -> np.ndarray:
+  """uint8 [image_size, image_size, channels]: decode, crop, resize (shift, RandAugment) one train
+  image; `fill` is RandAugment's fill colour (0..255 per channel)."""
   image = decode(data, channels)
   if cfg.inception_crop:
     box = random_resized_crop_box(rng, image.size[0], image.size[1], cfg.crop_scale_min)
@@ -93,6 +97,12 @@ def train_crop(data, rng: np.random.Generator, cfg, channels: int) -> np.ndarray
     out = center_crop(image, cfg.image_size)
   if cfg.random_shift_pad:
     out = random_shift(out, rng, cfg.random_shift_pad)
+  if cfg.randaugment_layers:
+    pil = Image.fromarray(out[..., 0] if channels == 1 else out)
+    pil = pil_randaugment.randaugment(pil, rng, num_layers=cfg.randaugment_layers,
+                                      magnitude=cfg.randaugment_magnitude,
+                                      magnitude_std=cfg.randaugment_magnitude_std, fill=fill)
+    out = np.asarray(pil, np.uint8).reshape(out.shape)
   return out
 
 
