@@ -76,7 +76,7 @@ def define_flags():
                     f"from: {', '.join(MODELS)}. Train (default: all whose norm exists): "
                     "ln, bn, bn_ghost, bn_ffnbn, rms, none, dyt, prepbn. Input: pipeline variants "
                     "(default all): deit, deit_aa, no_crop, no_flip, no_randaugment, no_erasing, "
-                    "no_mix, decode_crop, grain, grain_no_randaugment.")
+                    "no_mix, decode_crop, deit_device, grain, grain_no_randaugment.")
   flags.DEFINE_list("batch_sizes", None, "Global batch sizes (each a multiple of the device count); "
                     "default 8 (inference), 64 (train).")
   flags.DEFINE_enum("dtype", "float32", list(vit.DTYPES), "Inference: compute dtype of the models and "

@@ -101,3 +101,30 @@ def test_draws_are_a_function_of_seed_and_step_only():
 
 def test_the_tf_data_feed_gets_no_device_hook():
   assert device_augment.make_augment(_cfg(reader="tf_data"), num_classes=5, seed=0) is None
+
+
+def test_tf_data_feed_with_augment_on_device_ships_the_uint8_crops_of_the_host_path(tmp_path):
+  """Same crops and RandAugment; the host path normalizes them, the device path ships them."""
+  from vitnorm.data import imagenet_like, pipeline  # pylint: disable=import-outside-toplevel
+  imagenet_like.prepare("tiny", str(tmp_path))
+  base = dict(name="imagenet_like/tiny", data_dir=str(tmp_path), image_size=16, hflip=False,
+              randaugment_layers=2, label_smoothing=0.0)
+  host = next(pipeline.train_batches(base, global_batch_size=8, seed=1, process_index=0, process_count=1))
+  device = next(pipeline.train_batches(dict(base, augment_on_device=True), global_batch_size=8, seed=1,
+                                       process_index=0, process_count=1))
+  assert device["image"].dtype == np.uint8 and device["label"].dtype == np.int32
+  np.testing.assert_array_equal(device["label"], host["label"].argmax(-1))
+  normalized = (device["image"].astype(np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+  np.testing.assert_allclose(normalized, host["image"], rtol=0, atol=1e-5)
+  # ... and the step's hook turns them into the trained batch (flip off, nothing random left).
+  cfg = config_lib.resolve_data_config(dict(base, augment_on_device=True))
+  out = jax.jit(device_augment.make_augment(cfg, num_classes=10, seed=1))(device, 0)
+  np.testing.assert_allclose(np.asarray(out["image"]), host["image"], rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out["label"]), host["label"])
+
+
+def test_augment_on_device_defaults_and_refusals():
+  assert config_lib.resolve_data_config(dict(name="x", reader="grain")).augment_on_device
+  assert not config_lib.resolve_data_config(dict(name="x")).augment_on_device
+  with pytest.raises(config_lib.ConfigError, match=r"data\.augment_on_device"):
+    config_lib.resolve_data_config(dict(name="x", reader="grain", augment_on_device=False))

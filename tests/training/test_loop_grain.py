@@ -65,5 +65,15 @@ def test_grain_run_trains_evaluates_and_resumes_bit_identical(data_dir, tmp_path
 
 
 def test_grain_with_pmap_is_refused(data_dir, tmp_path):
-  with pytest.raises(ConfigError, match=r"data\.reader.*parallelism='jit'"):
+  with pytest.raises(ConfigError, match=r"parallelism: 'pmap' cannot .* set parallelism='jit'"):
     loop.train_and_evaluate(grain_config(data_dir, parallelism="pmap"), str(tmp_path / "pmap"))
+
+
+def test_tf_data_feed_with_augment_on_device_trains(tmp_path):
+  tfrecord_dir = str(tmp_path / "tfds")
+  imagenet_like.prepare("tiny", tfrecord_dir)
+  cfg = grain_config(tfrecord_dir, num_steps=4, eval_every=4, checkpoint_every=4,
+                     **{"data.reader": "tf_data", "data.augment_on_device": True})
+  summary = loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert summary["status"] == "completed" and summary["step"] == 4
+  assert np.isfinite(summary["metrics"]["train/loss"]) and np.isfinite(summary["metrics"]["eval/loss"])

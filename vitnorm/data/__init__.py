@@ -43,6 +43,9 @@ def _source(data_cfg):
     if cfg.reader != "tf_data":
       raise ConfigError("data.reader", f"{cfg.reader!r} reads tfds ArrayRecord datasets; NumPy "
                         f"dataset {cfg.name!r} needs data.reader='tf_data' (the default)")
+    if cfg.augment_on_device:
+      raise ConfigError("data.augment_on_device", f"the NumPy feed ({cfg.name!r}) augments on the "
+                        "host; leave it unset or False")
     return arrays
   if cfg.reader == "grain":  # TensorFlow-free: tfds ArrayRecord data sources + Grain
     return importlib.import_module("vitnorm.data.grain_feed")

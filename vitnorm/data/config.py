@@ -53,6 +53,10 @@ DATA_CONFIG_FIELDS = """Fields of `config.data` (default in brackets):
                        decodes, crops (and RandAugments), the accelerator does the rest. ['tf_data']
   grain_workers        reader='grain': Grain worker processes per host (0 = threads in the trainer's
                        process only). [0]
+  augment_on_device    flip, normalization, random erasing, Mixup / CutMix and label smoothing run
+                       on the accelerator inside the train step (vitnorm.data.device_augment) and
+                       the host ships uint8 crops; None: True for reader='grain' (which requires
+                       it), False for 'tf_data'. [None]
 """
 
 DEFAULTS = dict(
@@ -82,6 +86,7 @@ DEFAULTS = dict(
     cache=False,
     reader="tf_data",
     grain_workers=0,
+    augment_on_device=None,
 )
 READERS = ("tf_data", "grain")
 
@@ -115,6 +120,7 @@ class DataConfig:
   cache: bool
   reader: str
   grain_workers: int
+  augment_on_device: bool
 
   @property
   def mixing(self) -> bool:
@@ -197,7 +203,8 @@ def resolve_data_config(cfg) -> DataConfig:
   unknown = sorted(set(given) - set(DEFAULTS))
   if unknown:
     raise ConfigError(f"data.{unknown[0]}", f"unknown field; known fields: {', '.join(DEFAULTS)}")
-  raw = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None or k in ("data_dir", "channels")}}
+  raw = {**DEFAULTS, **{k: v for k, v in given.items()
+                        if v is not None or k in ("data_dir", "channels", "augment_on_device")}}
   if raw["name"] is None:
     raise ConfigError("data.name", "is not set; give a tfds dataset name such as 'mnist5k', 'digits', "
                       "'cifar10' or 'imagenet2012'")
@@ -236,9 +243,14 @@ def resolve_data_config(cfg) -> DataConfig:
       cache=_bool(raw, "cache"),
       reader=_str(raw, "reader"),
       grain_workers=_int(raw, "grain_workers", minimum=0),
+      augment_on_device=(raw["reader"] == "grain" if raw["augment_on_device"] is None
+                         else _bool(raw, "augment_on_device")),
   )
   if out.reader not in READERS:
     raise ConfigError("data.reader", f"must be one of {', '.join(READERS)}, got {out.reader!r}")
+  if out.reader == "grain" and not out.augment_on_device:
+    raise ConfigError("data.augment_on_device", "reader='grain' always augments on the device; "
+                      "leave it unset (None) or True")
   return out
 
 

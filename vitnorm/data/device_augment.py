@@ -1,6 +1,7 @@
-"""Per-batch augmentation on the accelerator, inside the compiled train step (the Grain feed).
+"""Per-batch augmentation on the accelerator, inside the compiled train step.
 
-The host ships uint8 crops and int labels (vitnorm.data.grain_feed); the step turns the global
+With data.augment_on_device (always for the Grain feed, opt-in for the tf.data feed) the host
+ships uint8 crops and int labels (vitnorm.data.grain_feed, vitnorm.data.pipeline); the step turns the global
 batch into what the model trains on, in DeiT / timm order:
   horizontal flip (per example, p = 0.5, if data.hflip) -> /255, normalize (per channel) ->
   random erasing (per example: timm RandomErasing mode 'pixel', one box, prob
@@ -12,8 +13,8 @@ Randomness is keyed by (run seed, optimizer step) and each example's global row,
 Two halves, so that a NumPy reference can check the arithmetic from the same draws:
   draw(key, shape, cfg)                  every random number of one batch (a dict of arrays)
   apply(images, labels, draws, ...)      deterministic: flip, normalize, erase, mix, targets
-`make_augment(cfg, num_classes, seed)` is the step's hook: (batch, step) -> batch, or None for the
-tf.data feed (which augments on the host).
+`make_augment(cfg, num_classes, seed)` is the step's hook: (batch, step) -> batch, or None when the
+host augments (the tf.data feed unless data.augment_on_device=True).
 """
 import math
 from typing import Callable, Optional, Sequence
@@ -131,10 +132,11 @@ def apply(images, labels, draws: dict, cfg, *, num_classes: int, mean, std):
 
 def make_augment(data_cfg, *, num_classes: int, seed: int) -> Optional[Callable]:
   """The train step's batch hook for `data_cfg`: (batch of uint8 images and int labels, step) ->
-  batch of normalized images and soft targets; None when the host already augmented (tf.data)."""
+  batch of normalized images and soft targets; None when the host augments (data.augment_on_device
+  False, the tf.data feed's default)."""
   from vitnorm.data import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.resolve_data_config(data_cfg)
-  if cfg.reader != "grain":
+  if not cfg.augment_on_device:
     return None
 
   def augment(batch, step):
@@ -151,4 +153,4 @@ def cache_key(data_cfg, num_classes: int, seed: int):
   """What the compiled step's augmentation depends on (None for the tf.data feed)."""
   from vitnorm.data import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.resolve_data_config(data_cfg)
-  return None if cfg.reader != "grain" else (repr(cfg), int(num_classes), int(seed))
+  return (repr(cfg), int(num_classes), int(seed)) if cfg.augment_on_device else None

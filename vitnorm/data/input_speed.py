@@ -14,6 +14,9 @@ is the noise of the measurement), and the recipe with one stage switched off at 
   no_mix          Mixup, CutMix and label smoothing off (one-hot targets)
   decode_crop     every augmentation off: decode + inception crop + normalize + batch, the floor
                   of the tf.data feed
+  deit_device     the tf.data feed with data.augment_on_device: the host stops after decode + crop +
+                  RandAugment and ships uint8; flip, normalization, erasing and mixing run on the
+                  accelerator
   grain           the Grain feed (data.reader='grain', vitnorm.data.grain_feed) on the same JPEGs
                   as ArrayRecord, same recipe: the host's whole share there is decode + inception
                   crop + RandAugment (PIL) + batch (uint8); flip, erasing, normalization, Mixup /
@@ -56,6 +59,7 @@ VARIANTS = {
     "no_mix": dict(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0),
     "decode_crop": dict(hflip=False, randaugment_layers=0, random_erasing_prob=0.0, mixup_alpha=0.0,
                         cutmix_alpha=0.0, label_smoothing=0.0),
+    "deit_device": dict(augment_on_device=True),
     "grain": dict(reader="grain"),
     "grain_no_randaugment": dict(reader="grain", randaugment_layers=0),
 }

@@ -85,8 +85,9 @@ class PmapPlacement:
     self.mesh = mesh
     self._rep = parallel.replicated_sharding(mesh)
     if device_augment.make_augment(cfg.data, num_classes=plan.num_classes, seed=cfg.seed):
-      raise ConfigError("data.reader", "'grain' augments the global batch inside the jit step; "
-                        "set parallelism='jit' (or data.reader='tf_data' for pmap)")
+      raise ConfigError("parallelism", "'pmap' cannot run the per-batch augmentation on the device "
+                        "(data.reader='grain' or data.augment_on_device=True), which works on the "
+                        "global batch inside the jit step; set parallelism='jit'")
     step = functools.partial(
         train_step, model=vit.build_model(cfg.model, bn_axis_name=parallel.PMAP_AXIS),
         schedule=make_schedule(plan), accum_steps=cfg.accum_steps,
