@@ -137,6 +137,8 @@ def _time_variant(data_cfg, threads, batch_size, warmup, iterations, seed) -> fl
   for _ in range(iterations):
     next(iterator)
   seconds = time.perf_counter() - start
+  if hasattr(iterator, "close"):  # Grain's iterators stop their reader threads (and workers)
+    iterator.close()
   del iterator
   gc.collect()  # the iterator's threads stop before the next variant starts
   return seconds
