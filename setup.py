@@ -24,6 +24,9 @@ setuptools.setup(
         "tensorflow-cpu>=2.18,<2.22",
         "tensorflow-datasets>=4.9.8,<4.10",
         "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
+        # data.reader='grain': random access to tfds ArrayRecord datasets, one global order.
+        "grain>=0.2.10,<0.3",
+        "array-record>=0.7",  # tfds.data_source reads ArrayRecord files with it
         "clu>=0.0.12,<0.1",
         "tensorboard>=2.18",  # clu's metric writers need it and clu does not pull it in
         "tqdm>=4.66",

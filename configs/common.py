@@ -175,6 +175,10 @@ def data_config(*, name: str = "imagenet2012", image_size: int = 224) -> ml_coll
   d.shuffle_buffer = 50_000  # Shuffle buffer (examples) for datasets streamed from disk.
   d.cache = False  # Keep the decoded split in memory (small datasets).
   d.random_shift_pad = 0  # Pad by this many pixels and crop back at random (small images); 0 = off.
+  d.reader = "tf_data"  # 'tf_data' or 'grain' (ArrayRecord, one global order, augmentation on device).
+  d.grain_workers = 0  # reader='grain': Grain worker processes per host; 0 = threads only.
+  # Flip, normalize, erasing, mixup/CutMix, smoothing on the accelerator; None: only with 'grain'.
+  d.augment_on_device = placeholder(bool)
   return d
 
 

@@ -8,9 +8,15 @@ FLOPs of one training image from XLA's cost analysis of the compiled train step 
 backward and AdamW: `python -m vitnorm.benchmark --mode train`, run here on the CPU; the FLOPs do
 not depend on the device), and turns the total into accelerator-hours at an assumed sustained
 rate: `--peak_tflops` (default: the bf16 matmul peak measured on one H200, ../shared/FACTS.md)
-times `--mfu`, the fraction of that peak a training run sustains (an assumption), or at
-`--images_per_s` when the input pipeline is slower (ViT-Ti is small: it is often input-bound).
-Evaluation passes are not counted (a validation pass is 50,000 forward passes per evaluation).
+times `--mfu`, the fraction of that peak a training run sustains (an assumption).
+
+A run is as fast as the slower of its accelerator and its host's input pipeline, so each sweep's
+hours are max(compute-bound hours, input-bound hours). The input rate per accelerator is
+`--host_cores` (host CPU cores feeding one accelerator) times the per-core images/s of the DeiT
+recipe read from `--input_benchmark FILE`, the JSON of
+`python -m vitnorm.benchmark --mode input --output FILE` (its threads=1 group), or given directly as
+`--images_per_s`. The table says which bound applies. Without either, the hours are compute-bound,
+a lower bound. Evaluation passes are not counted (a validation pass is 50,000 forward passes).
 
 Writes <out>.md (the table and commands) and <out>.json; prints the markdown.
 """
@@ -63,29 +69,74 @@ def command_of(name: str, seeds) -> str:
           + " --set data.data_dir=gs://BUCKET/tensorflow_datasets")
 
 
+def input_rate(benchmark_json: str, host_cores: float, variant: str = "deit") -> dict:
+  """Input images/s per accelerator: host_cores x the per-core rate of `variant` (deit: the tf.data
+  feed with the DeiT recipe; grain: the Grain feed) in the input benchmark's JSON."""
+  from vitnorm.data import input_speed  # pylint: disable=import-outside-toplevel
+  try:
+    with open(benchmark_json, encoding="utf-8") as f:
+      report = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--input_benchmark: cannot read {benchmark_json}: {e}") from None
+  if report.get("mode") != "input":
+    raise UserError(f"--input_benchmark: {benchmark_json} is not the JSON of "
+                    "`python -m vitnorm.benchmark --mode input --output FILE`")
+  try:
+    per_core = input_speed.per_core_rate(report, variant)
+  except (KeyError, ValueError) as e:
+    raise UserError(f"--input_variant: {benchmark_json}: {e}; run the benchmark with the "
+                    f"{variant!r} variant") from None
+  return dict(per_core_images_per_s=per_core, host_cores=host_cores, variant=variant,
+              images_per_s=per_core * host_cores, source=benchmark_json,
+              image_size=report.get("image_size"), cpu_count=report.get("cpu_count"))
+
+
 def estimate(flops_per_image: float, *, peak_tflops: float, mfu: float,
-             images_per_s: Optional[float] = None) -> dict:
-  """Accelerator-hours per sweep at the compute-bound rate, or at `images_per_s` if slower."""
+             images_per_s: Optional[float] = None, input_source: Optional[dict] = None) -> dict:
+  """Accelerator-hours per sweep: max(compute-bound, input-bound at `images_per_s`)."""
   rate = peak_tflops * 1e12 * mfu
   compute_images_per_s = rate / flops_per_image
   speed = min(compute_images_per_s, images_per_s or float("inf"))
+  bound = "input" if images_per_s and images_per_s < compute_images_per_s else "compute"
   rows = []
   for name, seeds in STUDY:
     sweep = sweeps_lib.with_seeds(sweeps_lib.get_sweep(name), seeds)
     steps = steps_of(sweep)
     images = len(sweep.runs) * steps * sweeps_lib.IMAGENET_BATCH
-    hours = images / speed / 3600
+    compute_hours = images / compute_images_per_s / 3600
+    input_hours = images / images_per_s / 3600 if images_per_s else None
     rows.append(dict(sweep=name, runs=len(sweep.runs), seeds=list(sweep.seeds), steps_per_run=steps,
                      epochs_per_run=steps * sweeps_lib.IMAGENET_BATCH / sweeps_lib.IMAGENET_TRAIN_IMAGES,
-                     train_images=images, accelerator_hours=hours, command=command_of(name, seeds)))
+                     train_images=images, compute_bound_hours=compute_hours,
+                     input_bound_hours=input_hours, bound=bound,
+                     accelerator_hours=max(compute_hours, input_hours or 0.0),
+                     command=command_of(name, seeds)))
   return dict(model="DeiT-Ti/16 @ 224 px", flops_per_train_image=flops_per_image,
               peak_tflops=peak_tflops, mfu=mfu, sustained_tflops=rate / 1e12,
               compute_bound_images_per_s=compute_images_per_s, input_images_per_s=images_per_s,
-              images_per_s=speed,
+              input_source=input_source, images_per_s=speed, bound=bound,
               batch=sweeps_lib.IMAGENET_BATCH, sweeps=rows,
               total_accelerator_hours=sum(r["accelerator_hours"] for r in rows),
               inference_command=("python -m experiments.run_sweep --sweep inference_speed_imagenet "
                                  "--root gs://BUCKET/vitnorm_study"))
+
+
+def _input_sentence(doc: dict) -> str:
+  if not doc.get("input_images_per_s"):
+    return ("The hours are compute-bound, a lower bound: a host that decodes and augments fewer "
+            "images/s than that makes the run input-bound (measure the host with `python -m "
+            "vitnorm.benchmark --mode input --output FILE` and pass `--input_benchmark FILE "
+            "--host_cores N`). ")
+  source = doc.get("input_source")
+  feed = ("the tf.data feed, DeiT recipe" if source and source["variant"] == "deit" else
+          f"input variant {source['variant']}" if source else "")
+  where = (f"{source['host_cores']:g} host cores x {source['per_core_images_per_s']:,.1f} images/s per "
+           f"core ({feed} at {source['image_size']} px, one thread, measured by the input "
+           f"benchmark in {source['source']})" if source else "given")
+  which = ("input-bound: the host, not the accelerator, sets the hours" if doc["bound"] == "input"
+           else "compute-bound: the host keeps up")
+  return (f"Input pipeline: {doc['input_images_per_s']:,.0f} images/s per accelerator ({where}), so "
+          f"every sweep is {which}; hours = max(compute-bound, input-bound). ")
 
 
 def markdown(doc: dict) -> str:
@@ -93,18 +144,16 @@ def markdown(doc: dict) -> str:
            "(forward + backward + AdamW, XLA cost analysis of the compiled step). Assumed sustained "
            f"rate: {doc['peak_tflops']:g} TFLOP/s peak x {doc['mfu']:g} = {doc['sustained_tflops']:.0f} "
            f"TFLOP/s per accelerator, {doc['compute_bound_images_per_s']:,.0f} training images/s. "
-           + (f"Input pipeline: {doc['input_images_per_s']:,.0f} images/s per accelerator (given), so "
-              f"the hours are at {doc['images_per_s']:,.0f} images/s. " if doc.get("input_images_per_s") else
-              "The hours are compute-bound, a lower bound: a host that decodes and augments fewer "
-              "images/s than that makes the run input-bound (measure it with `python -m "
-              "vitnorm.benchmark --mode loop` and pass `--images_per_s`). ")
-           + "Evaluation passes are not counted.", "",
-           "| sweep | runs | seeds | epochs per run | training images | accelerator-hours |",
-           "|---|---|---|---|---|---|"]
+           + _input_sentence(doc) + "Evaluation passes are not counted.", "",
+           "| sweep | runs | seeds | epochs per run | training images | compute-bound hours | "
+           "input-bound hours | bound | accelerator-hours |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in doc["sweeps"]:
+    input_hours = "-" if r["input_bound_hours"] is None else f"{r['input_bound_hours']:,.0f}"
     lines.append(f"| {r['sweep']} | {r['runs']} | {','.join(map(str, r['seeds'])) or '-'} | "
-                 f"{r['epochs_per_run']:.0f} | {r['train_images']:.3g} | {r['accelerator_hours']:,.0f} |")
-  lines.append(f"| **total** | {sum(r['runs'] for r in doc['sweeps'])} | | | | "
+                 f"{r['epochs_per_run']:.0f} | {r['train_images']:.3g} | {r['compute_bound_hours']:,.0f} | "
+                 f"{input_hours} | {r['bound']} | {r['accelerator_hours']:,.0f} |")
+  lines.append(f"| **total** | {sum(r['runs'] for r in doc['sweeps'])} | | | | | | | "
                f"**{doc['total_accelerator_hours']:,.0f}** |")
   lines += ["", "Commands (each resumes where it stopped; `--dry_run` prints every training command):",
             "", "```bash"] + [r["command"] for r in doc["sweeps"]] + [doc["inference_command"], "```"]
@@ -122,7 +171,16 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--mfu", type=float, default=0.4,
                       help="fraction of the peak a training run sustains (assumption)")
   parser.add_argument("--images_per_s", type=float, default=None,
-                      help="the input pipeline's training images/s per accelerator, if it is slower")
+                      help="the input pipeline's training images/s per accelerator (instead of "
+                      "--input_benchmark)")
+  parser.add_argument("--input_benchmark", default=None,
+                      help="JSON of `python -m vitnorm.benchmark --mode input`: its per-core rate "
+                      "times --host_cores is the input rate per accelerator")
+  parser.add_argument("--input_variant", default="deit",
+                      help="which feed of the input benchmark to price: deit (tf.data, DeiT recipe) "
+                      "or grain (the Grain feed)")
+  parser.add_argument("--host_cores", type=float, default=None,
+                      help="host CPU cores feeding one accelerator (with --input_benchmark)")
   parser.add_argument("--flops_per_image", type=float, default=None,
                       help="skip the measurement: FLOPs per training image")
   args = parser.parse_args(argv)
@@ -130,10 +188,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise UserError(f"--mfu: {args.mfu} must be in (0, 1]; e.g. 0.4")
   if not args.peak_tflops > 0:
     raise UserError(f"--peak_tflops: {args.peak_tflops} must be positive")
-  flops = args.flops_per_image or train_flops_per_image()
   if args.images_per_s is not None and not args.images_per_s > 0:
     raise UserError(f"--images_per_s: {args.images_per_s} must be positive")
-  doc = estimate(flops, peak_tflops=args.peak_tflops, mfu=args.mfu, images_per_s=args.images_per_s)
+  if args.input_benchmark and args.images_per_s is not None:
+    raise UserError("--images_per_s: give either --images_per_s or --input_benchmark, not both")
+  if (args.input_benchmark is None) != (args.host_cores is None):
+    raise UserError("--host_cores: --input_benchmark FILE and --host_cores N go together (the "
+                    "input rate is N x the benchmark's per-core rate)")
+  if args.host_cores is not None and not args.host_cores > 0:
+    raise UserError(f"--host_cores: {args.host_cores} must be positive")
+  source = (input_rate(args.input_benchmark, args.host_cores, args.input_variant)
+            if args.input_benchmark else None)
+  flops = args.flops_per_image or train_flops_per_image()
+  images_per_s = source["images_per_s"] if source else args.images_per_s
+  doc = estimate(flops, peak_tflops=args.peak_tflops, mfu=args.mfu, images_per_s=images_per_s,
+                 input_source=source)
   doc["regenerate"] = "python -m experiments.imagenet_cost" + "".join(
       f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
   text = markdown(doc) + f"\n\nRegenerate: `{doc['regenerate']}`\n"

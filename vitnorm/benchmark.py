@@ -9,6 +9,10 @@
           --iterations=5 --repeats=5 --output=/tmp/train_speed.json
   --mode=loop                 the trainer's img/s against its bare step (vitnorm.training.loop_speed)
       python -m vitnorm.benchmark --mode=loop --config=configs/quickstart.py --loop_steps=600
+  --mode=input                host images/s of the train input pipeline, DeiT recipe, per stage
+                              (vitnorm.data.input_speed)
+      python -m vitnorm.benchmark --mode=input --image_size=224 --batch_sizes=64 \
+          --input_threads=1,all --iterations=5 --repeats=5 --output=/tmp/input_speed.json
 
 The command line only: flags, parsing and the exit code.
 """
@@ -25,7 +29,7 @@ from vitnorm.inference.comparison import (DEFAULT_MODELS, MODELS, format_report,
 from vitnorm.model import vit
 
 FLAGS = flags.FLAGS
-MODES = ("inference", "train", "loop")
+MODES = ("inference", "train", "loop", "input")
 
 HELP = """\
 The paper's inference-speed comparison in one process: LN, BN folded / unfolded, BN + FFN-BN,
@@ -43,12 +47,15 @@ Other modes (--mode):
                 A/A copy of the LN step; --parallelism jit,pmap --dtypes float32,bfloat16
   --mode loop   the trainer's loop against the same compiled step fed one resident batch:
                 --config configs/quickstart.py [--config.FIELD=VALUE] --loop_steps 600
+  --mode input  host images/s of the train input pipeline (DeiT recipe on ImageNet-sized JPEGs),
+                with each stage switched off in turn and an A/A copy: --image_size 224
+                --batch_sizes 64 --input_threads 1,all [--input_dataset bench] [--input_data_dir DIR]
 """
 
 
 def define_flags():
   """Defines the command-line flags (once; only the CLI does, so importing this module is free)."""
-  if "iterations" in FLAGS:
+  if "loop_steps" in FLAGS:  # a flag only this CLI defines (evaluate defines --iterations too)
     return
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum("mode", "inference", MODES, "inference: forward passes; train: the train step "
@@ -67,7 +74,9 @@ def define_flags():
   flags.DEFINE_integer("patch_size", None, "Override the preset's patch size.")
   flags.DEFINE_list("models", None, f"Models to compare. Inference (default {','.join(DEFAULT_MODELS)}) "
                     f"from: {', '.join(MODELS)}. Train (default: all whose norm exists): "
-                    "ln, bn, bn_ghost, bn_ffnbn, rms, none, dyt, prepbn.")
+                    "ln, bn, bn_ghost, bn_ffnbn, rms, none, dyt, prepbn. Input: pipeline variants "
+                    "(default all): deit, deit_aa, no_crop, no_flip, no_randaugment, no_erasing, "
+                    "no_mix, decode_crop, deit_device, grain, grain_no_randaugment.")
   flags.DEFINE_list("batch_sizes", None, "Global batch sizes (each a multiple of the device count); "
                     "default 8 (inference), 64 (train).")
   flags.DEFINE_enum("dtype", "float32", list(vit.DTYPES), "Inference: compute dtype of the models and "
@@ -88,6 +97,12 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Loop: the training config file (with :args), e.g. "
                                   "configs/quickstart.py; override fields with --config.FIELD=VALUE.")
   flags.DEFINE_integer("loop_steps", 600, "Loop: trainer steps (at least two log intervals).")
+  flags.DEFINE_list("input_threads", ["1", "all"], "Input: tf.data thread-pool sizes, each its own "
+                    "group (1 = the per-core rate, all = every CPU).")
+  flags.DEFINE_string("input_dataset", "bench", "Input: imagenet_like config (bench: 1,024 JPEGs at "
+                      "ImageNet sizes; tiny: 48, for tests).")
+  flags.DEFINE_string("input_data_dir", None, "Input: tfds data_dir to write imagenet_like into (once) "
+                      "and read it from; default a temporary directory, removed afterwards.")
 
 
 def _model_cfg():
@@ -109,9 +124,20 @@ def main(argv):
       not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output)))):
     raise ConfigError("--output", f"directory of {FLAGS.output} does not exist; create it first")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-  if FLAGS.mode != "loop":
+  if FLAGS.mode not in ("loop", "input"):
     parallel.use_all_cpu_cores()
-  if FLAGS.mode == "inference":
+  if FLAGS.mode == "input":
+    from vitnorm.data import input_speed  # pylint: disable=g-import-not-at-top
+    batch_sizes = parse_int_list(FLAGS.batch_sizes or ["64"], "--batch_sizes")
+    if len(batch_sizes) != 1:
+      raise ConfigError("--batch_sizes", f"input mode takes one batch size, got {FLAGS.batch_sizes}")
+    report = input_speed.run_input_benchmark(
+        image_size=FLAGS.image_size, batch_size=batch_sizes[0],
+        threads=input_speed.parse_threads(FLAGS.input_threads), variants=_names(FLAGS.models),
+        dataset=FLAGS.input_dataset, data_dir=FLAGS.input_data_dir, warmup=FLAGS.warmup,
+        iterations=FLAGS.iterations or 5, repeats=FLAGS.repeats, seed=FLAGS.seed, log=log)
+    text = input_speed.format_input_report(report)
+  elif FLAGS.mode == "inference":
     batch_sizes = parse_int_list(FLAGS.batch_sizes or ["8"], "--batch_sizes")
     report = run_benchmark(_model_cfg(), models=_names(FLAGS.models) or list(DEFAULT_MODELS),
                            batch_sizes=batch_sizes, warmup=FLAGS.warmup,

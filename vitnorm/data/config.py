@@ -48,6 +48,15 @@ DATA_CONFIG_FIELDS = """Fields of `config.data` (default in brackets):
   shuffle_buffer       train, streaming mode (cache=False): shuffle buffer in examples. [10000]
   cache                hold this process's decoded split in memory: exact per-epoch permutations and
                        O(1) resume; for datasets that fit in RAM (mnist5k, digits, cifar). [False]
+  reader               'tf_data': tfds + tf.data, augmentations on the host; 'grain': tfds ArrayRecord
+                       data source + Grain, one global order for every process count, the host
+                       decodes, crops (and RandAugments), the accelerator does the rest. ['tf_data']
+  grain_workers        reader='grain': Grain worker processes per host (0 = threads in the trainer's
+                       process only). [0]
+  augment_on_device    flip, normalization, random erasing, Mixup / CutMix and label smoothing run
+                       on the accelerator inside the train step (vitnorm.data.device_augment) and
+                       the host ships uint8 crops; None: True for reader='grain' (which requires
+                       it), False for 'tf_data'. [None]
 """
 
 DEFAULTS = dict(
@@ -75,7 +84,11 @@ DEFAULTS = dict(
     eval_crop_fraction=0.875,
     shuffle_buffer=10_000,
     cache=False,
+    reader="tf_data",
+    grain_workers=0,
+    augment_on_device=None,
 )
+READERS = ("tf_data", "grain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +118,9 @@ class DataConfig:
   eval_crop_fraction: float
   shuffle_buffer: int
   cache: bool
+  reader: str
+  grain_workers: int
+  augment_on_device: bool
 
   @property
   def mixing(self) -> bool:
@@ -187,7 +203,8 @@ def resolve_data_config(cfg) -> DataConfig:
   unknown = sorted(set(given) - set(DEFAULTS))
   if unknown:
     raise ConfigError(f"data.{unknown[0]}", f"unknown field; known fields: {', '.join(DEFAULTS)}")
-  raw = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None or k in ("data_dir", "channels")}}
+  raw = {**DEFAULTS, **{k: v for k, v in given.items()
+                        if v is not None or k in ("data_dir", "channels", "augment_on_device")}}
   if raw["name"] is None:
     raise ConfigError("data.name", "is not set; give a tfds dataset name such as 'mnist5k', 'digits', "
                       "'cifar10' or 'imagenet2012'")
@@ -224,7 +241,16 @@ def resolve_data_config(cfg) -> DataConfig:
       eval_crop_fraction=_float(raw, "eval_crop_fraction", low=0.0, high=1.0, low_open=True),
       shuffle_buffer=_int(raw, "shuffle_buffer", minimum=1),
       cache=_bool(raw, "cache"),
+      reader=_str(raw, "reader"),
+      grain_workers=_int(raw, "grain_workers", minimum=0),
+      augment_on_device=(raw["reader"] == "grain" if raw["augment_on_device"] is None
+                         else _bool(raw, "augment_on_device")),
   )
+  if out.reader not in READERS:
+    raise ConfigError("data.reader", f"must be one of {', '.join(READERS)}, got {out.reader!r}")
+  if out.reader == "grain" and not out.augment_on_device:
+    raise ConfigError("data.augment_on_device", "reader='grain' always augments on the device; "
+                      "leave it unset (None) or True")
   return out
 
 

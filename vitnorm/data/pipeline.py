@@ -48,6 +48,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vitnorm.data import config as config_lib
+from vitnorm.data import imagenet_like  # noqa: F401  registers the imagenet_like builder with tfds
 from vitnorm.data import mixup as mixup_lib
 from vitnorm.data import offline
 from vitnorm.data import preprocess
@@ -328,7 +329,8 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   # Process 0's keys are the global keys: one process yields what it always yielded.
   augment_key = _key(seed, 0 if cfg.cache else p_index, _AUGMENT_SALT)
   mix_key = _key(seed, 0 if cfg.cache else p_index, _MIX_SALT)
-  mixing = cfg.mixup_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+  # With augment_on_device the batch is mixed on the accelerator, on the global batch.
+  mixing = cfg.mixing and not cfg.augment_on_device
   if cfg.cache:
     ds, partner = _global_order_slices(cfg, builder, image_key, label_key, train_fn, seed, p_index,
                                        p_count, local_batch, int(start_step), augment_key, mixing)
@@ -340,6 +342,9 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(int(start_step), _INT64_MAX)))
 
   def mix(batch, step):
+    if cfg.augment_on_device:  # uint8 crops and int labels: vitnorm.data.device_augment does the rest
+      (images, labels) = batch
+      return {"image": images, "label": tf.cast(labels, tf.int32)}
     if partner is not None:
       (images, labels), (mirror_images, mirror_labels) = batch
       mirror = dict(mirror_images=tf.reverse(mirror_images, [0]), mirror_labels=tf.reverse(mirror_labels, [0]))
@@ -361,7 +366,8 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
                   process_count: Optional[int] = None) -> Iterator[dict]:
   """Infinite iterator of this process's part of each global training batch, as numpy:
   `image` float32 [b, H, W, C] normalized, `label` float32 [b, num_classes] soft targets (rows
-  sum to 1), b = global_batch_size / process_count. Batch k depends only on (seed, k, config):
+  sum to 1), b = global_batch_size / process_count. With data.augment_on_device: `image` uint8
+  crops and `label` int32 (the train step augments, vitnorm.data.device_augment). Batch k depends only on (seed, k, config):
   start_step=N yields what an uninterrupted iterator yields from its N-th batch on.
   process_index / process_count default to JAX's (override only to simulate processes)."""
   ds = train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,

@@ -154,7 +154,9 @@ def random_erasing(image, seed, prob: float, *, area_range=(0.02, 1.0 / 3.0), lo
 
 
 class TrainPreprocess:
-  """Callable (image, seed) -> normalized float32 [size, size, C] train image."""
+  """Callable (image, seed) -> normalized float32 [size, size, C] train image; with
+  cfg.augment_on_device the uint8 crop (after shift and RandAugment; flip, normalization and
+  erasing then run on the accelerator)."""
 
   def __init__(self, cfg, channels, mean, std):
     self.cfg = cfg
@@ -174,13 +176,16 @@ class TrainPreprocess:
       image = resize_small_and_center_crop(decode(image, self.channels), cfg.image_size, 1.0)
     if cfg.random_shift_pad:
       image = random_shift(image, s_shift, cfg.random_shift_pad)
-    if cfg.hflip:
+    if cfg.hflip and not cfg.augment_on_device:
       image = tf.image.stateless_random_flip_left_right(image, s_flip)
     if cfg.randaugment_layers:
       image = randaugment_lib.randaugment(
           tf.round(image), s_ra, num_layers=cfg.randaugment_layers,
           magnitude=cfg.randaugment_magnitude, magnitude_std=cfg.randaugment_magnitude_std,
           fill=self.fill)
+    if cfg.augment_on_device:  # the rest runs in the train step (vitnorm.data.device_augment)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+      return tf.ensure_shape(image, [cfg.image_size, cfg.image_size, self.channels])
     image = normalize(image, self.mean, self.std)
     if cfg.random_erasing_prob > 0:
       image = random_erasing(image, s_erase, cfg.random_erasing_prob)

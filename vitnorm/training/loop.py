@@ -66,8 +66,8 @@ class _PreemptionGuard:
 def _inject_nan(batches, nan_step: Optional[int], start_step: int):
   """Debug: the batch of step `nan_step` (1-based, the step it produces) gets NaN images."""
   for step, batch in enumerate(batches, start=start_step + 1):
-    if nan_step is not None and step == nan_step:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    if nan_step is not None and step == nan_step:  # float32 NaN images, also where the feed ships uint8
+      batch = dict(batch, image=np.full(np.shape(batch["image"]), np.nan, np.float32))
     yield batch
 
 
@@ -206,6 +206,7 @@ class _Run:
     cfg = self.cfg
     batches = data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed,
                                  start_step=self.start_step, num_classes=self.plan.num_classes)
+    self._feed = batches  # closed by close(): Grain's worker processes and threads end with the run
     return data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, self.start_step),
                                 self.placement.put_batch, size=2)
 
@@ -286,6 +287,8 @@ class _Run:
                                reason=err.reason, last_checkpoint_step=self.ckpt.latest_step())
 
   def close(self):
+    if hasattr(getattr(self, "_feed", None), "close"):
+      self._feed.close()
     self.logger.close()
     self.ckpt.close()
 

@@ -17,6 +17,8 @@ import numpy as np
 
 from vitnorm import parallel
 from vitnorm.data import device as data_device
+from vitnorm.data import device_augment
+from vitnorm.errors import ConfigError
 from vitnorm.model import vit
 from vitnorm.training.plan import Plan
 from vitnorm.training.state import TrainState, cached, make_schedule
@@ -32,13 +34,15 @@ class JitPlacement:
     self.mesh = mesh
     rep, shard = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
     self._rep, self._shard = rep, shard
+    augment = device_augment.make_augment(cfg.data, num_classes=plan.num_classes, seed=cfg.seed)
     step = functools.partial(
         train_step, model=vit.build_model(plan.model), schedule=make_schedule(plan),
-        accum_steps=cfg.accum_steps, ema_decay=plan.optim.ema_decay, micro_sharding=shard)
+        accum_steps=cfg.accum_steps, ema_decay=plan.optim.ema_decay, micro_sharding=shard,
+        augment=augment)
     self._steps = cached("jit", plan, lambda: {
         flag: jax.jit(functools.partial(_step_with_stop, step, flag, None), donate_argnums=0,
                       in_shardings=(rep, shard, rep, shard), out_shardings=(rep, rep))
-        for flag in (False, True)}, mesh)
+        for flag in (False, True)}, mesh, device_augment.cache_key(cfg.data, plan.num_classes, cfg.seed))
     local = len(mesh.local_devices)
     self._stop = {v: data_device.to_global_arrays(np.full(local, v, np.int32), shard) for v in (0, 1)}
     self._copy = cached("copy", plan, lambda: jax.jit(lambda s: jax.tree.map(jnp.copy, s),
@@ -80,6 +84,10 @@ class PmapPlacement:
     cfg = plan.config
     self.mesh = mesh
     self._rep = parallel.replicated_sharding(mesh)
+    if device_augment.make_augment(cfg.data, num_classes=plan.num_classes, seed=cfg.seed):
+      raise ConfigError("parallelism", "'pmap' cannot run the per-batch augmentation on the device "
+                        "(data.reader='grain' or data.augment_on_device=True), which works on the "
+                        "global batch inside the jit step; set parallelism='jit'")
     step = functools.partial(
         train_step, model=vit.build_model(plan.model, bn_axis_name=parallel.PMAP_AXIS),
         schedule=make_schedule(plan), accum_steps=cfg.accum_steps,

@@ -3,7 +3,7 @@
 Pure functions of (state, batch, rng): no host state, no hidden counters, so jit and pmap run the
 same computation and a resumed run repeats an uninterrupted one bit for bit.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +14,19 @@ from vitnorm.training.state import TrainState
 
 
 def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: int, ema_decay: float,
-               axis_name: Optional[str] = None, micro_sharding=None, diagnostics: bool = False):
+               axis_name: Optional[str] = None, micro_sharding=None, diagnostics: bool = False,
+               augment: Optional[Callable] = None):
   """One optimizer step: mean gradient of `accum_steps` micro-batches -> clip -> AdamW [-> EMA].
 
   batch: {image [b, H, W, C], label [b, classes] soft targets}; b is the global batch under jit,
   the per-device batch under pmap (then gradients, metrics and BN statistics are averaged over
   `axis_name`). A step whose loss or gradient is not finite leaves the state unchanged (so no
   non-finite value can ever reach a checkpoint) and reports finite=False.
+  augment: (batch, step) -> batch, the Grain feed's per-batch work on the global batch
+  (vitnorm.data.device_augment: uint8 crops and int labels in, normalized images and targets out).
   """
+  if augment is not None:
+    batch = augment(batch, state.step)
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))

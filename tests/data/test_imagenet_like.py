@@ -1,0 +1,44 @@
+"""vitnorm.data.imagenet_like: JPEGs at ImageNet sizes and quality from scikit-learn's photos."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitnorm.data import imagenet_like
+
+
+@pytest.fixture(scope="module")
+def photos():
+  return imagenet_like._photos()  # pylint: disable=protected-access
+
+
+def test_examples_are_quality_90_jpegs_at_imagenet_sizes_and_deterministic(photos):
+  sizes = set()
+  for i in range(12):
+    data = imagenet_like.make_jpeg(photos, i)
+    assert data == imagenet_like.make_jpeg(photos, i)  # a pure function of the index
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "JPEG" and image.mode == "RGB"
+    assert image.size in imagenet_like.SIZES
+    sizes.add(image.size)
+    # PIL's quality-90 luminance table: the first coefficient of the IJG table (16) scaled by 0.2.
+    assert image.quantization[0][0] == 3
+    pixels = np.asarray(image, np.float32)
+    assert pixels.std() > 20  # photo content, not a flat fill
+  assert len(sizes) >= 2
+  assert imagenet_like.make_jpeg(photos, 0, 1) != imagenet_like.make_jpeg(photos, 0, 0)
+
+
+def test_prepared_dataset_has_its_config_sizes_and_labels(tmp_path):
+  builder = imagenet_like.prepare("tiny", str(tmp_path))
+  assert builder.info.splits["train"].num_examples == 48
+  assert builder.info.splits["validation"].num_examples == 16
+  assert builder.info.features["label"].num_classes == 10
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  ds = builder.as_dataset(split="train[:12]", decoders={"image": tfds.decode.SkipDecoding()})
+  photos = imagenet_like._photos()  # pylint: disable=protected-access
+  for ex in tfds.as_numpy(ds):
+    label = int(ex["label"])
+    # examples are stored as generated: the JPEG bytes of some index i with label i % 10
+    assert any(ex["image"] == imagenet_like.make_jpeg(photos, i) for i in range(label, 48, 10))
