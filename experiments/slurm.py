@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from typing import Dict, List, Optional, Tuple
 
 from experiments import run_files
@@ -118,9 +119,27 @@ def slurm_flags_given(args) -> List[str]:
           if getattr(given, f.name) != getattr(default, f.name)]
 
 
+def import_submitit():
+  """submitit, imported without its logging set-up: `import submitit` calls logging.config.dictConfig,
+  which closes every logging handler that exists (absl's closes the stream it was created with,
+  e.g. a test's captured stderr). Its warnings then reach stderr through logging's defaults. (In
+  the job, submitit's own start-up configures its logging as usual.)"""
+  if "submitit" not in sys.modules:
+    previous = os.environ.get("SUBMITIT_LOG_LEVEL")
+    os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
+    try:
+      import submitit  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    finally:
+      if previous is None:
+        os.environ.pop("SUBMITIT_LOG_LEVEL")
+      else:
+        os.environ["SUBMITIT_LOG_LEVEL"] = previous
+  return sys.modules["submitit"]
+
+
 def make_executor(sweep_dir: str, options: SlurmOptions, num_tasks: int, cluster: Optional[str] = None):
   """submitit's executor for the sweep: SLURM (`cluster='local'`: submitit's local processes)."""
-  import submitit  # pylint: disable=import-outside-toplevel
+  submitit = import_submitit()
   if cluster in (None, "slurm") and shutil.which("sbatch") is None:
     raise UserError("--launcher slurm: sbatch is not on PATH; run this on a SLURM login node "
                     "(or use --launcher local)")

@@ -37,7 +37,7 @@ def run_state(workdir: str, scheduler: Optional[tuple], note: dict) -> dict:
   if sched_state and sched_state not in slurm.ENDED:  # PENDING, REQUEUED, REQUEUE_HOLD, SUSPENDED, ...
     if file_state == "preempted":
       return dict(state="preempted", step=step, detail=f"checkpoint saved; requeued ({sched_state.lower()})")
-    return dict(state="queued", step=step, detail=f"{sched_state.lower()}: {reason}" if reason else "")
+    return dict(state="queued", step=step, detail=f"{sched_state.lower()}: {reason}" if reason not in ("", "None") else "")
   error = note.get("error") or (status.get("reason") if file_state == "failed" else None)
   if file_state == "failed" or error:
     return dict(state="failed", step=step, detail=error or "")
