@@ -115,6 +115,23 @@ def _variables(workdir):
   return jax.tree.map(np.asarray, variables), step
 
 
+def test_slurm_flags_are_checked_before_anything_is_submitted(tmp_path, capsys):
+  """No cluster needed: bad --slurm.* values and misuse are one error line and exit 2."""
+  base = ["--sweep", "norm_variants_cpu", "--root", str(tmp_path / "runs")]
+  for extra, message in (
+      (["--slurm.nodes", "2"], "--slurm.nodes: only used with --launcher slurm"),
+      (["--launcher", "slurm", "--slurm.time", "soon"], "expected MINUTES, HH:MM:SS or D-HH:MM:SS"),
+      (["--launcher", "slurm", "--slurm.tasks_per_node", "0"], "must be a positive integer"),
+      (["--launcher", "slurm", "--slurm.additional_parameters", "account"], "expected KEY=VALUE"),
+      (["--status"], "holds no sweep"),
+  ):
+    with pytest.raises(SystemExit) as e:
+      run_sweep.main(base + extra)
+    assert e.value.code == 2 and message in capsys.readouterr().err, extra
+  assert not (tmp_path / "runs" / "norm_variants_cpu").exists()
+  assert [slurm.time_minutes(t) for t in ("90", "1:30:00", "2-00:00:00", "1-12", "0:30")] == [90, 90, 2880, 2160, 1]
+
+
 def test_sweep_through_slurm_reports_like_a_local_run_and_status_follows_it(cluster, tmp_path, monkeypatch,
                                                                             capsys):
   del cluster
@@ -165,7 +182,7 @@ def test_sweep_through_slurm_reports_like_a_local_run_and_status_follows_it(clus
                                                                "bad": "failed"}
 
 
-PREEMPT_STEPS = 2000  # long enough that the signal lands mid-run (the first log is at step 25)
+PREEMPT_STEPS = 600  # long enough that the signal lands mid-run (the first log is at step 12)
 
 
 def test_preempted_runs_are_requeued_and_end_bit_identical(cluster, tmp_path, monkeypatch, capsys):
