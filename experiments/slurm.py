@@ -192,6 +192,7 @@ def submit_sweep(sweep, sweep_dir: str, *, num_steps: Optional[int], overrides=(
                  **modules) -> dict:
   """Submits every run that has not finished and is not queued or running; returns the submission
   (also appended to ROOT/<sweep>/slurm.json). Does not wait for the jobs."""
+  out = out or sys.stdout
   todo, skipped = [], []
   jobs = latest_jobs(sweep_dir)
   states = scheduler_states(list(jobs.values())) or {}

@@ -26,8 +26,8 @@ import time
 from typing import List, Optional
 
 from experiments import run_files
-from experiments.commands import PROJECT_ROOT
-from experiments.sweep_dir import update_results
+from experiments.commands import PROJECT_ROOT, source_fingerprint
+from experiments.sweep_dir import RESULTS, update_results
 from vitnorm import cli
 
 SAVE_TIMEOUT_S = 600  # how long a signalled trainer may take to save its checkpoint
@@ -73,12 +73,25 @@ class TrainTask:
     self.evaluate_command = list(evaluate_command) if evaluate_command else None
     self._child = None
     self._exited = None
+    self._started = None
 
   def __getstate__(self):  # the running trainer stays out of the pickle submitit requeues
-    return {k: v for k, v in self.__dict__.items() if k not in ("_child", "_exited")}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_child", "_exited", "_started")}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _child=None, _exited=None)
+    self.__dict__.update(state, _child=None, _exited=None, _started=None)
+
+  def _record(self, **note) -> None:
+    """Rank 0: this attempt's wall time (added to earlier attempts') and `note` into results.json;
+    once per attempt."""
+    if self._started is None:
+      return
+    wall_s, self._started = time.time() - self._started, None
+    for r in (run_files.read_json(os.path.join(self.sweep_dir, RESULTS)) or {}).get("runs", []):
+      if isinstance(r, dict) and r.get("name") == self.run_name and r.get("wall_s"):
+        wall_s += r["wall_s"]  # earlier attempts of this run (before a requeue)
+    update_results(self.sweep, self.sweep_dir, self.num_steps, self.run_name,
+                   dict(note, wall_s=round(wall_s, 1), source=source_fingerprint()))
 
   def _start(self, rank: int, job_id: str) -> str:
     os.makedirs(self.workdir, exist_ok=True)
@@ -112,6 +125,7 @@ class TrainTask:
     requeued job runs this same task again, and the trainer resumes from its checkpoint."""
     import submitit  # pylint: disable=import-outside-toplevel
     self._stop_trainer()
+    self._record(error=None)
     return submitit.helpers.DelayedSubmission(TrainTask(self.sweep, self.sweep_dir, self.num_steps,
                                                         self.run_name, self.command, self.evaluate_command),
                                               *args, **kwargs)
@@ -144,7 +158,7 @@ class TrainTask:
     import submitit  # pylint: disable=import-outside-toplevel
     env = submitit.JobEnvironment()
     rank, job_id = env.global_rank, env.job_id
-    start = time.time()
+    self._started = time.time()
     log_path = self._start(rank, job_id)
     self._install_signal_forwarding()
     rc = self._wait()
@@ -152,17 +166,15 @@ class TrainTask:
     summary = run_files.summarize_run(run, self.workdir)
     # 75: saved and stopped; killed by SIGTERM: stopped while starting, before there was anything to save.
     if rc in (cli.EXIT_PREEMPTED, -signal.SIGTERM):
+      if rank == 0:
+        self._record(error=None)
       self._requeue(rank)
       return {"run": self.run_name, "status": "preempted", "step": summary["step"], "job_id": job_id}
     if rank != 0:
       if rc not in (cli.EXIT_COMPLETED, cli.EXIT_DIVERGED):
         raise RunFailed(f"{self.run_name}: the trainer of task {rank} exited {rc}: {_last_error(log_path)}")
       return {"run": self.run_name, "status": summary["status"], "task": rank}
-    note = {"wall_s": round(time.time() - start, 1), "job_id": job_id}
-    previous = (run_files.read_json(os.path.join(self.sweep_dir, "results.json")) or {}).get("runs", [])
-    for r in previous:
-      if isinstance(r, dict) and r.get("name") == self.run_name and r.get("wall_s"):
-        note["wall_s"] += r["wall_s"]  # earlier attempts of this run (before a requeue)
+    note = {}
     ok = rc in (cli.EXIT_COMPLETED, cli.EXIT_DIVERGED) and summary["status"] in run_files.FINISHED
     note["error"] = None if ok else (_last_error(log_path) or f"exit code {rc}")
     if ok and self.evaluate_command and summary["status"] == "completed":
@@ -171,7 +183,7 @@ class TrainTask:
                              check=False).returncode
       note["eval_error"] = None if erc == 0 else (_last_error(os.path.join(self.workdir, "evaluate.log"))
                                                   or f"exit code {erc}")
-    update_results(self.sweep, self.sweep_dir, self.num_steps, self.run_name, note)
+    self._record(**note)
     if not ok:
       raise RunFailed(f"{self.run_name}: {note['error']} (log: {log_path})")
     return {"run": self.run_name, "status": summary["status"], "step": summary["step"], "job_id": job_id}

@@ -205,6 +205,8 @@ def test_preempted_runs_are_requeued_and_end_bit_identical(cluster, tmp_path, mo
       if name not in signalled and states[name]["state"] == "running" and (states[name]["step"] or 0) >= 1:
         subprocess.run(command, check=True, env=dict(os.environ, SLURM_CONF=cluster.conf))
         signalled.add(name)
+      if states[name]["state"] == "preempted" and states[name]["scheduler"] in slurm.ENDED:
+        raise AssertionError(f"{name} was preempted and not requeued: {states[name]}\n{_diagnostics(sweep_dir)}")
     return _all_ended(states)
 
   final = _wait(sweep, sweep_dir, signal_the_running_ones, seen)
