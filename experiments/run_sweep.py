@@ -279,10 +279,16 @@ def submit_to_slurm(sweep, args, num_steps, modules) -> int:
     raise UserError(f"--launcher: {sweep.name} measures speed on this machine; run it with --launcher local")
   parse_overrides(args.set)
   validate_overrides(sweep, args.set, num_steps)
+  new = not os.path.exists(os.path.join(os.path.abspath(args.root), sweep.name, MANIFEST))
   sweep_dir = prepare_sweep_dir(sweep, args.root, num_steps=num_steps, resume=args.resume, overrides=args.set,
                                 seeds=sweep.seeds)
-  slurm.submit_sweep(sweep, sweep_dir, num_steps=num_steps, overrides=args.set, evaluate=args.evaluate,
-                     options=slurm.options_from_args(args), out=sys.stdout, **modules)
+  try:
+    slurm.submit_sweep(sweep, sweep_dir, num_steps=num_steps, overrides=args.set, evaluate=args.evaluate,
+                       options=slurm.options_from_args(args), out=sys.stdout, **modules)
+  except UserError:
+    if new:  # nothing was submitted: the same command (without --resume) may be tried again
+      os.remove(os.path.join(sweep_dir, MANIFEST))
+    raise
   print(f"states: python -m experiments.run_sweep --sweep {sweep.name} --root {args.root} --status; "
         f"report: python -m experiments.report --root {args.root}")
   return 0

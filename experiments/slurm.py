@@ -222,8 +222,14 @@ def submit_sweep(sweep, sweep_dir: str, *, num_steps: Optional[int], overrides=(
                            evaluate_command(sweep, workdir, **pick("python", "evaluate_module"))
                            if evaluate else None))
   executor = make_executor(sweep_dir, options, len(tasks), cluster)
-  with executor.batch():
-    submitted = [executor.submit(task) for task in tasks]
+  submitit = import_submitit()
+  try:
+    with executor.batch():
+      submitted = [executor.submit(task) for task in tasks]
+  except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise UserError(f"--launcher slurm: the job array was not submitted: {lines[-1] if lines else e!r} "
+                    "(check the --slurm.* options)") from None
   submission = {
       "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "cluster": cluster or "slurm",

@@ -144,6 +144,12 @@ def test_sweep_through_slurm_reports_like_a_local_run_and_status_follows_it(clus
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   root = tmp_path / "cluster"
   args = ["--sweep", sweep.name, "--num_steps", "3"]
+  # sbatch refuses an unknown partition: one error line, and nothing is left that needs --resume.
+  with pytest.raises(SystemExit) as e:
+    run_sweep.main(args + ["--root", str(root), "--launcher", "slurm", "--slurm.partition", "nosuch"])
+  assert e.value.code == 2
+  assert "error: --launcher slurm: the job array was not submitted:" in capsys.readouterr().err
+  assert not (root / sweep.name / "sweep.json").exists() and not (root / sweep.name / slurm.RECORD).exists()
   assert run_sweep.main(args + ["--root", str(root), "--launcher", "slurm", "--slurm.cpus_per_task", "1",
                                 "--slurm.time", "1:00:00"]) == 0
   out = capsys.readouterr().out
