@@ -28,7 +28,7 @@ import pytest
 
 from experiments import report, run_files, run_sweep, slurm, sweep_status
 from experiments import sweeps as sweeps_lib
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 
 sys.path.insert(0, os.path.dirname(__file__))
 import local_slurm  # noqa: E402  pylint: disable=wrong-import-position
@@ -43,7 +43,7 @@ TERMINAL = ("completed", "diverged", "failed")
 def cluster(tmp_path_factory):
   reason = local_slurm.unavailable()
   if reason:
-    warnings.warn(reason)  # listed in pytest's warnings summary, not only in -rs
+    warnings.warn(reason, stacklevel=2)  # listed in pytest's warnings summary, not only in -rs
     pytest.skip(reason)
   c = local_slurm.LocalSlurm(str(tmp_path_factory.mktemp("slurm")), cpus=2)
   previous = os.environ.get("SLURM_CONF")
