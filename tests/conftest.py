@@ -69,3 +69,6 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "multiprocess: starts several JAX processes on localhost (kept small; runs in CI; "
       "select with -m multiprocess, skip with -m 'not multiprocess')")
+  config.addinivalue_line(
+      "markers", "slurm: submits to a one-node SLURM cluster started on localhost (tests/local_slurm.py; "
+      "needs root and Debian's slurm-wlm + munge, skipped otherwise; skip with -m 'not slurm')")
