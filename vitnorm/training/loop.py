@@ -21,7 +21,7 @@ import numpy as np
 from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, disk_full, evaluation, header, workdir_lock
+from vitnorm.training import checkpoints, disk_full, evaluation, header, loss_scale, workdir_lock
 from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
                                      Monitor as _Monitor, TrainingDiverged)
 from vitnorm.training.placement import make_placement
@@ -162,7 +162,10 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
       model_item["ema_params"] = host.ema_params
       if host.ema_batch_stats:
         model_item[checkpoints.EMA_BATCH_STATS] = host.ema_batch_stats
-    ckpt.save(step, model_item, {"step": host.step, "opt_state": host.opt_state})
+    train_item = {"step": host.step, "opt_state": host.opt_state}
+    if host.loss_scale is not None:  # float16: the loss scale resumes where it was
+      train_item[loss_scale.CHECKPOINT_ITEM] = loss_scale.to_item(host.loss_scale, host.skipped_steps)
+    ckpt.save(step, model_item, train_item)
 
   step, final, eval_results, status = start_step, {}, {}, "completed"
   train_time, train_examples = 0.0, 0
@@ -244,7 +247,7 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
     ckpt.wait()  # pending saves hold finite values: let them finish
     if is_main:
       workdir_lib.write_status(workdir, "diverged", err.step, monitor.last_finite, reason=err.reason,
-                               last_checkpoint_step=ckpt.latest_step())
+                               divergence=err.kind, last_checkpoint_step=ckpt.latest_step())
     logger.close()
     ckpt.close()
     raise
@@ -307,14 +310,26 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
             file=sys.stderr, flush=True)
     else:
       model_target[checkpoints.EMA_BATCH_STATS] = target(state.ema_batch_stats)
-  model_item, train_item = ckpt.restore(
-      step, model_target, {"step": target(state.step), "opt_state": target(state.opt_state)})
+  train_target = {"step": target(state.step), "opt_state": target(state.opt_state)}
+  # --- float16 loss scale (vitnorm.training.loss_scale): restored when saved, whatever the dtype now
+  scaler_key = loss_scale.CHECKPOINT_ITEM
+  if scaler_key in ckpt.train_keys(step):
+    train_target[scaler_key] = target(dict(scale=np.float32(0), counter=np.int32(0), skipped_steps=np.int32(0)))
+  elif state.loss_scale is not None:
+    print(f"warning: checkpoint {step} in {ckpt.directory} has no loss scale (it was not trained in "
+          "float16); the loss scale starts at optim.loss_scale.init", file=sys.stderr, flush=True)
+  model_item, train_item = ckpt.restore(step, model_target, train_target)
+  scaler = {}
+  if state.loss_scale is not None and scaler_key in train_item:
+    scaler = dict(zip(("loss_scale", "skipped_steps"),
+                      loss_scale.from_item(train_item[scaler_key], state.loss_scale)))
+  # ---
   batch_stats = model_item.get("batch_stats", {})
   ema_stats = (jax.tree.map(jnp.copy, batch_stats) if old_ema_stats
                else model_item.get(checkpoints.EMA_BATCH_STATS, state.ema_batch_stats))
   return state.replace(step=train_item["step"], opt_state=train_item["opt_state"],
                        params=model_item["params"], batch_stats=batch_stats,
-                       ema_params=model_item.get("ema_params"), ema_batch_stats=ema_stats)
+                       ema_params=model_item.get("ema_params"), ema_batch_stats=ema_stats, **scaler)
 
 
 # ==============================================================================================
