@@ -20,7 +20,7 @@ import numpy as np
 
 from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
-from vitnorm.model import vit
+from vitnorm.model import norms, vit
 from vitnorm.training import checkpoints, disk_full, evaluation, header, loss_scale, workdir_lock
 from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
                                      Monitor as _Monitor, TrainingDiverged)
@@ -137,6 +137,8 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
   monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step,
                      max_pending=min(cfg.log_every, MAX_PENDING_STEPS))
 
+  uses_batch_stats = any(norms.uses_batch_stats(getattr(eval_model, k)) for k in ("norm", "ffn_norm"))
+
   def evaluate(step):
     host = placement.global_state(state)
     results = {}
@@ -149,6 +151,12 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
           # EMA weights are evaluated with the EMA of the BN statistics
           data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh)
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
+      if prefix == "eval" and cfg.diagnostics_every and uses_batch_stats:  # BN train/eval mismatch
+        r = evaluation.evaluate_classifier(
+            vit.at_step(eval_model, step), {"params": params, "batch_stats": stats},
+            data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh,
+            batch_statistics=True)
+        results.update({"eval/top1_batch_stats": r["top1"], "eval/loss_batch_stats": r["loss"]})
     logger.write(step, results)
     logger.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return dict(results, **{"eval/step": step})
