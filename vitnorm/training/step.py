@@ -69,7 +69,7 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
   skipped = jnp.zeros((), bool)
   if scaler is not None:
     grads = scaler.unscale(grads)
-    skipped = ~jmp.all_finite(grads)
+    skipped = ~jmp.all_finite(grads) & jnp.isfinite(metrics["loss"])  # a non-finite loss is no skip
 
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if scaler is not None:  # a skipped step keeps the parameters and the optimizer state
