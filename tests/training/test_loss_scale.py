@@ -221,7 +221,14 @@ def test_float16_run_logs_the_loss_scale_and_skipped_steps(fp16_uninterrupted):
   status = run_logging.read_status(workdir)
   assert status["metrics"]["train/skipped_steps"] == rows[-1]["train/skipped_steps"] > 0
   diag = [r for r in run_logging.read_metrics(workdir) if "diag/compute_dtype_max" in r]
-  assert diag and diag[0]["diag/compute_dtype_max"] == 65504.0
+  assert [r["step"] for r in diag] == [6, 12, 18, 24] and diag[0]["diag/compute_dtype_max"] == 65504.0
+  names = {"residual_rms", "ffn_hidden_rms", "ffn_pre_norm_rms", "ffn_pre_norm_max_abs", "ffn_out_rms",
+           "ffn_out_max_abs", "max_attention_logit", "max_abs_qk", "max_abs_matmul", "grad_norm"}
+  assert {f"diag/block_1/{n}" for n in names} | {"diag/max_abs_matmul", "diag/head_log_partition_mean",
+                                                   "diag/head_log_partition_max"} <= set(diag[-1])
+  assert 0 < diag[-1]["diag/max_abs_matmul"] < 65504.0
+  evals = [r for r in run_logging.read_metrics(workdir) if "eval/loss" in r]
+  assert all(np.isfinite(r["eval/loss_batch_stats"]) for r in evals)  # a BN model: the mismatch
   assert checkpoints.Checkpointer(workdir).train_keys(24) >= {"step", "opt_state", "loss_scale"}
 
 
