@@ -86,7 +86,7 @@ def overflow_run():
 
 def test_loss_scale_halves_on_overflow_and_doubles_after_the_growth_interval(overflow_run):
   scales = [m["loss_scale"] for _, m, _ in overflow_run]  # the scale each step used
-  after = [float(s.loss_scale.loss_scale) for _, _, s in overflow_run]
+  after = [float(s.loss_scale.scale) for _, _, s in overflow_run]
   counters = [int(s.loss_scale.counter) for _, _, s in overflow_run]
   assert scales == [1024.0, 1024.0, 512.0, 512.0, 512.0, 1024.0]
   assert after == [1024.0, 512.0, 512.0, 512.0, 1024.0, 1024.0]
@@ -130,7 +130,7 @@ def test_a_non_finite_loss_is_a_crash_not_a_skipped_step():
   assert not metrics["finite"] and not metrics["skipped"]
   after = runner.host_state()
   jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
-  assert float(after.loss_scale.loss_scale) == 1024.0 and int(after.skipped_steps) == 0
+  assert float(after.loss_scale.scale) == 1024.0 and int(after.loss_scale.skipped_steps) == 0
   assert int(after.step) == int(before.step)  # nothing of the step entered the state
   monitor = monitor_lib.Monitor(0.0, np.log(NUM_CLASSES), 0)
   with pytest.raises(monitor_lib.TrainingDiverged, match="non-finite loss .* in float16") as err:
@@ -168,9 +168,9 @@ def test_float16_steps_agree_under_jit_and_pmap(overflow_run, parallelism):
   # (Parameters are not compared element by element: Adam's first updates are ~lr * sign(g), and
   # float16 rounds the near-zero gradient entries differently when the batch is split per device.)
   state, expected = runner.host_state(), overflow_run[2][2]
-  assert float(state.loss_scale.loss_scale) == float(expected.loss_scale.loss_scale) == 512.0
+  assert float(state.loss_scale.scale) == float(expected.loss_scale.scale) == 512.0
   assert int(state.loss_scale.counter) == int(expected.loss_scale.counter) == 1
-  assert int(state.skipped_steps) == int(expected.skipped_steps) == 1
+  assert int(state.loss_scale.skipped_steps) == int(expected.loss_scale.skipped_steps) == 1
 
 
 def test_other_dtypes_have_no_loss_scale():
@@ -178,7 +178,7 @@ def test_other_dtypes_have_no_loss_scale():
     plan = fp16_plan()
     plan.config.model.dtype = dtype
     state = state_lib.create_train_state(plan, jax.random.PRNGKey(0))
-    assert state.loss_scale is None and state.skipped_steps is None
+    assert state.loss_scale is None
 
 
 @pytest.mark.parametrize("field,value", [("init", 0.5), ("init", float("inf")), ("growth_interval", 0),

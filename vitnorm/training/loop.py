@@ -172,7 +172,7 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
         model_item[checkpoints.EMA_BATCH_STATS] = host.ema_batch_stats
     train_item = {"step": host.step, "opt_state": host.opt_state}
     if host.loss_scale is not None:  # float16: the loss scale resumes where it was
-      train_item[loss_scale.CHECKPOINT_ITEM] = loss_scale.to_item(host.loss_scale, host.skipped_steps)
+      train_item[loss_scale.CHECKPOINT_ITEM] = loss_scale.to_item(host.loss_scale)
     ckpt.save(step, model_item, train_item)
 
   step, final, eval_results, status = start_step, {}, {}, "completed"
@@ -322,15 +322,14 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
   # --- float16 loss scale (vitnorm.training.loss_scale): restored when saved, whatever the dtype now
   scaler_key = loss_scale.CHECKPOINT_ITEM
   if scaler_key in ckpt.train_keys(step):
-    train_target[scaler_key] = target(dict(scale=np.float32(0), counter=np.int32(0), skipped_steps=np.int32(0)))
+    train_target[scaler_key] = target(loss_scale.item_target())
   elif state.loss_scale is not None:
     print(f"warning: checkpoint {step} in {ckpt.directory} has no loss scale (it was not trained in "
           "float16); the loss scale starts at optim.loss_scale.init", file=sys.stderr, flush=True)
   model_item, train_item = ckpt.restore(step, model_target, train_target)
   scaler = {}
   if state.loss_scale is not None and scaler_key in train_item:
-    scaler = dict(zip(("loss_scale", "skipped_steps"),
-                      loss_scale.from_item(train_item[scaler_key], state.loss_scale)))
+    scaler = dict(loss_scale=loss_scale.from_item(train_item[scaler_key], state.loss_scale))
   # ---
   batch_stats = model_item.get("batch_stats", {})
   ema_stats = (jax.tree.map(jnp.copy, batch_stats) if old_ema_stats

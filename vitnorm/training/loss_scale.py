@@ -14,7 +14,7 @@ averages the scaled gradients before GradScaler unscales them). Then, as GradSca
 jmp keeps the scale at >= 1 (GradScaler has no floor; a scale below 1 would mean gradients
 overflowing float32, which nothing here reaches). A skipped step still advances the train step
 (the data order and the lr schedule's step), updates the BN running statistics (PyTorch's forward
-pass already did) and the EMA, and is counted in TrainState.skipped_steps. A non-finite *loss* is
+pass already did) and the EMA, and is counted (LossScaleState.skipped_steps). A non-finite *loss* is
 not a skipped step: it stops the run as diverged, as DeiT's `sys.exit(1)` does.
 
 In checkpoints the scaler is the train item 'loss_scale': {'scale': f32, 'counter': i32,
@@ -22,6 +22,8 @@ In checkpoints the scaler is the train item 'loss_scale': {'scale': f32, 'counte
 """
 from typing import Mapping, Optional
 
+import flax
+import jax
 import jax.numpy as jnp
 import jmp
 import numpy as np
@@ -54,23 +56,49 @@ def settings(optim_cfg: Mapping) -> dict:
   return dict(init=float(init), growth_interval=int(out["growth_interval"]), factor=int(out["factor"]))
 
 
-def create(optim_cfg: Mapping, model_cfg: Mapping) -> Optional[jmp.DynamicLossScale]:
-  """The initial scaler of a float16 run, None for other dtypes."""
+@flax.struct.dataclass
+class LossScaleState:
+  """The scaler's part of the train state: plain arrays only (no validation when rebuilt, so the
+  state can be mapped to shapes, shardings or lowering placeholders like any other pytree).
+  `jmp.DynamicLossScale` is built from it inside the step (`scaler`) and folded back (`update`)."""
+
+  scale: jax.Array  # float32: the current loss scale
+  counter: jax.Array  # int32: consecutive finite steps since the last change (jmp's counter)
+  skipped_steps: jax.Array  # int32: steps skipped for non-finite gradients in the whole run
+  growth_interval: int = flax.struct.field(pytree_node=False, default=DEFAULTS["growth_interval"])
+  factor: int = flax.struct.field(pytree_node=False, default=DEFAULTS["factor"])
+
+  def scaler(self) -> jmp.DynamicLossScale:
+    return jmp.DynamicLossScale(loss_scale=self.scale, counter=self.counter,
+                                period=self.growth_interval, factor=self.factor)
+
+  def update(self, grads_finite) -> "LossScaleState":
+    """After a step: jmp's rule for the scale and counter; a non-finite gradient counts as skipped."""
+    adjusted = self.scaler().adjust(grads_finite)
+    return self.replace(scale=adjusted.loss_scale, counter=adjusted.counter.astype(jnp.int32),
+                        skipped_steps=self.skipped_steps + (~grads_finite).astype(jnp.int32))
+
+
+def create(optim_cfg: Mapping, model_cfg: Mapping) -> Optional[LossScaleState]:
+  """The initial scaler state of a float16 run, None for other dtypes."""
   if not enabled(model_cfg):
     return None
   s = settings(optim_cfg)
-  return jmp.DynamicLossScale(loss_scale=jnp.asarray(s["init"], jnp.float32),
-                              counter=jnp.zeros((), jnp.int32), period=s["growth_interval"],
-                              factor=s["factor"])
+  return LossScaleState(scale=jnp.asarray(s["init"], jnp.float32), counter=jnp.zeros((), jnp.int32),
+                        skipped_steps=jnp.zeros((), jnp.int32), growth_interval=s["growth_interval"],
+                        factor=s["factor"])
 
 
-def to_item(scaler: jmp.DynamicLossScale, skipped_steps) -> dict:
-  """The scaler and the skipped-step count as the checkpoint's train item entry."""
-  return {"scale": scaler.loss_scale, "counter": scaler.counter, "skipped_steps": skipped_steps}
+def to_item(state: LossScaleState) -> dict:
+  """The scaler state as the checkpoint's train item entry."""
+  return {"scale": state.scale, "counter": state.counter, "skipped_steps": state.skipped_steps}
 
 
-def from_item(item: Mapping, like: jmp.DynamicLossScale):
-  """(scaler, skipped_steps) restored from `to_item`'s dict, with `like`'s static settings."""
-  scaler = jmp.DynamicLossScale(loss_scale=item["scale"], counter=item["counter"],
-                                period=like.period, factor=like.factor)
-  return scaler, item["skipped_steps"]
+def item_target() -> dict:
+  """The entry's structure and dtypes, for restoring it."""
+  return {"scale": np.float32(0), "counter": np.int32(0), "skipped_steps": np.int32(0)}
+
+
+def from_item(item: Mapping, like: LossScaleState) -> LossScaleState:
+  """The scaler state restored from `to_item`'s dict, with `like`'s static settings."""
+  return like.replace(scale=item["scale"], counter=item["counter"], skipped_steps=item["skipped_steps"])

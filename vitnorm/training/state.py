@@ -29,11 +29,9 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None  # {} for models without BatchNorm
   ema_params: Any = None  # None when optim.ema_decay is 0
   ema_batch_stats: Any = None  # EMA of batch_stats, same decay; None when optim.ema_decay is 0
-  # float16 only (vitnorm.training.loss_scale), else None: the dynamic loss scale
-  # (jmp.DynamicLossScale: scale and good-step counter) and the count of steps skipped for
-  # non-finite gradients.
+  # float16 only, else None: the dynamic loss scale, its good-step counter and the count of steps
+  # skipped for non-finite gradients (vitnorm.training.loss_scale.LossScaleState).
   loss_scale: Any = None
-  skipped_steps: Any = None
 
 
 # In-process reuse (tests, notebooks, several runs in one process): the optimizer and the
@@ -68,12 +66,11 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
   # (compared by identity) in the state's static structure would defeat the compilation cache.
   batch_stats = variables.get("batch_stats", {})
   ema = bool(cfg.optim.ema_decay)
-  scaler = loss_scale.create(cfg.optim, cfg.model)
   state = TrainState.create(
       apply_fn=None, params=params, tx=tx, batch_stats=batch_stats,
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
-      loss_scale=scaler, skipped_steps=None if scaler is None else jnp.zeros((), jnp.int32))
+      loss_scale=loss_scale.create(cfg.optim, cfg.model))
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
 

@@ -27,14 +27,14 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
   float16 (state.loss_scale set; vitnorm.training.loss_scale): the loss is scaled before the
   backward pass and the gradients unscaled after the average; a step with a finite loss but a
   non-finite gradient is skipped (parameters and optimizer state kept, the scale divided, metric
-  skipped=True, state.skipped_steps + 1) and still reports finite=True: only a non-finite loss
+  skipped=True, state.loss_scale.skipped_steps + 1) and still reports finite=True: only a non-finite loss
   leaves the state unchanged and reports finite=False (DeiT stops there).
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   mutable = ["batch_stats", "diagnostics"] if diagnostics else ["batch_stats"]
-  scaler = state.loss_scale  # None unless float16
+  scaler = None if state.loss_scale is None else state.loss_scale.scaler()  # float16 only
 
   def loss_fn(params, batch_stats, micro, micro_rng):
     # The step goes in as an argument (PRepBN's lam is a pure function of it; other norms ignore it).
@@ -76,7 +76,7 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)  # noqa: E731
     new_state = new_state.replace(
         params=keep(new_state.params, state.params), opt_state=keep(new_state.opt_state, state.opt_state),
-        loss_scale=scaler.adjust(~skipped), skipped_steps=state.skipped_steps + skipped.astype(jnp.int32))
+        loss_scale=state.loss_scale.update(~skipped))
   if state.ema_params is not None:  # EMA of the weights and of the BN statistics, one decay
     new_state = new_state.replace(
         ema_params=optim.ema_update(state.ema_params, new_state.params, ema_decay),
@@ -88,7 +88,7 @@ def train_step(state: TrainState, batch, rng, *, model, schedule, accum_steps: i
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics.update(grad_norm=grad_norm, lr=schedule(state.step), finite=finite, skipped=skipped)
   if scaler is not None:
-    metrics.update(loss_scale=scaler.loss_scale, skipped_steps=new_state.skipped_steps)
+    metrics.update(loss_scale=scaler.loss_scale, skipped_steps=new_state.loss_scale.skipped_steps)
   if diagnostics:
     metrics.update(block_diagnostics(diags, grads, axis_name))
     metrics.update(model_diagnostics(diags, axis_name, precision.policy(model.dtype).max_finite))
