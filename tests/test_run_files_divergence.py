@@ -8,7 +8,7 @@ from experiments import run_files
 
 def _run():
   return types.SimpleNamespace(name="bn_fp16", note="", config="configs/quickstart.py",
-                               override_flags=lambda: [])
+                               overrides={}, override_flags=lambda: [])
 
 
 def test_summary_names_the_divergence_and_the_skipped_steps(tmp_path):
