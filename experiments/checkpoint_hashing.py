@@ -22,7 +22,7 @@ import numpy as np
 
 from configs import common
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, integrity
+from vitnorm import checkpoints, checkpoint_integrity as integrity
 
 
 def state_like(variant: str, tiny: bool):

@@ -42,7 +42,7 @@ def _worker(args):
   with_flag = placement_lib.make_placement(plan, mesh)
   rep, shard = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
   plain = jax.jit(functools.partial(
-      train_step, model=vit.build_model(plan.config.model), schedule=state_lib.make_schedule(plan),
+      train_step, model=vit.build_model(plan.model), schedule=state_lib.make_schedule(plan),
       accum_steps=1, ema_decay=0.0, micro_sharding=shard, diagnostics=False), donate_argnums=0,
       in_shardings=(rep, shard, rep), out_shardings=(rep, rep))
   local = c.batch_size // jax.process_count()

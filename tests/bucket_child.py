@@ -55,7 +55,8 @@ def main(results_path, local_workdir, bucket_workdir, num_steps, preempt_at):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   from vitnorm import evaluate as evaluate_cli, paths, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from vitnorm.training import checkpoints, loop  # pylint: disable=g-import-not-at-top
+  from vitnorm import checkpoints  # pylint: disable=g-import-not-at-top
+  from vitnorm.training import loop  # pylint: disable=g-import-not-at-top
 
   def config(**debug):
     c = quickstart.get_config()
@@ -76,6 +77,8 @@ def main(results_path, local_workdir, bucket_workdir, num_steps, preempt_at):
                        checkpoint_dir=second["checkpoint_dir"], steps=checkpoints.all_steps(bucket_workdir),
                        status_file=workdir_lib.read_status(bucket_workdir)["status"])
   out["seconds"]["second"] = second["wall_seconds"]
+  described = loop.describe_run(config(), bucket_workdir)  # --print_config on a bucket workdir
+  out["described_workdir"] = next(l for l in described.splitlines() if l.startswith("workdir "))
   local = loop.train_and_evaluate(config(), local_workdir)
   out["seconds"]["local"] = local["wall_seconds"]
   out["local"] = dict(status=local["status"], step=local["step"], top1=local["metrics"]["eval/top1"])

@@ -8,7 +8,9 @@ import sys
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Forced, not defaulted: an accelerator image that presets JAX_PLATFORMS (e.g. "cuda") would
+# otherwise run the suite on its one GPU instead of the 8 CPU devices the tests are written for.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test may touch the network: tfds must never try GCS or a download.
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
@@ -39,7 +41,9 @@ def run_cli(monkeypatch, capsys):
   defines are removed again afterwards, so the next in-process command can define its own.
   """
   import importlib  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  # absl.app defines its own flags (run_with_pdb, ...) when first imported: imported here, they
+  # are not among the command's flags removed below (else a later command finds them gone).
 
   def run(name, *args, cwd=None):
     module = importlib.import_module(f"vitnorm.{name}")

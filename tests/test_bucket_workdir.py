@@ -121,6 +121,7 @@ def test_bucket_workdir_preempt_resume_is_bit_identical_to_local_and_evaluates(g
   assert out["second"]["step"] == NUM_STEPS and out["second"]["steps"] == [100, 120]  # keep_checkpoints=2
   assert out["second"]["workdir"] == bucket_workdir  # not <cwd>/gs:/test-bucket/run
   assert out["second"]["checkpoint_dir"] == bucket_workdir + "/checkpoints"
+  assert out["described_workdir"].split()[1] == bucket_workdir  # --print_config keeps the URL
   assert out["local"]["status"] == "completed"
   assert out["identical"]  # params, BN statistics and their EMAs: bit-identical to the local run
   # metrics.jsonl: each logged step once; the mean train loss of every log interval the

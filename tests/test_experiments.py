@@ -18,6 +18,8 @@ from experiments import sweeps as sweeps_lib
 from vitnorm.model import vit
 from vitnorm.errors import UserError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # A stand-in for `python -m vitnorm.train` that follows the trainer's file contract:
 # - norm=bn with ffn_norm=none diverges at step 3 (NaN loss), writes status diverged, exits 1;
 # - --config.model.bn_momentum=0.5 fails like a bad override: 'error: ...' and exit 2;
@@ -241,7 +243,7 @@ def test_unwritable_root_is_a_one_line_error(tmp_path, capsys):
       run_sweep.main(["--sweep", "norm_variants_cpu", "--root", str(root)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: --root: ") and str(root) in err
+    assert err.count("\n") == 0 and err.startswith("error: --root: ") and str(root) in err
 
 
 def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys):
@@ -570,49 +572,55 @@ def test_report_tables_and_plots(tmp_path, fake_modules, capsys):
   assert _png_size(out_dir / "fake_cpu" / "diagnostics.png")[1] > _png_size(out_dir / "fake_cpu" / "loss.png")[1]
 
 
-FAKE_BENCHMARK = textwrap.dedent('''
-    import json, sys
-    out = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--output=")][0]
-    def row(model, ips, ln, floor):
-      return {"model": model, "batch_size": 8, "status": "ok", "ratio_to_ln": ips / ln,
-              "ratio_to_no_norm": ips / floor, "fraction_of_matmul_peak": 0.25,
-              "images_per_second": {"median": ips, "min": ips - 1, "max": ips + 1}}
-    rows = [row("ln", 100.0, 100.0, 125.0), row("bn_folded", 120.0, 100.0, 125.0),
-            row("none", 125.0, 100.0, 125.0),
-            {"model": "bn_unfolded", "batch_size": 8, "status": "out_of_memory", "images_per_second": {}}]
-    json.dump({"setup": {"model": {"variant": "S/16", "image_size": 224}, "num_devices": 2,
-                         "backend": "cpu", "device_kind": "cpu", "repeats": 3, "iterations": 5},
-               "results": rows}, open(out, "w"))
-    print("| model | img/s |")
+# The sweep's real benchmark command, made tiny: absl keeps the last value of a repeated flag, so
+# these sizes and counts win over the sweep's S/16 at 224 px; the JSON is what the real CLI writes.
+TINY_BENCHMARK = textwrap.dedent('''
+    import sys
+    from vitnorm import benchmark
+    sys.argv = ["vitnorm.benchmark"] + sys.argv[1:] + [
+        "--variant=Ti/8", "--image_size=16", "--hidden_size=32", "--num_layers=1", "--mlp_dim=64",
+        "--num_heads=2", "--num_classes=10", "--batch_sizes=8,16", "--warmup=0", "--iterations=1",
+        "--repeats=1", "--matmul_size=64"]
+    benchmark.run()
 ''')
 
 
 def test_benchmark_sweep_runs_once_and_reports_its_table(tmp_path, monkeypatch, capsys):
   mod_dir = tmp_path / "mods"
   mod_dir.mkdir()
-  (mod_dir / "fake_benchmark.py").write_text(FAKE_BENCHMARK)
-  monkeypatch.setenv("PYTHONPATH", f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  (mod_dir / "tiny_benchmark.py").write_text(TINY_BENCHMARK)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mod_dir), REPO, os.environ.get("PYTHONPATH", "")]))
   root = tmp_path / "runs"
-  args = ["--sweep", "inference_speed_cpu", "--root", str(root), "--benchmark_module=fake_benchmark"]
+  args = ["--sweep", "inference_speed_cpu", "--root", str(root), "--benchmark_module=tiny_benchmark"]
   assert run_sweep.main(args) == 0
-  doc = json.loads((root / "inference_speed_cpu" / "results.json").read_text())
+  out = root / "inference_speed_cpu"
+  doc = json.loads((out / "results.json").read_text())
   assert doc["benchmark"]["status"] == "completed" and doc["benchmark"]["output"] == "benchmark.json"
-  assert doc["benchmark"]["command"][-1] == f"--output={root / 'inference_speed_cpu' / 'benchmark.json'}"
+  assert doc["benchmark"]["command"][-1] == f"--output={out / 'benchmark.json'}"
   with pytest.raises(SystemExit):  # a benchmark sweep has no training length
     run_sweep.main(args + ["--resume", "--num_steps", "5"])
   assert "--num_steps: inference_speed_cpu trains nothing" in capsys.readouterr().err
   assert run_sweep.main(args + ["--resume"]) == 0
   assert "benchmark already completed (skipped)" in capsys.readouterr().out
+  measured = json.loads((out / "benchmark.json").read_text())  # written by the real benchmark CLI
+  rows = {(r["model"], r["batch_size"]): r for r in measured["results"]}
+  models = ["ln", "bn_folded", "bn_unfolded", "bn_ffnbn_folded", "none", "dyt", "prepbn_folded", "none_aa"]
+  assert set(rows) == {(m, b) for m in models for b in (8, 16)}
+  assert all(r["status"] == "ok" for r in rows.values())
   text = report.make_report(str(root))
-  assert "S/16 @ 224 px, float32, 2 cpu device(s) (cpu), 3 interleaved rounds of 5 calls" in text
-  assert "| bn_folded | 8 | 120.0 | 119.0-121.0 | 1.200 | 0.960 | 25.0% |" in text
-  assert "| bn_unfolded | 8 | out_of_memory | - | - | - | - |" in text
-  # The ratio pivot, its curve, the numbers for a write-up and the section on its own.
-  assert "| model | batch 8 |\n|---|---|\n| ln | 1.000 |\n| bn_folded | 1.200 |\n| none | 1.250 |" in text
-  out = root / "inference_speed_cpu"
+  for (model, batch), r in rows.items():  # every measured row, as the report prints it
+    ips = r["images_per_second"]
+    assert (f"| {model} | {batch} | {ips['median']:.1f} | {ips['min']:.1f}-{ips['max']:.1f} | "
+            f"{r['ratio_to_ln']:.3f} |") in text, (model, batch)
+  # The ratio pivot from the same numbers, its curve, the numbers for a write-up, the section.
+  pivot = "| model | batch 8 | batch 16 |\n|---|---|---|\n| ln | 1.000 | 1.000 |"
+  assert pivot in text
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["ratio_to_ln"]["bn_folded"] == {"8": 1.2}
-  assert summary["images_per_second"]["none"] == {"8": 125.0} and "bn_unfolded" not in summary["ratio_to_ln"]
+  for model in models:
+    for batch in (8, 16):
+      assert summary["ratio_to_ln"][model][str(batch)] == pytest.approx(rows[model, batch]["ratio_to_ln"], rel=1e-3)
+      assert summary["images_per_second"][model][str(batch)] == pytest.approx(
+          rows[model, batch]["images_per_second"]["median"], rel=1e-3)
   assert _png_size(out / "speed_vs_batch.png")[0] >= 600
   section = (out / "section.md").read_text()
   assert section.startswith("_Is a BN ViT") and "![speed vs batch](inference_speed_cpu/speed_vs_batch.png)" in section

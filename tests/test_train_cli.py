@@ -2,10 +2,12 @@
 --help, --print_config, one-line errors, None for optional fields, exit codes (0 completed /
 already completed, 2 bad input with the workdir untouched, 75 preempted), the start header,
 re-run rules, init_from a vitnorm workdir. One subprocess checks that nothing but our lines print."""
+import io
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 from vitnorm import cli, train
 from vitnorm import workdir as run_files
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,11 +52,30 @@ def tiny(tmp_path_factory):
   return str(path)
 
 
+class _ThisThreadOnly(io.TextIOBase):
+  """A stream that keeps what the calling thread writes and passes other threads' writes through.
+
+  A full test run leaves background threads of earlier tests alive (checkpoint writers, loggers);
+  a line one of them logs while a command runs here is not the command's output.
+  """
+
+  def __init__(self, passthrough):
+    super().__init__()
+    self.buffer_, self.passthrough, self.thread = io.StringIO(), passthrough, threading.get_ident()
+
+  def write(self, text):
+    if threading.get_ident() == self.thread:
+      return self.buffer_.write(text)
+    return self.passthrough.write(text)
+
+  def getvalue(self):
+    return self.buffer_.getvalue()
+
+
 def _main(*args):
-  """(exit code, stdout, stderr) of `python -m vitnorm.train ARGS`, in-process."""
-  import io  # pylint: disable=import-outside-toplevel
+  """(exit code, stdout, stderr) of `python -m vitnorm.train ARGS`, in-process: what this thread wrote."""
   from contextlib import redirect_stderr, redirect_stdout  # pylint: disable=import-outside-toplevel
-  out, err = io.StringIO(), io.StringIO()
+  out, err = _ThisThreadOnly(sys.stdout), _ThisThreadOnly(sys.stderr)
   with redirect_stdout(out), redirect_stderr(err):
     try:
       code = train.main(["vitnorm.train", *args])
@@ -124,6 +145,16 @@ def test_bad_input_is_one_clean_line_exit_2_and_no_workdir(tiny, tmp_path, overr
   assert code == 2 and err.splitlines() == [line], err
   assert "\\" not in err and "('" not in err
   assert not workdir.exists()
+
+
+def test_config_file_without_get_config_says_so_in_one_line(tmp_path):
+  config_file = tmp_path / "no_get_config.py"
+  config_file.write_text("X = 1\n")
+  code, _, err = _main(f"--config={config_file}", f"--workdir={tmp_path / 'run'}")
+  assert code == 2 and err == (f"error: --config: {config_file} defines no get_config(); add `def "
+                               "get_config(arg=None)` returning an ml_collections.ConfigDict (see "
+                               "configs/quickstart.py)\n"), err
+  assert not (tmp_path / "run").exists()
 
 
 def test_variant_and_norm_together_is_refused_in_one_line(tiny, tmp_path):

@@ -54,6 +54,16 @@ def apply_none(config, field):
                     "(fields that may be None say so in configs/common.py)")
 
 
+def config_file_argument(argv) -> str:
+  """FILE of `--config FILE[:ARGS]` or `--config=FILE[:ARGS]` in argv ('the config file' if absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return "the config file"
+
+
 def syntax_error_line(e: SyntaxError) -> str:
   return (f"--config: {e.filename} line {e.lineno}: {e.msg}; fix the syntax error in the config "
           "file (python -m py_compile FILE shows it)")

@@ -50,6 +50,26 @@ def use_all_cpu_cores(num_devices: Optional[int] = None) -> int:
   return count
 
 
+def avoid_compilation_cache_on_cpu_devices(log=print) -> bool:
+  """Turns JAX's persistent compilation cache off for a run on several CPU devices; returns
+  whether it did (and says so in one line through `log`).
+
+  XLA:CPU executables loaded back from that cache can deadlock in their all-reduces on several
+  host devices (two all-reduces of one step wait for each other until XLA aborts the process:
+  "Termination timeout for all reduce RendezvousKey ... of 40 seconds exceeded", exit 134; seen
+  with jax 0.10.2). GPU and TPU runs keep the cache.
+  """
+  if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+    return False
+  if jax.default_backend() != "cpu" or jax.device_count() < 2:
+    return False
+  jax.config.update("jax_enable_compilation_cache", False)
+  log(f"warning: the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off "
+      f"for this run: XLA:CPU executables loaded from it can deadlock in all-reduces on "
+      f"{jax.device_count()} CPU devices (README, 'Compilation cache on CPU')")
+  return True
+
+
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None,

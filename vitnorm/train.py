@@ -7,7 +7,7 @@ imported before the quiet start and the flag checks.
 import sys
 
 from vitnorm import cli
-from vitnorm.config_overrides import (HELP_FLAGS, apply_none, bad_value, last_error_line,
+from vitnorm.config_overrides import (HELP_FLAGS, apply_none, bad_value, config_file_argument, last_error_line,
                                       none_overrides, syntax_error_line, unknown_field)
 from vitnorm.errors import UserError, exit_with_error, one_line
 
@@ -52,6 +52,10 @@ def parse(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv, none_fields = none_overrides(list(argv))
+  # ml_collections loads FILE into sys.modules['config_config'] with load_module(), which re-runs a
+  # file in the module object of the config loaded before it: a get_config() the new file lacks
+  # would come from the old one. Each parse starts from a fresh module.
+  sys.modules.pop("config_config", None)
   values = flags.FlagValues()
   config_flags.DEFINE_config_file(
       "config", None, "Config file FILE.py[:ARGS].", flag_values=values, lock_config=True,
@@ -75,6 +79,9 @@ def parse(argv):
   except UserError:
     raise
   except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    if "get_config" in str(e):  # the file loaded but defines no get_config()
+      raise UserError(f"--config: {config_file_argument(argv)} defines no get_config(); add `def get_config(arg=None)` "
+                      "returning an ml_collections.ConfigDict (see configs/quickstart.py)") from None
     raise UserError(unknown_field(e, argv)) from None
   except SyntaxError as e:  # the config file does not parse: name the file and line
     raise UserError(syntax_error_line(e)) from None
@@ -109,6 +116,7 @@ def _run(config, workdir, print_config) -> int:
   parallel.maybe_initialize_distributed(
       config.distributed.coordinator_address, config.distributed.num_processes,
       config.distributed.process_id, auto=bool(config.distributed.auto))
+  parallel.avoid_compilation_cache_on_cpu_devices(lambda line: print(line, file=sys.stderr, flush=True))
   if print_config:
     print(loop.describe_run(config, workdir), flush=True)
     return cli.EXIT_COMPLETED

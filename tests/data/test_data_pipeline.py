@@ -1,7 +1,8 @@
 """Pipelines over the real offline datasets (mnist5k, digits), prepared into a temporary data_dir.
 
 Shapes, dtypes, value ranges; determinism for (seed, step) and exact resume; cached global
-batches independent of the process count; streamed per-process parts disjoint and covering; eval sees every example exactly once; clear errors for bad input.
+batches independent of the process count; streamed per-process parts disjoint and covering; eval
+sees every example exactly once; clear errors for bad input.
 """
 import collections
 import time

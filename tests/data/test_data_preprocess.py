@@ -148,3 +148,45 @@ def test_jpeg_partial_decode_gives_the_same_crop_as_full_decode():
       full = preprocess.inception_crop(preprocess.decode(encoded, 3), seed, 16, 0.08).numpy()
       assert fast.shape == (16, 16, 3)
       np.testing.assert_allclose(fast, full, atol=1.0)
+
+
+# Each random op really does something: a no-op implementation fails these.
+LOW_CONTRAST = RNG.integers(60, 140, size=(40, 40, 3)).astype(np.float32)  # big enough for equalize
+
+
+def test_every_randaugment_op_changes_the_image():
+  img = tf.constant(LOW_CONTRAST)
+  for op, name in enumerate(ra.OP_NAMES):
+    out = ra.apply_op(img, tf.constant(op), tf.constant(9.0), tf.constant(1.0),
+                      tf.constant([124.0] * 3)).numpy()
+    assert not np.array_equal(out, np.round(LOW_CONTRAST)), name
+
+
+def test_shear_and_rotation_of_known_magnitude():
+  img = np.arange(1, 31, dtype=np.float32).reshape(5, 6, 1)
+  fill = tf.constant([99.0])
+  sheared = _tf(ra.shear, img, tf.constant(1.0), fill, "x")[..., 0]
+  expected = np.array([[img[y, x + y, 0] if x + y < 6 else 99.0 for x in range(6)] for y in range(5)])
+  np.testing.assert_allclose(sheared, expected, atol=1e-4)  # output (x, y) <- input (x + y, y)
+  # Level 10 of RandAugment's rotate is 30 degrees (timm: 30 * level / 10), sign +1 counter-clockwise.
+  square = np.arange(49, dtype=np.float32).reshape(7, 7, 1)
+  rotate_op = list(ra.OP_NAMES).index("Rotate")
+  by_op = ra.apply_op(tf.constant(square), tf.constant(rotate_op), tf.constant(10.0), tf.constant(1.0),
+                      tf.constant([0.0])).numpy()
+  np.testing.assert_array_equal(by_op, np.clip(np.round(_tf(ra.rotate, square, tf.constant(30.0),
+                                                            tf.constant([0.0]))), 0, 255))
+  assert not np.array_equal(by_op, square)
+  np.testing.assert_allclose(_tf(ra.rotate, square, tf.constant(-90.0), tf.constant([0.0]))[..., 0],
+                             np.rot90(square[..., 0], k=-1), atol=1e-4)
+
+
+def test_random_shift_and_inception_crop_vary_with_the_seed():
+  img = tf.constant(np.arange(1, 37, dtype=np.float32).reshape(6, 6, 1))
+  shifted = {preprocess.random_shift(img, tf.constant([s, 1], tf.int64), 2).numpy().tobytes()
+             for s in range(10)}
+  assert len(shifted) >= 3  # several offsets, not only the centred copy
+  whole = preprocess.inception_crop(tf.constant(RGB), tf.constant([0, 0], tf.int64), 7, 1.0).numpy()
+  crops = [preprocess.inception_crop(tf.constant(RGB), tf.constant([s, 0], tf.int64), 7, 0.08).numpy()
+           for s in range(6)]
+  assert len({c.tobytes() for c in crops}) >= 4
+  assert any(np.max(np.abs(c - whole)) > 10 for c in crops)  # crops of part of the image

@@ -17,7 +17,7 @@ import pytest
 
 from configs import common
 from vitnorm.inference import comparison
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 from vitnorm import data
 from vitnorm.inference import run_report
 from vitnorm.model import vit
@@ -46,8 +46,10 @@ def write_workdir(workdir, config, steps=(5,), ema=False):
   ck = checkpoints.Checkpointer(str(workdir), async_save=False)
   for i, step in enumerate(steps):
     variables = comparison.random_variables(model, config.model, seed=i)
-    if ema:
-      variables["ema_params"] = jax.tree_util.tree_map(lambda p: 0.5 * p, variables["params"])
+    if ema:  # EMA weights and an EMA of the BN statistics, both unlike the live ones
+      variables["ema_params"] = jax.tree_util.tree_map(lambda p: 2.0 * p, variables["params"])
+      variables[checkpoints.EMA_BATCH_STATS] = jax.tree_util.tree_map(
+          lambda s: 3.0 * s + 0.5, variables["batch_stats"])
     ck.save(step, variables, {"step": np.int32(step)})
   ck.close()
 
@@ -133,7 +135,17 @@ def test_chosen_step_and_ema_weights(tmp_path, data_dir):
   ema = run_report.evaluate(workdir=str(tmp_path), step=3, use_ema=True, measure=False,
                           eval_batch_size_override=120)
   assert first["source"]["step"] == 3 and ema["source"]["use_ema"]
-  assert first["accuracy"]["as_trained"]["loss"] != ema["accuracy"]["as_trained"]["loss"]
+  # The EMA weights are evaluated with the EMA of the BN statistics (a hand-built reference), not
+  # with the live statistics.
+  config = checkpoints.load_run_config(str(tmp_path))
+  live, _ = checkpoints.restore_variables(str(tmp_path), 3)
+  params = jax.tree_util.tree_map(lambda p: 2.0 * p, live["params"])
+  ema_stats = jax.tree_util.tree_map(lambda s: 3.0 * s + 0.5, live["batch_stats"])
+  _, with_ema_stats = _reference_accuracy(config, {"params": params, "batch_stats": ema_stats})
+  _, with_live_stats = _reference_accuracy(config, {"params": params, "batch_stats": live["batch_stats"]})
+  assert abs(with_ema_stats - with_live_stats) > 1e-3 * with_live_stats
+  assert ema["accuracy"]["as_trained"]["loss"] == pytest.approx(with_ema_stats, rel=1e-5)
+  assert first["accuracy"]["as_trained"]["loss"] == pytest.approx(_reference_accuracy(config, live)[1], rel=1e-5)
   assert "EMA weights" in ema["markdown"].splitlines()[0]
   assert first["throughput"] == {"skipped": "--no_throughput"}
 

@@ -84,6 +84,32 @@ def test_every_norm_variant_runs_forward_and_backward_with_finite_outputs(norm, 
     assert any(np.any(s != 0) for s in jax.tree.leaves(updates["batch_stats"]))
   eval_logits = model.apply({**variables, "params": params}, x, train=False)
   assert np.all(np.isfinite(eval_logits))
+  # The module tree is the one the variant asks for (names of the reference layout).
+  names = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}
+  block = variables["params"]["Transformer"]["encoderblock_0"]
+  norms_in_block = {k for k in block if not k.startswith(("MultiHead", "MlpBlock"))}
+  assert norms_in_block == ({f"{names[norm]}_0", f"{names[norm]}_1"} if norm != "none" else set())
+  assert set(block["MlpBlock_0"]) == {"Dense_0", "Dense_1"} | (
+      {f"{names[ffn_norm]}_0"} if ffn_norm != "none" else set())
+  assert ("encoder_norm" in variables["params"]["Transformer"]) == (norm != "none")
+  assert ("cls" in variables["params"]) == (classifier == "token")
+
+
+def test_ffn_norm_position_and_classifier_change_the_output():
+  cfg = dict(TINY, norm="layer", ffn_norm="layer", ffn_norm_position="pre_act")
+  variables = vit.init_variables(vit.build_model(cfg), jax.random.key(0), (1, 16, 16, 3))
+  leaves, tree = jax.tree.flatten(variables)  # random non-zero head, cls and norm biases
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  variables = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  x = _images()
+  out = lambda **kw: vit.build_model(dict(cfg, **kw)).apply(variables, x, train=False)  # noqa: E731
+  pre, post = out(), out(ffn_norm_position="post_act")
+  assert float(jnp.max(jnp.abs(pre - post))) > 1e-3
+  gap_variables = jax.tree_util.tree_map_with_path(  # the same weights without the CLS token
+      lambda path, p: p[:, 1:] if "pos_embedding" in jax.tree_util.keystr(path) else p,
+      {"params": {k: v for k, v in variables["params"].items() if k != "cls"}})
+  gap = vit.build_model(dict(cfg, classifier="gap")).apply(gap_variables, x, train=False)
+  assert float(jnp.max(jnp.abs(pre - gap))) > 1e-3
 
 
 def test_bn_model_in_eval_mode_treats_each_example_independently():
@@ -133,6 +159,16 @@ def test_bfloat16_compute_keeps_float32_parameters():
   logits, updates = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates["batch_stats"]))
+  # The matmuls run in bfloat16: an FFN Dense outputs bf16, and the logits differ (slightly) from
+  # the float32 model's with the same weights.
+  _, captured = model.apply(variables, _images(), train=False, capture_intermediates=True)
+  dense = captured["intermediates"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]
+  assert dense["__call__"][0].dtype == jnp.bfloat16
+  f32 = vit.build_model(dict(TINY, norm="batch", ffn_norm="batch"))
+  params = jax.tree.map(lambda p: p + 0.05, variables["params"])  # a non-zero head
+  a = model.apply({**variables, "params": params}, _images(), train=False)
+  b = f32.apply({**variables, "params": params}, _images(), train=False)
+  assert 0 < float(jnp.max(jnp.abs(a - b))) < 0.05 * float(jnp.max(jnp.abs(b)))
 
 
 def test_vit_batch_statistics_agree_under_pmap_jit_mesh_and_one_device():

@@ -10,8 +10,8 @@ import pytest
 from configs import common
 from vitnorm import data, parallel
 from vitnorm.model import vit
-from vitnorm.training import (checkpoints, evaluation, loop, plan as plan_lib, state as state_lib,
-                              step as step_lib)
+from vitnorm import checkpoints, evaluation
+from vitnorm.training import loop, plan as plan_lib, state as state_lib, step as step_lib
 
 
 def tiny_config(ema_decay=0.9):

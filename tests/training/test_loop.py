@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 from vitnorm import workdir as run_logging
 from vitnorm.training import loop, plan as plan_lib, state as state_lib
 from vitnorm.errors import UserError

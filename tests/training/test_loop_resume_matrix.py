@@ -12,7 +12,8 @@ import pytest
 from configs import common
 from vitnorm import data, parallel, workdir as workdir_lib
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, evaluation, loop
+from vitnorm import checkpoints, evaluation
+from vitnorm.training import loop
 
 NUM_STEPS, PREEMPT_AT, EMA_DECAY = 8, 5, 0.8
 

@@ -9,7 +9,6 @@
 - Bad optim.loss_scale values are one-line ConfigErrors.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,12 +21,12 @@ from vitnorm.training import state as state_lib
 NUM_CLASSES, BATCH = 10, 32
 
 
-def fp16_plan(parallelism="jit", init=1024.0, growth_interval=3, norm="layer", **model):
+def fp16_plan(parallelism="jit", init=1024.0, growth_interval=3, norm="layer", dtype="float16", **model):
   c = common.base_config()
   c.model = common.model_config(variant=None, norm=norm, num_classes=NUM_CLASSES, image_size=8,
                                 num_channels=1)
   c.model.update(dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=4,
-                      dtype="float16", **model))
+                      dtype=dtype, **model))
   c.batch_size, c.parallelism = BATCH, parallelism
   c.optim.update(dict(base_lr=1e-3, lr_scaling_batch=None, warmup_steps=0))
   c.optim.loss_scale.update(dict(init=init, growth_interval=growth_interval))
@@ -175,8 +174,7 @@ def test_float16_steps_agree_under_jit_and_pmap(overflow_run, parallelism):
 
 def test_other_dtypes_have_no_loss_scale():
   for dtype in ("float32", "bfloat16"):
-    plan = fp16_plan()
-    plan.config.model.dtype = dtype
+    plan = fp16_plan(dtype=dtype)
     state = state_lib.create_train_state(plan, jax.random.PRNGKey(0))
     assert state.loss_scale is None
 
@@ -211,7 +209,7 @@ def fp16_uninterrupted(tmp_path_factory):
 
 def test_float16_run_logs_the_loss_scale_and_skipped_steps(fp16_uninterrupted):
   from vitnorm import workdir as run_logging  # pylint: disable=g-import-not-at-top
-  from vitnorm.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from vitnorm import checkpoints  # pylint: disable=g-import-not-at-top
   workdir, summary = fp16_uninterrupted
   assert summary["status"] == "completed"
   rows = [r for r in run_logging.read_metrics(workdir) if "train/loss_scale" in r]
@@ -234,7 +232,8 @@ def test_float16_run_logs_the_loss_scale_and_skipped_steps(fp16_uninterrupted):
 
 def test_preempted_float16_run_resumes_bit_identical_with_its_loss_scale(fp16_uninterrupted, tmp_path):
   from vitnorm import workdir as run_logging  # pylint: disable=g-import-not-at-top
-  from vitnorm.training import checkpoints, loop  # pylint: disable=g-import-not-at-top
+  from vitnorm import checkpoints
+  from vitnorm.training import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "resumed")
   first = loop.train_and_evaluate(_fp16_loop_config(**{"debug.preempt_at_step": 10}), workdir)
   assert first["status"] == "preempted" and first["step"] == 10

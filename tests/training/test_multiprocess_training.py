@@ -21,7 +21,7 @@ import pytest
 
 import vitnorm.data as data
 from vitnorm import cli, workdir as workdir_lib
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 
 pytestmark = pytest.mark.multiprocess
 

@@ -14,7 +14,8 @@ from vitnorm import data, workdir as run_logging
 from vitnorm.errors import ConfigError
 from vitnorm.inference import run_report
 from vitnorm.model import vit
-from vitnorm.training import checkpoints, evaluation, loop, plan as plan_lib, state as state_lib
+from vitnorm import checkpoints, evaluation
+from vitnorm.training import loop, plan as plan_lib, state as state_lib
 from vitnorm.training import step as step_lib
 
 WARMUP, DECAY, STEPS = 3, 9, 12  # lam: 1 for steps 0-2, linear to 0 at step 9, 0 for 9-11

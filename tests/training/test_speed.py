@@ -122,8 +122,15 @@ def test_cli_train_and_loop_modes_refuse_bad_input_in_one_line(tmp_path):
 def test_dyt_and_prepbn_train_steps_compile_and_run():
   """Every norm of the table gets a real train step (PRepBN needs its decay resolved, as the trainer does)."""
   from vitnorm import parallel  # pylint: disable=g-import-not-at-top
+  flops = {}
   for name in ("dyt", "prepbn"):
     cfg = dict(comparison.model_config("Ti/16", 16, num_classes=10, **TINY), **speed.TRAIN_MODELS[name])
     plan = speed.train_plan(cfg, batch_size=16, parallelism="jit")
+    assert plan.model.norm == name  # the timed model is the named one
     program = speed.compile_train_step(plan, parallel.data_mesh())
-    assert np.isfinite(float(program.call())), name
+    losses = [float(program.call()) for _ in range(3)]
+    assert all(np.isfinite(losses)), name
+    assert losses[2] != losses[0], name  # a real train step: the state it carries is updated
+    flops[name] = program.flops_per_image
+  # PRepBN runs LayerNorm and BatchNorm while lam > 0: a bigger program than DyT's tanh.
+  assert flops["prepbn"] > flops["dyt"] > 0

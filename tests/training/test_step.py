@@ -12,10 +12,12 @@ from vitnorm.training import placement as placement_lib, plan as plan_lib, state
 NUM_CLASSES = 10
 
 
-def tiny_plan(norm="batch", ffn_norm="batch", batch=32, accum=1, parallelism="jit", warmup=1, layers=2):
+def tiny_plan(norm="batch", ffn_norm="batch", batch=32, accum=1, parallelism="jit", warmup=1, layers=2,
+              dtype="float32"):
   c = common.base_config()
   c.model = common.model_config(variant=None, norm=norm, ffn_norm=ffn_norm, num_classes=NUM_CLASSES,
                                 image_size=8, num_channels=1)
+  c.model.dtype = dtype
   c.model.update(dict(hidden_size=32, num_layers=layers, mlp_dim=64, num_heads=2, patch_size=4))
   c.batch_size, c.accum_steps, c.parallelism = batch, accum, parallelism
   c.optim.base_lr, c.optim.lr_scaling_batch, c.optim.grad_clip_norm = 3e-3, None, 1.0
@@ -39,7 +41,7 @@ def run_steps(plan, batches, diagnostics=False):
   placement = placement_lib.make_placement(plan, mesh)
   state = placement.put_state(state_lib.create_train_state(plan, jax.random.PRNGKey(0)))
   metrics = []
-  for i, b in enumerate(batches):
+  for b in batches:
     if plan.config.parallelism == "jit":
       placed = jax.device_put(b, parallel.batch_sharding(mesh))
     else:
@@ -75,7 +77,13 @@ def test_jit_and_pmap_give_the_same_losses_params_and_bn_stats(jit_and_pmap_runs
   movement = _max_abs_diff(gj.params, initial)
   assert movement > 1e-3
   assert _max_abs_diff(gj.params, gp.params) < 0.02 * movement
-  assert _max_abs_diff(gj.batch_stats, gp.batch_stats) < 1e-5
+  # Running statistics: averages of activations of parameters that already differ (above), so the
+  # same budget relative to how far they moved from their initial values (mean 0, var 1); seen:
+  # 6e-6 of a 0.35 movement on an AMD EPYC (an absolute 1e-5 failed there). Unsynced per-device
+  # statistics would differ by ~0.05.
+  initial_stats = state_lib.create_train_state(tiny_plan(), jax.random.PRNGKey(0)).batch_stats
+  stats_movement = _max_abs_diff(gj.batch_stats, initial_stats)
+  assert _max_abs_diff(gj.batch_stats, gp.batch_stats) < 0.01 * stats_movement
   # The running statistics moved away from their initial values (0 mean, 1 var).
   assert any(float(np.max(np.abs(np.asarray(x)))) > 1e-3 for x in jax.tree.leaves(gj.batch_stats))
   for key in mj[-1]:
@@ -132,13 +140,17 @@ def test_non_finite_step_leaves_the_state_unchanged(jit_and_pmap_runs):
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-  plan = tiny_plan(norm="layer", ffn_norm="none", layers=1)
-  plan.config.model.dtype = "bfloat16"
-  batches = synthetic_batches(2, 32, seed=3)
-  _, state, metrics = run_steps(plan, batches)
+  batches = synthetic_batches(3, 32, seed=3)
+  runs = {d: run_steps(tiny_plan(norm="layer", ffn_norm="none", layers=1, dtype=d), batches)
+          for d in ("float32", "bfloat16")}
+  _, state, metrics = runs["bfloat16"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype")
              and jnp.issubdtype(x.dtype, jnp.floating))
-  # Same first loss as float32 within bfloat16 precision (zero-initialized head: log(10) exactly).
-  assert metrics[0]["loss"] == pytest.approx(np.log(NUM_CLASSES), rel=1e-2)
-  assert np.isfinite(metrics[1]["loss"]) and metrics[1]["grad_norm"] > 0
+  # The first loss is log(10) in any dtype (zero-initialized head); after two updates the bfloat16
+  # compute shows: the losses differ from float32 by more than float32 rounding, within bf16's.
+  f32 = [m["loss"] for m in runs["float32"][2]]
+  bf16 = [m["loss"] for m in metrics]
+  assert bf16[0] == pytest.approx(np.log(NUM_CLASSES), rel=1e-2)
+  assert bf16[2] != pytest.approx(f32[2], rel=1e-5) and bf16[2] == pytest.approx(f32[2], rel=5e-2)
+  assert np.isfinite(bf16[1]) and metrics[1]["grad_norm"] > 0

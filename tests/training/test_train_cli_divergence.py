@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitnorm import workdir as workdir_lib
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 
 # Weight decay with lr * weight_decay = 2.5 > 2: each decoupled decay step multiplies every kernel
 # by (1 - 2.5) = -1.5, so the logits and the loss grow geometrically while staying finite -- a

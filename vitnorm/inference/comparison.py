@@ -114,7 +114,7 @@ def model_config(variant: str, image_size: int, *, num_classes: int = 1000, num_
              ffn_norm_position=ffn_norm_position, dtype=dtype)
   cfg.update({k: v for k, v in sizes.items() if v is not None})
   try:
-    vit.resolve_model_config(cfg)
+    vit.model_spec(cfg)
   except ConfigError as e:  # name the flag the user typed, not the config field
     flag = "--" + e.field.split(".")[-1]
     raise ConfigError(flag, str(e)[len(e.field) + 2:]) from None
@@ -153,8 +153,7 @@ def run_benchmark(base_cfg: dict, *, models: Sequence[str] = DEFAULT_MODELS, bat
   mesh = throughput.local_mesh()
   for b in batch_sizes:
     throughput.check_batch_size(b, mesh)
-  resolved = vit.resolve_model_config(base_cfg)
-  image_shape = (resolved["image_size"], resolved["image_size"], resolved["num_channels"])
+  image_shape = vit.model_spec(base_cfg).input_shape()[1:]
   candidates = build_candidates(base_cfg, models, seed)
   matmul = throughput.prepare_matmul(base_cfg.get("dtype", "float32"), size=matmul_size or None,
                                      mesh=mesh)

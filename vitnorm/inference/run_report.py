@@ -8,7 +8,7 @@ With --workdir the run's config.json and a checkpoint (the latest, or --step) ar
 --config the model gets random weights (throughput; accuracy too if the dataset is available).
 
 Accuracy: top-1 and mean cross-entropy over *every* example of data.eval_split (the last batch
-padded and masked out, see vitnorm.training.evaluation). A BN model whose norms all fold
+padded and masked out, see vitnorm.evaluation). A BN model whose norms all fold
 (vitnorm.model.fold) is evaluated both as trained and folded into the norm-free ViT; the two must
 agree (their difference is reported). The accuracy pass, and with it the fold check, runs at
 `jax.default_matmul_precision("highest")` (float32 matmuls in full float32 on every backend): at
@@ -38,7 +38,7 @@ from vitnorm import parallel, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.inference import throughput
 from vitnorm.model import fold, norms, vit
-from vitnorm.training import checkpoints, evaluation
+from vitnorm import checkpoints, evaluation
 
 JSON_FILE = "evaluation.json"
 MARKDOWN_FILE = "evaluation.md"
@@ -103,9 +103,10 @@ def load_model(workdir: Optional[str], config: Optional[ml_collections.ConfigDic
                       "random weights")
     if dtype:
       config.model.dtype = dtype
-    model = vit.build_model(config.model)
+    spec = vit.model_spec(config.model)
+    model = vit.build_model(spec)
     seed = int(config.get("seed", 0) or 0)
-    variables = vit.init_variables(model, jax.random.key(seed), vit.input_shape(config.model, 1))
+    variables = vit.init_variables(model, jax.random.key(seed), spec.input_shape(1))
     source = dict(weights="random", seed=seed)
     return config, model, throughput.inference_variables(variables), source
   if not paths.is_dir(workdir):
@@ -190,13 +191,13 @@ def format_markdown(report: dict) -> str:
     title = f"# Evaluation of {src['workdir']} (step {src['step']}{', EMA weights' if src['use_ema'] else ''})"
   else:
     title = f"# Evaluation of {report.get('config_name') or 'a config'} with random weights (seed {src['seed']})"
-  sizes = vit.resolve_model_config(m)
+  sizes = report["resolved_model"]
   lines = [title, "",
            f"Model: {m.get('variant') or 'custom'} (hidden {sizes['hidden_size']}, {sizes['num_layers']} "
            f"layers), {sizes['image_size']}px, norm={sizes['norm']}, ffn_norm={sizes['ffn_norm']}"
            f"{' (' + sizes['ffn_norm_position'] + ')' if sizes['ffn_norm'] != 'none' else ''}, "
            f"{'qk_norm=' + sizes['qk_norm'] + ', ' if sizes['qk_norm'] != 'none' else ''}"
-           f"classifier={sizes['classifier']}, dtype={throughput.dtype_name(sizes['dtype'])}.",
+           f"classifier={sizes['classifier']}, dtype={sizes['dtype']}.",
            f"Folding: {'folded' if report['folding']['applied'] else 'not applied'} -- "
            f"{report['folding']['reason']}.",
            f"Devices: {report['devices']['num_devices']} x {report['devices']['backend']} "
@@ -282,10 +283,12 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   elif foldable:
     reason = "no BatchNorm to fold"
   mesh = parallel.data_mesh()
-  resolved = vit.resolve_model_config(config.model)
-  dtype = throughput.dtype_name(resolved["dtype"])
+  spec = vit.model_spec(config.model)
+  dtype = throughput.dtype_name(spec.dtype)
+  resolved = {k: v for k, v in spec.as_dict().items() if k != "norm_options"}
   report = dict(
       source=source, config_name=config_name, model=config.model.to_dict(),
+      resolved_model=dict(resolved, dtype=dtype),
       devices=dict(backend=jax.default_backend(), device_kind=jax.local_devices()[0].device_kind,
                    num_devices=num_local, num_processes=jax.process_count()),
       folding=dict(foldable=foldable, applied=applied, reason=reason))
@@ -296,7 +299,7 @@ def evaluate(*, workdir: Optional[str] = None, config: Optional[ml_collections.C
   else:
     report["accuracy"] = dict(skipped="--no_accuracy")
   if measure:
-    image_shape = (resolved["image_size"], resolved["image_size"], resolved["num_channels"])
+    image_shape = spec.input_shape()[1:]
     report["throughput"] = measure_throughput(
         models, dtype, sizes, image_shape, warmup=warmup,
         iterations=iterations, repeats=repeats, log=log)

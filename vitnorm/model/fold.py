@@ -34,12 +34,14 @@ Neither can DyT (an elementwise tanh) nor QK-norm (per-token, per-head statistic
 Public API:
   foldability(model_or_cfg) -> (bool, reason)
   fold_batchnorm(model_or_cfg, variables) -> (folded_model, {'params': folded_params})
-  batchnorm_affine(bn_params, bn_stats, epsilon) -> (s, t)
+  batchnorm_affine(bn_params, bn_stats, epsilon) -> (s, t)   (float64 NumPy)
+
+The fold is computed in float64 NumPy on the host, whatever JAX's default matmul precision.
 """
 from typing import Mapping, Tuple
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitnorm.model import norms
 from vitnorm.model import vit as vit_lib
@@ -93,29 +95,41 @@ def foldability(model_or_cfg) -> Tuple[bool, str]:
 
 
 def batchnorm_affine(bn_params: Mapping, bn_stats: Mapping, epsilon: float):
-  """(s, t) with BN(x) = x * s + t in eval mode, computed in float32 as TokenBatchNorm does."""
-  var = jnp.asarray(bn_stats["var"], jnp.float32)
-  mean = jnp.asarray(bn_stats["mean"], jnp.float32)
-  s = jax.lax.rsqrt(var + epsilon) * jnp.asarray(bn_params["scale"], jnp.float32)
-  t = jnp.asarray(bn_params["bias"], jnp.float32) - mean * s
+  """(s, t) with BN(x) = x * s + t in eval mode, as float64 NumPy arrays (see `_host64`)."""
+  var, mean = _host64(bn_stats["var"]), _host64(bn_stats["mean"])
+  s = _host64(bn_params["scale"]) / np.sqrt(var + epsilon)
+  t = _host64(bn_params["bias"]) - mean * s
   return s, t
+
+
+def _host64(x) -> np.ndarray:
+  """x as a float64 NumPy array on the host.
+
+  The whole fold is computed in float64 NumPy and rounded to the parameters' dtype once at the
+  end, so it does not depend on JAX's matmul precision: on recent NVIDIA GPUs the default for
+  float32 matmuls is TF32 (~1e-3 relative error per product) and on TPU bfloat16 passes, either
+  of which would put the folded weights outside evaluate's float32 agreement check.
+  """
+  return np.asarray(x, dtype=np.float64)
 
 
 def _fold_before(dense: Mapping, s, t) -> dict:
   """BN (s, t) applied to the input of a Dense/DenseGeneral whose kernel's first axis is the input."""
-  kernel = jnp.asarray(dense["kernel"], jnp.float32)
-  bias = jnp.asarray(dense["bias"], jnp.float32)
+  kernel, bias = _host64(dense["kernel"]), _host64(dense["bias"])
   new_kernel = kernel * s.reshape((-1,) + (1,) * (kernel.ndim - 1))
-  new_bias = bias + jnp.tensordot(t, kernel, axes=(0, 0))
-  return {"kernel": new_kernel.astype(dense["kernel"].dtype), "bias": new_bias.astype(dense["bias"].dtype)}
+  new_bias = bias + np.tensordot(t, kernel, axes=(0, 0))
+  return {"kernel": _like(new_kernel, dense["kernel"]), "bias": _like(new_bias, dense["bias"])}
 
 
 def _fold_after(dense: Mapping, s, t) -> dict:
   """BN (s, t) applied to the output of a Dense (kernel (in, out)): W diag(s), c * s + t."""
-  kernel = jnp.asarray(dense["kernel"], jnp.float32)
-  bias = jnp.asarray(dense["bias"], jnp.float32)
-  return {"kernel": (kernel * s[None, :]).astype(dense["kernel"].dtype),
-          "bias": (bias * s + t).astype(dense["bias"].dtype)}
+  kernel, bias = _host64(dense["kernel"]), _host64(dense["bias"])
+  return {"kernel": _like(kernel * s[None, :], dense["kernel"]), "bias": _like(bias * s + t, dense["bias"])}
+
+
+def _like(value: np.ndarray, original) -> jnp.ndarray:
+  """The folded float64 value rounded once to the original parameter's dtype, as a JAX array."""
+  return jnp.asarray(value.astype(jnp.dtype(original.dtype)))
 
 
 def _pop(tree: dict, path: str):
@@ -196,7 +210,7 @@ def fold_batchnorm(model_or_cfg, variables: Mapping) -> Tuple[vit_lib.ViT, dict]
       raise UserError(f"cannot fold: variables have no '{path}/BatchNorm' or '{path}/eta' (the "
                       "checkpoint does not match the model config)")
     s, t = batchnorm_affine(prep["BatchNorm"], _get(stats, f"{path}/BatchNorm"), eps)
-    return s + jnp.asarray(prep["eta"], jnp.float32), t
+    return s + _host64(prep["eta"]), t
 
   for i in range(model.num_layers):
     block = f"Transformer/encoderblock_{i}"

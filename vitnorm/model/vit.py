@@ -243,6 +243,57 @@ def resolve_model_config(cfg: Mapping) -> dict:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A model config resolved once: sizes taken from the preset, norm names canonical, defaults
+  filled in, every field validated. `build_model` builds it and checkpoint compatibility compares
+  it; two configs that describe the same ViT (e.g. variant 'Ti/16' and the same sizes given
+  explicitly, norm 'bn' and 'batch') give equal specs. Made by `model_spec(config.model)`."""
+
+  num_classes: int
+  image_size: int
+  num_channels: int
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str  # token | gap
+  norm: str  # pre-attention, pre-FFN and final norm (canonical kind, norms.NORM_KINDS)
+  ffn_norm: str  # the norm between the FFN's Dense layers, or none
+  ffn_norm_position: str  # pre_act | post_act
+  qk_norm: str  # none | layer | rms
+  dtype: Any  # compute dtype (jnp.float32 / jnp.bfloat16 / jnp.float16); parameters stay float32
+  attention_logits: str  # float32 | compute (vitnorm.model.precision)
+  attention_scale: str  # query | product
+  dropout_rate: float
+  attention_dropout_rate: float
+  drop_path_rate: float
+  norm_options: norms.NormOptions
+  representation_size: Optional[int]
+  head_bias_init: float
+
+  @property
+  def uses_batch_stats(self) -> bool:
+    """Whether the model keeps BatchNorm running statistics (a batch_stats collection)."""
+    return any(norms.uses_batch_stats(k) for k in (self.norm, self.ffn_norm))
+
+  def input_shape(self, batch_size: int = 1):
+    """(batch, image_size, image_size, num_channels)."""
+    return (batch_size, self.image_size, self.image_size, self.num_channels)
+
+  def as_dict(self) -> dict:
+    """The fields as a (shallow) dict, norm_options kept as the NormOptions it is."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def model_spec(cfg) -> ModelSpec:
+  """The ModelSpec of a model config (ConfigDict or dict); a ModelSpec is returned as it is."""
+  if isinstance(cfg, ModelSpec):
+    return cfg
+  return ModelSpec(**resolve_model_config(cfg))
+
+
 def _prepbn_steps(cfg: Mapping):
   """(warmup_steps, decay_steps) of model.prepbn (decay None: unresolved, the trainer sets num_steps)."""
   section = _get(cfg, "prepbn", {})
@@ -276,19 +327,19 @@ def at_step(model: "ViT", step: Optional[int]) -> "ViT":
   return model.clone(step=0 if step < o.prepbn_warmup_steps else step)
 
 
-def build_model(cfg: Mapping, *, bn_axis_name: Optional[str] = None) -> ViT:
-  """Builds the ViT described by a model config; under pmap pass the axis name for BN sync."""
-  kwargs = resolve_model_config(cfg)
+def build_model(spec, *, bn_axis_name: Optional[str] = None) -> ViT:
+  """Builds the ViT of a ModelSpec (or of a model config, resolved here); under pmap pass the
+  axis name for BN sync."""
+  kwargs = model_spec(spec).as_dict()
   for key in ("image_size", "num_channels"):
     kwargs.pop(key)
   kwargs["norm_options"] = dataclasses.replace(kwargs["norm_options"], bn_axis_name=bn_axis_name)
   return ViT(**kwargs)
 
 
-def input_shape(cfg: Mapping, batch_size: int = 1):
-  """(batch, image_size, image_size, num_channels) for a model config."""
-  r = resolve_model_config(cfg)
-  return (batch_size, r["image_size"], r["image_size"], r["num_channels"])
+def input_shape(spec, batch_size: int = 1):
+  """(batch, image_size, image_size, num_channels) of a ModelSpec or model config."""
+  return model_spec(spec).input_shape(batch_size)
 
 
 def variable_shapes(model: ViT, shape):

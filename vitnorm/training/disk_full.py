@@ -70,7 +70,7 @@ def record_in_status(workdir: str) -> Optional[int]:
   """After a full disk: frees what the failed save left, gives committed steps whose manifest
   could not be written one, says why in status.json; returns the newest step with a manifest."""
   from vitnorm import parallel, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from vitnorm.training import checkpoints, integrity  # pylint: disable=g-import-not-at-top
+  from vitnorm import checkpoints, checkpoint_integrity as integrity  # pylint: disable=g-import-not-at-top
   note_out_of_space()
   checkpoints.discard_partial_saves(workdir)
   directory = checkpoints.checkpoint_dir(workdir)

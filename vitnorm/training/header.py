@@ -15,14 +15,13 @@ import numpy as np
 from vitnorm import variants
 from vitnorm.training import loss_scale
 from vitnorm.model import vit
-from vitnorm.training import optim
 from vitnorm.training.plan import Plan
 
 
 def count_params(plan: Plan) -> int:
   """Trainable parameters of the planned model (shapes only: nothing is computed)."""
-  model = vit.build_model(plan.config.model)
-  shape = vit.input_shape(plan.config.model, 1)
+  model = vit.build_model(plan.model)
+  shape = plan.model.input_shape(1)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32),
                                              train=False))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
@@ -35,30 +34,28 @@ def _count(n: int) -> str:
 def start_header(plan: Plan, workdir: str, resume_step: Optional[int] = None,
                  num_params: Optional[int] = None) -> str:
   """The lines printed before compiling."""
-  c = plan.config
-  m = vit.resolve_model_config(c.model)
+  c, m, o = plan.config, plan.model, plan.optim
   num_params = count_params(plan) if num_params is None else num_params
   devices, processes = jax.device_count(), jax.process_count()
   per_device = c.batch_size // devices
-  peak = optim.peak_learning_rate(c.optim, c.batch_size)
   accum = f", {c.accum_steps} micro-batches of {per_device // c.accum_steps}" if c.accum_steps > 1 else ""
-  clip = c.optim.grad_clip_norm
+  clip = o.grad_clip_norm
   if resume_step:
     where = f"{workdir} (resuming from step {resume_step:,} of {plan.num_steps:,})"
   else:
     where = f"{workdir} (new run" + (f", weights from {c.init_from})" if c.get("init_from") else ")")
   return "\n".join([
-      f"variant    {variants.describe(c.model)}",
-      f"model      {m['num_layers']} blocks, width {m['hidden_size']}, {m['num_heads']} heads, patch "
-      f"{m['patch_size']}, {c.model.image_size} px, {m['num_classes']} classes: {_count(num_params)} "
-      f"parameters ({c.model.dtype})",
+      f"variant    {variants.describe(m.as_dict())}",
+      f"model      {m.num_layers} blocks, width {m.hidden_size}, {m.num_heads} heads, patch "
+      f"{m.patch_size}, {m.image_size} px, {m.num_classes} classes: {_count(num_params)} "
+      f"parameters ({jnp.dtype(m.dtype).name})",
       f"devices    {devices} x {jax.devices()[0].platform} in {processes} process"
       f"{'es' if processes > 1 else ''}, parallelism {c.parallelism}",
       f"batch      global {c.batch_size}, per device {per_device}{accum}; eval {plan.eval_batch_size}",
       f"length     {plan.num_steps:,} steps = {plan.num_steps / plan.steps_per_epoch:.4g} epochs of "
       f"{plan.num_train_examples:,} {c.data.name} images ({plan.steps_per_epoch:.4g} steps/epoch)",
-      f"lr         peak {peak:.3g}, linear warm-up {plan.warmup_steps:,} steps, cosine to "
-      f"{float(c.optim.min_lr or 0):.3g} at step {plan.num_steps:,}; AdamW wd {c.optim.weight_decay:g}, "
+      f"lr         peak {o.peak_lr:.3g}, linear warm-up {o.warmup_steps:,} steps, cosine to "
+      f"{o.min_lr:.3g} at step {o.num_steps:,}; AdamW wd {o.weight_decay:g}, "
       f"clip {'off' if clip is None else f'{clip:g}'}",
       *_precision_line(c),
       f"workdir    {where}",
@@ -81,16 +78,15 @@ def _precision_line(c) -> list:
 
 def hparams(plan: Plan) -> dict:
   """The main hyperparameters, flat and scalar, for TensorBoard's hparams plugin."""
-  c = plan.config
+  c, m, o = plan.config, plan.model, plan.optim
   return {
-      "variant": variants.name_of(c.model), "norm": c.model.norm, "ffn_norm": c.model.ffn_norm,
-      "ffn_norm_position": c.model.ffn_norm_position, "size": str(c.model.variant),
-      "image_size": c.model.image_size, "dataset": c.data.name, "batch_size": c.batch_size,
+      "variant": variants.name_of(m.as_dict()), "norm": m.norm, "ffn_norm": m.ffn_norm,
+      "ffn_norm_position": m.ffn_norm_position, "size": str(c.model.variant),
+      "image_size": m.image_size, "dataset": c.data.name, "batch_size": c.batch_size,
       "num_steps": plan.num_steps, "warmup_steps": plan.warmup_steps,
-      "peak_lr": optim.peak_learning_rate(c.optim, c.batch_size), "min_lr": float(c.optim.min_lr or 0),
-      "weight_decay": float(c.optim.weight_decay),
-      "grad_clip_norm": -1.0 if c.optim.grad_clip_norm is None else float(c.optim.grad_clip_norm),
-      "drop_path_rate": float(c.model.drop_path_rate), "seed": c.seed,
+      "peak_lr": o.peak_lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
+      "grad_clip_norm": -1.0 if o.grad_clip_norm is None else o.grad_clip_norm,
+      "drop_path_rate": m.drop_path_rate, "seed": c.seed,
   }
 
 

@@ -20,8 +20,9 @@ import numpy as np
 
 from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
-from vitnorm.model import norms, vit
-from vitnorm.training import checkpoints, disk_full, evaluation, header, loss_scale, workdir_lock
+from vitnorm.model import vit
+from vitnorm import checkpoints, evaluation
+from vitnorm.training import disk_full, header, loss_scale, workdir_lock
 from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
                                      Monitor as _Monitor, TrainingDiverged)
 from vitnorm.training.placement import make_placement
@@ -98,71 +99,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
-  cfg = plan.config
-  is_main = parallel.is_main_process()
-  ckpt = None
-  start_step = 0
-  if checkpoints.latest_step(workdir):  # verify before anything trusts the latest step
-    ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
-    start_step = ckpt.restorable_step() or 0  # damaged newer steps are moved aside
-  done = _already_completed(workdir, start_step, plan)
+  run = _Run(plan, workdir, started)
+  done = run.restore_or_init()
   if done is not None:
-    ckpt.close()
     return done
-  if is_main:
-    print(header.start_header(plan, workdir, start_step), flush=True)
-  mesh = parallel.data_mesh()
-  placement = make_placement(plan, mesh)
-  eval_model = vit.build_model(cfg.model)
-  key = jax.random.PRNGKey(cfg.seed)
-  init_rng, dropout_rng = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+  try:
+    status = run.step_loop()
+  except TrainingDiverged as err:
+    run.record_divergence(err)
+    raise
+  finally:
+    run.close()
+  return run.finish(status)
 
-  state = create_train_state(plan, init_rng)
-  if not start_step and cfg.get("init_from"):  # before checkpoints/ exists: a failure leaves none
-    state = load_pretrained(state, cfg.init_from, eval_model)
-  if ckpt is None:
-    ckpt = checkpoints.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
-  if start_step and is_main:
-    print(f"Resuming {workdir} from step {start_step}.", flush=True)
-  if start_step:
-    state = _restore(ckpt, start_step, state, mesh)
-  state = placement.put_state(state)
-  if is_main:
-    checkpoints.write_run_config(workdir, cfg)
-    workdir_lib.truncate_metrics(workdir, start_step)
-    workdir_lib.write_status(workdir, "running", start_step, {}, num_steps=plan.num_steps)
-  logger = workdir_lib.RunLogger(workdir, total_steps=plan.num_steps, start_step=start_step,
-                                 is_main=is_main, progress_bar=cfg.progress_bar)
-  logger.write_config(header.hparams(plan), header.config_text(cfg))
-  monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), start_step,
-                     max_pending=min(cfg.log_every, MAX_PENDING_STEPS))
 
-  uses_batch_stats = any(norms.uses_batch_stats(getattr(eval_model, k)) for k in ("norm", "ffn_norm"))
+class _Run:
+  """One training run in pieces: restore or init, the step loop, evaluate, save, finish."""
 
-  def evaluate(step):
-    host = placement.global_state(state)
+  def __init__(self, plan, workdir: str, started: float):
+    self.plan, self.cfg, self.workdir, self.started = plan, plan.config, workdir, started
+    self.is_main = parallel.is_main_process()
+    self.ckpt = None
+    self.step = 0
+    self.final, self.eval_results = {}, {}
+    self.train_time, self.train_examples = 0.0, 0
+
+  # -- restore or init -------------------------------------------------------------------------
+
+  def restore_or_init(self) -> Optional[dict]:
+    """Builds the state (restored, pretrained or fresh) and the run's writers; returns the summary
+    of a run that had already completed (then nothing else happens), else None."""
+    plan, cfg, workdir = self.plan, self.cfg, self.workdir
+    if checkpoints.latest_step(workdir):  # verify before anything trusts the latest step
+      self.ckpt = self._checkpointer()
+      self.step = self.ckpt.restorable_step() or 0  # damaged newer steps are moved aside
+    self.start_step = self.step
+    done = _already_completed(workdir, self.step, plan)
+    if done is not None:
+      self.ckpt.close()
+      return done
+    if self.is_main:
+      print(header.start_header(plan, workdir, self.step), flush=True)
+    self.mesh = parallel.data_mesh()
+    self.placement = make_placement(plan, self.mesh)
+    self.eval_model = vit.build_model(plan.model)
+    key = jax.random.PRNGKey(cfg.seed)
+    init_rng, self.dropout_rng = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    state = create_train_state(plan, init_rng)
+    if not self.step and cfg.get("init_from"):  # before checkpoints/ exists: a failure leaves none
+      state = load_pretrained(state, cfg.init_from, self.eval_model)
+    if self.ckpt is None:
+      self.ckpt = self._checkpointer()
+    if self.step:
+      if self.is_main:
+        print(f"Resuming {workdir} from step {self.step}.", flush=True)
+      state = _restore(self.ckpt, self.step, state, self.mesh)
+    self.state = self.placement.put_state(state)
+    if self.is_main:
+      checkpoints.write_run_config(workdir, cfg)
+      workdir_lib.truncate_metrics(workdir, self.step)
+      workdir_lib.write_status(workdir, "running", self.step, {}, num_steps=plan.num_steps)
+    self.logger = workdir_lib.RunLogger(workdir, total_steps=plan.num_steps, start_step=self.step,
+                                        is_main=self.is_main, progress_bar=cfg.progress_bar)
+    self.logger.write_config(header.hparams(plan), header.config_text(cfg))
+    self.monitor = _Monitor(float(cfg.loss_spike_factor or 0.0), math.log(plan.num_classes), self.step,
+                            max_pending=min(cfg.log_every, MAX_PENDING_STEPS))
+    return None
+
+  def _checkpointer(self):
+    return checkpoints.Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
+                                    async_save=self.cfg.async_checkpoints)
+
+  # -- evaluate and save -----------------------------------------------------------------------
+
+  def evaluate(self, step: int) -> dict:
+    """eval/{top1,loss} (and eval_ema/ with the EMA weights and EMA BN statistics) at `step`."""
+    host = self.placement.global_state(self.state)
     results = {}
     for prefix, params, stats in (("eval", host.params, host.batch_stats),
                                   ("eval_ema", host.ema_params, host.ema_batch_stats)):
       if params is None:
         continue
       r = evaluation.evaluate_classifier(
-          vit.at_step(eval_model, step), {"params": params, "batch_stats": stats},  # PRepBN: lam(step);
-          # EMA weights are evaluated with the EMA of the BN statistics
-          data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh)
+          vit.at_step(self.eval_model, step), {"params": params, "batch_stats": stats},  # PRepBN: lam(step)
+          data.eval_batches(self.cfg.data, global_batch_size=self.plan.eval_batch_size), mesh=self.mesh)
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
-      if prefix == "eval" and cfg.diagnostics_every and uses_batch_stats:  # BN train/eval mismatch
-        r = evaluation.evaluate_classifier(
-            vit.at_step(eval_model, step), {"params": params, "batch_stats": stats},
-            data.eval_batches(cfg.data, global_batch_size=plan.eval_batch_size), mesh=mesh,
+      if prefix == "eval" and self.cfg.diagnostics_every and self.plan.model.uses_batch_stats:
+        r = evaluation.evaluate_classifier(  # BN's train/eval mismatch: each batch's own statistics
+            vit.at_step(self.eval_model, step), {"params": params, "batch_stats": stats},
+            data.eval_batches(self.cfg.data, global_batch_size=self.plan.eval_batch_size), mesh=self.mesh,
             batch_statistics=True)
         results.update({"eval/top1_batch_stats": r["top1"], "eval/loss_batch_stats": r["loss"]})
-    logger.write(step, results)
-    logger.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return dict(results, **{"eval/step": step})
+    self.logger.write(step, results)
+    self.logger.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    self.eval_results = dict(results, **{"eval/step": step})
+    return self.eval_results
 
-  def save(step):
-    host = placement.global_state(state)
+  def save(self, step: int):
+    host = self.placement.global_state(self.state)
     model_item = {"params": host.params}
     if host.batch_stats:
       model_item["batch_stats"] = host.batch_stats
@@ -173,108 +207,146 @@ def _train_and_evaluate(plan, workdir: str, started: float) -> dict:
     train_item = {"step": host.step, "opt_state": host.opt_state}
     if host.loss_scale is not None:  # float16: the loss scale resumes where it was
       train_item[loss_scale.CHECKPOINT_ITEM] = loss_scale.to_item(host.loss_scale)
-    ckpt.save(step, model_item, train_item)
+    self.ckpt.save(step, model_item, train_item)
 
-  step, final, eval_results, status = start_step, {}, {}, "completed"
-  train_time, train_examples = 0.0, 0
-  try:
+  # -- the step loop ---------------------------------------------------------------------------
+
+  def _batches(self):
+    cfg = self.cfg
+    batches = data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                 start_step=self.start_step, num_classes=self.plan.num_classes)
+    return data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, self.start_step),
+                                self.placement.put_batch, size=2)
+
+  def step_loop(self) -> str:
+    """Trains to num_steps (or to a preemption); returns 'completed' or 'preempted'.
+
+    Per step the host fetches a placed batch, dispatches the step and queues its metric arrays; it
+    reads nothing back except at log / eval / save / diagnostics steps, and waits only when
+    STEPS_IN_FLIGHT steps are unfinished (bounded run-ahead: memory, and XLA:CPU collectives can
+    starve with too many queued runs). Several processes stop at the same step (`_should_stop`).
+    """
+    cfg, plan = self.cfg, self.plan
     with _PreemptionGuard() as preemption:
-      if step < plan.num_steps:
-        batches = data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed,
-                                     start_step=start_step, num_classes=plan.num_classes)
-        batches = data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, start_step),
-                                       placement.put_batch, size=2)
-      # Per step the host only fetches a placed batch, dispatches the step and queues its metric
-      # arrays; it reads nothing back. It waits only when STEPS_IN_FLIGHT steps are unfinished
-      # (bounded run-ahead: memory, and XLA:CPU collectives can starve with too many queued runs;
-      # on XLA:CPU the dispatch itself already waits for the previous step, whose output it donates).
-      in_flight = collections.deque()
-      # Several processes: each step carries this process's preemption flag and returns the max over
-      # all processes ('stop'); every process reads the previous step's value (already computed while
-      # this one runs) and all stop at the same step, at most two steps after the signal.
-      previous_stop = None
-      tick, interval_time, interval_steps = time.time(), 0.0, 0
-      while step < plan.num_steps:
-        diagnose = bool(cfg.diagnostics_every) and (step + 1) % cfg.diagnostics_every == 0
-        state, metrics = placement.step(state, next(batches), dropout_rng, diagnose,
-                                        stop=preemption.requested)
-        step += 1
-        interval_steps += 1
-        monitor.add(metrics)
+      batches = self._batches() if self.step < plan.num_steps else None
+      in_flight, stop_flags = collections.deque(), _StopFlags(self.placement)
+      interval = _Interval()
+      while self.step < plan.num_steps:
+        diagnose = bool(cfg.diagnostics_every) and (self.step + 1) % cfg.diagnostics_every == 0
+        self.state, metrics = self.placement.step(self.state, next(batches), self.dropout_rng, diagnose,
+                                                  stop=preemption.requested)
+        self.step += 1
+        interval.steps += 1
+        self.monitor.add(metrics)
         in_flight.append(metrics["finite"])
         if len(in_flight) > STEPS_IN_FLIGHT:
           in_flight.popleft().block_until_ready()
-        logger.advance(step)
-        if cfg.debug.preempt_at_step is not None and step == cfg.debug.preempt_at_step:
+        self.logger.advance(self.step)
+        if cfg.debug.preempt_at_step is not None and self.step == cfg.debug.preempt_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        # One process: stop now. Several: stop at this step once the previous step's shared flag
-        # says some process was signalled (at most two steps after the signal, on every process).
-        if jax.process_count() > 1:
-          stop = previous_stop is not None and bool(placement.metrics_to_host({"stop": previous_stop})["stop"])
-          previous_stop = metrics["stop"]
-        else:
-          stop = preemption.requested
-        log_now = step % cfg.log_every == 0 or step == plan.num_steps
-        eval_now = step == plan.num_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        save_now = step == plan.num_steps or step % cfg.checkpoint_every == 0 or stop
+        stop = stop_flags.should_stop(metrics, preemption.requested)
+        log_now = self.step % cfg.log_every == 0 or self.step == plan.num_steps
+        eval_now = self.step == plan.num_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)
+        save_now = self.step == plan.num_steps or self.step % cfg.checkpoint_every == 0 or stop
         if not (log_now or eval_now or save_now or diagnose or stop):
           continue
-        monitor.sync()  # waits for the step; raises TrainingDiverged naming the first bad step
+        self.monitor.sync()  # waits for the step; raises TrainingDiverged naming the first bad step
         in_flight.clear()
-        now = time.time()
-        interval_time += now - tick
-        train_time += now - tick
+        self.train_time += interval.lap()
         if diagnose:
-          logger.write(step, placement.metrics_to_host(
+          self.logger.write(self.step, self.placement.metrics_to_host(
               {k: v for k, v in metrics.items() if k.startswith("diag/")}))
         if log_now:
-          scalars = monitor.interval_summary()
-          scalars.update({"train/img_per_s": interval_steps * cfg.batch_size / interval_time,
-                          "train/step_time_s": interval_time / interval_steps,
-                          "train/epoch": step / plan.steps_per_epoch})
-          final.update(scalars)
-          logger.write(step, scalars)
-          logger.report(step, scalars)
-          train_examples += interval_steps * cfg.batch_size
-          interval_time, interval_steps = 0.0, 0
+          self._log(interval)
         if save_now:
-          save(step)
+          self.save(self.step)
         if eval_now:
-          eval_results = evaluate(step)
+          self.evaluate(self.step)
         if stop:
-          status = "preempted"
-          logger.print(f"{preemption.signal_name or 'preemption'} received: saved a checkpoint at step "
-                       f"{step}; run the same command again to resume (exit code 75).")
-          break
-        tick = time.time()  # evaluation and checkpoint time stay out of the throughput
-      train_examples += interval_steps * cfg.batch_size
-      if step >= plan.num_steps and not eval_results:
-        eval_results = evaluate(step)
-        save(step)
-  except TrainingDiverged as err:
-    ckpt.wait()  # pending saves hold finite values: let them finish
-    if is_main:
-      workdir_lib.write_status(workdir, "diverged", err.step, monitor.last_finite, reason=err.reason,
-                               divergence=err.kind, last_checkpoint_step=ckpt.latest_step())
-    logger.close()
-    ckpt.close()
-    raise
-  except BaseException:
-    logger.close()
-    ckpt.close()
-    raise
-  ckpt.close()
-  metrics = {**monitor.last_finite, **final, **eval_results}
-  if train_time > 0:
-    metrics["train/img_per_s_overall"] = train_examples / train_time
-  summary = dict(status=status, step=step, metrics=metrics, workdir=workdir,
-                 checkpoint_dir=ckpt.directory, last_checkpoint_step=checkpoints.latest_step(workdir),
-                 train_seconds=train_time, wall_seconds=time.time() - started)
-  if is_main:
-    workdir_lib.write_status(workdir, status, step, metrics, last_checkpoint_step=summary["last_checkpoint_step"],
-                             train_seconds=train_time)
-  logger.close()
-  return summary
+          self.logger.print(f"{preemption.signal_name or 'preemption'} received: saved a checkpoint at "
+                            f"step {self.step}; run the same command again to resume (exit code 75).")
+          self.train_examples += interval.steps * cfg.batch_size
+          return "preempted"
+        interval.restart()  # evaluation and checkpoint time stay out of the throughput
+      self.train_examples += interval.steps * cfg.batch_size
+      if self.step >= plan.num_steps and not self.eval_results:
+        self.evaluate(self.step)
+        self.save(self.step)
+    return "completed"
+
+  def _log(self, interval: "_Interval"):
+    cfg = self.cfg
+    scalars = self.monitor.interval_summary()
+    scalars.update({"train/img_per_s": interval.steps * cfg.batch_size / interval.time,
+                    "train/step_time_s": interval.time / interval.steps,
+                    "train/epoch": self.step / self.plan.steps_per_epoch})
+    self.final.update(scalars)
+    self.logger.write(self.step, scalars)
+    self.logger.report(self.step, scalars)
+    self.train_examples += interval.steps * cfg.batch_size
+    interval.time, interval.steps = 0.0, 0
+
+  # -- finish ----------------------------------------------------------------------------------
+
+  def record_divergence(self, err: TrainingDiverged):
+    self.ckpt.wait()  # pending saves hold finite values: let them finish
+    if self.is_main:
+      workdir_lib.write_status(self.workdir, "diverged", err.step, self.monitor.last_finite,
+                               reason=err.reason, divergence=err.kind,
+                               last_checkpoint_step=self.ckpt.latest_step())
+
+  def close(self):
+    self.logger.close()
+    self.ckpt.close()
+
+  def finish(self, status: str) -> dict:
+    """The run's summary (written to status.json by the main process)."""
+    metrics = {**self.monitor.last_finite, **self.final, **self.eval_results}
+    if self.train_time > 0:
+      metrics["train/img_per_s_overall"] = self.train_examples / self.train_time
+    summary = dict(status=status, step=self.step, metrics=metrics, workdir=self.workdir,
+                   checkpoint_dir=self.ckpt.directory,
+                   last_checkpoint_step=checkpoints.latest_step(self.workdir),
+                   train_seconds=self.train_time, wall_seconds=time.time() - self.started)
+    if self.is_main:
+      workdir_lib.write_status(self.workdir, status, self.step, metrics,
+                               last_checkpoint_step=summary["last_checkpoint_step"],
+                               train_seconds=self.train_time)
+    return summary
+
+
+class _Interval:
+  """Steps and train-step time since the last log (evaluation and checkpoint time excluded)."""
+
+  def __init__(self):
+    self.steps, self.time, self._tick = 0, 0.0, time.time()
+
+  def lap(self) -> float:
+    """Adds the time since the last (re)start to this interval and returns it."""
+    now = time.time()
+    elapsed, self._tick = now - self._tick, now
+    self.time += elapsed
+    return elapsed
+
+  def restart(self):
+    self._tick = time.time()
+
+
+class _StopFlags:
+  """Whether to stop after this step. One process: when it was signalled. Several: each step
+  carries this process's flag and returns the max over all processes; every process reads the
+  previous step's value (computed while this one runs), so all stop at the same step, at most two
+  steps after the signal."""
+
+  def __init__(self, placement):
+    self.placement, self.previous = placement, None
+
+  def should_stop(self, metrics, requested: bool) -> bool:
+    if jax.process_count() == 1:
+      return requested
+    stop = self.previous is not None and bool(self.placement.metrics_to_host({"stop": self.previous})["stop"])
+    self.previous = metrics["stop"]
+    return stop
 
 
 def _already_completed(workdir: str, latest: int, plan) -> Optional[dict]:
@@ -290,7 +362,7 @@ def _already_completed(workdir: str, latest: int, plan) -> Optional[dict]:
 
 def describe_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--print_config: the resolved config and the start header; reads the workdir, writes nothing."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # a bucket URL stays a URL
   plan = prepare(config, workdir)
   resume = checkpoints.latest_step(workdir) or 0
   text = header.config_text(plan.config).rstrip()

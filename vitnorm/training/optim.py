@@ -5,7 +5,8 @@ Everything comes from `config.optim` (fields documented in configs/common.py); n
 hard-coded. Gradient accumulation happens inside the train step (vitnorm.train), which averages
 the gradients of `accum_steps` micro-batches before one optimizer update.
 """
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,41 @@ def make_optimizer(optim_cfg: Mapping, schedule: optax.Schedule) -> optax.Gradie
       eps=float(optim_cfg["eps"]), weight_decay=float(optim_cfg["weight_decay"]),
       mask=weight_decay_mask))
   return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  """config.optim resolved once for one run (peak lr scaled by the global batch, warm-up in steps)."""
+
+  peak_lr: float  # base_lr x global_batch / lr_scaling_batch
+  min_lr: float  # the cosine's end value at num_steps
+  warmup_steps: int
+  num_steps: int
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float  # AdamW, on kernels only
+  grad_clip_norm: Optional[float]  # None: no clipping
+  ema_decay: float  # 0: no EMA of the weights
+
+  def schedule(self) -> optax.Schedule:
+    return learning_rate_schedule(dict(base_lr=self.peak_lr, min_lr=self.min_lr), global_batch_size=1,
+                                  num_steps=self.num_steps, warmup_steps=self.warmup_steps)
+
+  def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return make_optimizer(dataclasses.asdict(self), schedule)
+
+
+def optim_spec(optim_cfg: Mapping, *, global_batch_size: int, num_steps: int,
+               warmup_steps: int) -> OptimSpec:
+  """The OptimSpec of a validated config.optim (see `validate`)."""
+  clip = optim_cfg.get("grad_clip_norm")
+  return OptimSpec(peak_lr=peak_learning_rate(optim_cfg, global_batch_size),
+                   min_lr=float(optim_cfg.get("min_lr") or 0.0), warmup_steps=int(warmup_steps),
+                   num_steps=int(num_steps), b1=float(optim_cfg["b1"]), b2=float(optim_cfg["b2"]),
+                   eps=float(optim_cfg["eps"]), weight_decay=float(optim_cfg["weight_decay"]),
+                   grad_clip_norm=None if clip is None else float(clip),
+                   ema_decay=float(optim_cfg.get("ema_decay") or 0.0))
 
 
 def ema_update(ema_params, params, decay: float):

@@ -33,8 +33,8 @@ class JitPlacement:
     rep, shard = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
     self._rep, self._shard = rep, shard
     step = functools.partial(
-        train_step, model=vit.build_model(cfg.model), schedule=make_schedule(plan),
-        accum_steps=cfg.accum_steps, ema_decay=float(cfg.optim.ema_decay), micro_sharding=shard)
+        train_step, model=vit.build_model(plan.model), schedule=make_schedule(plan),
+        accum_steps=cfg.accum_steps, ema_decay=plan.optim.ema_decay, micro_sharding=shard)
     self._steps = cached("jit", plan, lambda: {
         flag: jax.jit(functools.partial(_step_with_stop, step, flag, None), donate_argnums=0,
                       in_shardings=(rep, shard, rep, shard), out_shardings=(rep, rep))
@@ -81,9 +81,9 @@ class PmapPlacement:
     self.mesh = mesh
     self._rep = parallel.replicated_sharding(mesh)
     step = functools.partial(
-        train_step, model=vit.build_model(cfg.model, bn_axis_name=parallel.PMAP_AXIS),
+        train_step, model=vit.build_model(plan.model, bn_axis_name=parallel.PMAP_AXIS),
         schedule=make_schedule(plan), accum_steps=cfg.accum_steps,
-        ema_decay=float(cfg.optim.ema_decay), axis_name=parallel.PMAP_AXIS)
+        ema_decay=plan.optim.ema_decay, axis_name=parallel.PMAP_AXIS)
     self._steps = cached("pmap", plan, lambda: {
         flag: jax.pmap(functools.partial(_step_with_stop, step, flag, parallel.PMAP_AXIS),
                        axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, None, 0), donate_argnums=0)

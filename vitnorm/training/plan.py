@@ -17,7 +17,8 @@ import numpy as np
 from vitnorm import data, paths
 from vitnorm.errors import ConfigError, UserError
 from vitnorm.model import norms, vit
-from vitnorm.training import checkpoints, optim
+from vitnorm import checkpoints
+from vitnorm.training import optim
 
 PARALLELISM = ("jit", "pmap")
 PROGRESS_BAR = ("auto", "on", "off")
@@ -26,7 +27,13 @@ PROGRESS_BAR = ("auto", "on", "off")
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """A validated config plus what follows from it and the dataset."""
+  """A validated config plus what follows from it and the dataset, resolved once.
+
+  `config` is what the user wrote (canonical: norm names resolved, num_steps set) and what
+  config.json records; everything below the CLIs reads the typed parts: `model` (what
+  build_model builds and checkpoint compatibility compares), `optim` (the lr schedule and the
+  optimizer), and the run's lengths below.
+  """
 
   config: ml_collections.ConfigDict  # canonical copy: norm names resolved, num_steps set
   num_steps: int
@@ -36,6 +43,14 @@ class Plan:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  model: "vit.ModelSpec" = dataclasses.field(init=False)  # config.model, resolved
+  optim: "optim.OptimSpec" = dataclasses.field(init=False)  # config.optim for this batch and length
+
+  def __post_init__(self):
+    object.__setattr__(self, "model", vit.model_spec(self.config.model))
+    object.__setattr__(self, "optim", optim.optim_spec(
+        self.config.optim, global_batch_size=self.config.batch_size, num_steps=self.num_steps,
+        warmup_steps=self.warmup_steps))
 
 
 def _positive_int(config, field, allow_zero=False):
@@ -217,7 +232,8 @@ def check_resume_compatible(config: ml_collections.ConfigDict, workdir: str):
   if not checkpoints.all_steps(workdir):
     return
   saved = checkpoints.load_run_config(workdir)
-  diffs = checkpoints.model_config_differences(canonical_config(saved).model, config.model)
+  diffs = checkpoints.model_spec_differences(vit.model_spec(canonical_config(saved).model),
+                                             vit.model_spec(config.model))
   if diffs:
     raise UserError(f"{workdir} holds checkpoints of a different model ({'; '.join(diffs)}); resume "
                     "with the original config, or pass a new --workdir")

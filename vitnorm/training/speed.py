@@ -76,7 +76,6 @@ def train_plan(model_cfg: dict, *, batch_size: int, parallelism: str, seed: int 
   if c.model.get("prepbn") is not None and c.model.prepbn.get("decay_steps") is None:
     c.model.prepbn.decay_steps = c.num_steps  # as the trainer resolves it; both branches run while lam > 0
   c = canonical_config(c)
-  vit.resolve_model_config(c.model)
   return Plan(config=c, num_steps=10_000, warmup_steps=100, steps_per_epoch=1000.0,
               eval_batch_size=int(batch_size), num_classes=int(c.model.num_classes),
               num_train_examples=1000 * int(batch_size), num_eval_examples=int(batch_size))
@@ -96,10 +95,9 @@ def compile_train_step(plan: Plan, mesh, *, seed: int = 0) -> TrainProgram:
   cfg = plan.config
   placement = make_placement(plan, mesh)
   state = placement.put_state(create_train_state(plan, jax.random.PRNGKey(seed)))
-  h = w = int(vit.resolve_model_config(cfg.model)["image_size"])
   rng = np.random.default_rng(seed)
   batch = placement.put_batch(dict(
-      image=rng.standard_normal((cfg.batch_size, h, w, int(cfg.model.num_channels)), np.float32),
+      image=rng.standard_normal(plan.model.input_shape(cfg.batch_size), np.float32),
       label=np.eye(plan.num_classes, dtype=np.float32)[rng.integers(0, plan.num_classes, cfg.batch_size)]))
   dropout_rng = jax.random.PRNGKey(seed + 1)
   start = time.perf_counter()

@@ -3,7 +3,6 @@
 Also an in-process cache of the optimizer and compiled functions of an identical setup, so tests,
 notebooks and sweeps that run several trainings in one process compile each setup once.
 """
-import json
 from typing import Any
 
 import flax
@@ -14,7 +13,8 @@ import optax
 from flax.training import train_state
 
 from vitnorm.model import pretrained, vit
-from vitnorm.training import checkpoints, loss_scale, optim
+from vitnorm import checkpoints
+from vitnorm.training import loss_scale
 from vitnorm.training.plan import Plan, init_source
 
 
@@ -41,10 +41,9 @@ _CACHE = {}
 
 
 def cached(kind: str, plan: Plan, build, *extra):
-  c = plan.config
-  key = (kind, json.dumps(dict(model=c.model.to_dict(), optim=c.optim.to_dict(), batch=c.batch_size,
-                               accum=c.accum_steps, steps=plan.num_steps, warmup=plan.warmup_steps),
-                          sort_keys=True, default=str)) + extra
+  """build(), once per (kind, model spec, optim spec, batch split, extra): configs that resolve to
+  the same specs share it."""
+  key = (kind, plan.model, plan.optim, plan.config.batch_size, plan.config.accum_steps) + extra
   if key not in _CACHE:
     if len(_CACHE) >= 16:
       _CACHE.pop(next(iter(_CACHE)))
@@ -54,23 +53,22 @@ def cached(kind: str, plan: Plan, build, *extra):
 
 def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
   """Initial state. The model is built without a pmap axis: initialization needs none."""
-  cfg = plan.config
-  model = vit.build_model(cfg.model)
-  shape = vit.input_shape(cfg.model, 1)
+  model = vit.build_model(plan.model)
+  shape = plan.model.input_shape(1)
   init = cached("init", plan, lambda: jax.jit(
       lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False)))
   variables = init(rng)
   params = variables["params"]
-  tx = cached("tx", plan, lambda: optim.make_optimizer(cfg.optim, make_schedule(plan)))
+  tx = cached("tx", plan, lambda: plan.optim.optimizer(make_schedule(plan)))
   # apply_fn stays None: the step calls the model it was built with, and a bound method
   # (compared by identity) in the state's static structure would defeat the compilation cache.
   batch_stats = variables.get("batch_stats", {})
-  ema = bool(cfg.optim.ema_decay)
+  ema = bool(plan.optim.ema_decay)
   state = TrainState.create(
       apply_fn=None, params=params, tx=tx, batch_stats=batch_stats,
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
-      loss_scale=loss_scale.create(cfg.optim, cfg.model))
+      loss_scale=loss_scale.create(plan.config.optim, plan.config.model))
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -108,6 +106,5 @@ def _fit_batch_stats(loaded, init):
 
 
 def make_schedule(plan: Plan) -> optax.Schedule:
-  return optim.learning_rate_schedule(plan.config.optim, global_batch_size=plan.config.batch_size,
-                                      num_steps=plan.num_steps, warmup_steps=plan.warmup_steps)
+  return plan.optim.schedule()
 

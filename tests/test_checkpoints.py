@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from vitnorm.model import vit
-from vitnorm.training import checkpoints
+from vitnorm import checkpoints
 from vitnorm.errors import UserError
 
 

@@ -1,13 +1,12 @@
 """BN's train/eval mismatch diagnostic: evaluation with each batch's own statistics
 (evaluate_classifier(batch_statistics=True)) against the running averages."""
-import jax
 import numpy as np
 import optax
 import pytest
 
 from test_evaluation import model_and_variables, padded_batches  # noqa: F401  (fixture)
 from vitnorm import parallel
-from vitnorm.training import evaluation
+from vitnorm import evaluation
 
 
 def _expected(model, variables, batches):

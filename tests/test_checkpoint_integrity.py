@@ -18,7 +18,8 @@ import pytest
 from test_loop import tiny_config  # tests/training is on sys.path (pytest rootdir-relative import)
 from vitnorm import errors, workdir as run_logging
 from vitnorm.errors import UserError
-from vitnorm.training import checkpoints, integrity, loop, workdir_lock
+from vitnorm import checkpoints, checkpoint_integrity as integrity
+from vitnorm.training import loop, workdir_lock
 
 
 def params_of(workdir, step=None):

@@ -7,7 +7,7 @@ import pytest
 
 from vitnorm import parallel
 from vitnorm.model import vit
-from vitnorm.training import evaluation
+from vitnorm import evaluation
 from vitnorm.errors import UserError
 
 MODEL_CFG = dict(variant=None, hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, patch_size=4,

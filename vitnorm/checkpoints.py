@@ -34,7 +34,7 @@ from etils import epath
 from vitnorm import paths
 from vitnorm.model import vit
 from vitnorm.errors import UserError
-from vitnorm.training import integrity
+from vitnorm import checkpoint_integrity as integrity
 
 MODEL_ITEM = "model"
 TRAIN_ITEM = "train"
@@ -106,16 +106,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(raw)
 
 
-def model_config_differences(saved: Mapping, new: Mapping) -> list:
-  """'field: saved -> new' for each architecture field that differs between two model configs.
-
-  Both are resolved first (so variant 'S/16' equals the same sizes given explicitly); the fields
-  in RESUMABLE_MODEL_FIELDS may differ.
-  """
-  a, b = vit.resolve_model_config(saved), vit.resolve_model_config(new)
+def model_spec_differences(saved: vit.ModelSpec, new: vit.ModelSpec) -> list:
+  """'field: saved -> new' for each architecture field that differs between two ModelSpecs; the
+  fields in RESUMABLE_MODEL_FIELDS may differ."""
+  a, b = saved.as_dict(), new.as_dict()
   diffs = []
-  for key in sorted(set(a) | set(b)):
-    if key in RESUMABLE_MODEL_FIELDS or a.get(key) == b.get(key):
+  for key in sorted(a):
+    if key in RESUMABLE_MODEL_FIELDS or a[key] == b[key]:
       continue
     if key == "norm_options":
       for field in sorted(vars(a[key])):
@@ -123,8 +120,14 @@ def model_config_differences(saved: Mapping, new: Mapping) -> list:
         if x != y:
           diffs.append(f"model.{field}: {x!r} -> {y!r}")
     else:
-      diffs.append(f"model.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+      diffs.append(f"model.{key}: {a[key]!r} -> {b[key]!r}")
   return diffs
+
+
+def model_config_differences(saved: Mapping, new: Mapping) -> list:
+  """model_spec_differences of two model configs (so variant 'S/16' equals the same sizes given
+  explicitly)."""
+  return model_spec_differences(vit.model_spec(saved), vit.model_spec(new))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,8 +384,8 @@ def restore_variables(workdir: str, step: Optional[int] = None, *, use_ema: bool
     if stored is None:
       raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} has no '{MODEL_ITEM}' item; "
                       "it was not written by vitnorm.train")
-    model = vit.build_model(config.model)
-    expected = vit.variable_shapes(model, vit.input_shape(config.model))
+    spec = vit.model_spec(config.model)  # the run's config.json, read from disk
+    expected = vit.variable_shapes(vit.build_model(spec), spec.input_shape())
     diffs = _shape_differences(expected["params"], stored.get("params", {}), "params")
     diffs += _shape_differences(expected.get("batch_stats", {}), stored.get("batch_stats", {}),
                                 "batch_stats")
