@@ -21,6 +21,7 @@ setuptools.setup(
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "ml-collections>=1.0,<2",
+        "jmp>=0.0.4,<0.1",  # DynamicLossScale: float16 training's loss scaler (GradScaler's rule)
         "tensorflow-cpu>=2.18,<2.22",
         "tensorflow-datasets>=4.9.8,<4.10",
         "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it

@@ -143,7 +143,16 @@ def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_no
   m.ln_epsilon = 1e-6  # LayerNorm / RMSNorm epsilon.
   m.representation_size = placeholder(int)  # Optional tanh pre-logits layer width (None: no layer).
   m.head_bias_init = 0.0  # Initial classifier bias.
-  m.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # Compute dtype of every matmul: 'float32', 'bfloat16' or 'float16' (parameters stay float32).
+  # float16 mirrors torch.cuda.amp.autocast as DeiT trained (float32 residual stream, norms and
+  # softmax; see vitnorm/model/precision.py) and turns on dynamic loss scaling (optim.loss_scale).
+  m.dtype = "float32"
+  # Attention logits q.k computed in 'float32' (accumulated and returned in float32) or in the
+  # 'compute' dtype (a float16 matmul's output, as under autocast: above 65,504 it is inf).
+  m.attention_logits = "float32"
+  # Where 1/sqrt(head_dim) is applied: on 'query' before the product, or on the 'product' after
+  # it (timm's 2021 Attention, DeiT's: the unscaled q.k must fit the logits' dtype).
+  m.attention_scale = "query"
   return m
 
 
@@ -196,6 +205,15 @@ def optim_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.05  # Decoupled weight decay, on Dense/Conv kernels only (not norms, biases, pos-emb, cls).
   o.grad_clip_norm = placeholder(float)  # Clip gradients to this global norm; None = no clipping.
   o.ema_decay = 0.0  # EMA of weights and BN statistics per step (DeiT: 0.99996); 0 = off. As eval_ema/*.
+  # Dynamic loss scaling (jmp.DynamicLossScale, torch GradScaler's rule), used only with
+  # model.dtype='float16': the loss is multiplied by the scale before the backward pass and the
+  # gradients divided by it; a step with a non-finite gradient is skipped (counted in
+  # train/skipped_steps, not a crash) and halves the scale; `growth_interval` consecutive finite
+  # steps double it. The scale and its counter are checkpointed.
+  o.loss_scale = ml_collections.ConfigDict()
+  o.loss_scale.init = 2.0 ** 16  # Initial scale (GradScaler: 2^16).
+  o.loss_scale.growth_interval = 2000  # Finite steps after which the scale doubles (GradScaler: 2000).
+  o.loss_scale.factor = 2  # Growth factor; a non-finite step divides by it (GradScaler: 2 and 0.5).
   return o
 
 

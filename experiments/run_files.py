@@ -1,7 +1,8 @@
 """Reading what a run left in its workdir, for the runner and the report.
 
 The trainer (`python -m vitnorm.train`) writes, in its workdir:
-  status.json    {"status": "completed" | "diverged" | "preempted", "step": int, "metrics": {...}}
+  status.json    {"status": "completed" | "diverged" | "preempted", "step": int, "metrics": {...},
+                 diverged: "reason", "divergence": non_finite_loss | non_finite_gradient | loss_spike}
   metrics.jsonl  one JSON object per line: "step" plus keys such as "train/loss", "eval/top1",
                  "diag/block_0/residual_rms" (a resumed run appends after its checkpoint step)
   config.json    the run's config ({"model": {"norm": ..., ...}, ...})
@@ -251,4 +252,9 @@ def summarize_run(run, workdir: str) -> dict:
   }
   if status is not None and status.get("reason"):
     summary["reason"] = str(status["reason"])  # why a diverged run was stopped
+  if status is not None and status.get("divergence"):
+    summary["divergence"] = str(status["divergence"])  # non_finite_loss | non_finite_gradient | loss_spike
+  skipped = final.get("train/skipped_steps")
+  if skipped is not None:  # float16 runs: steps the loss scaler skipped (not crashes)
+    summary["skipped_steps"] = int(skipped)
   return summary

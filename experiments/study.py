@@ -8,7 +8,8 @@ calls them to write the tables and figures, so the report stays the one source o
   95% interval of the mean (Student's t with n - 1 degrees of freedom) of the final eval top-1,
   plus how many seeds crashed.
 - `outcome`: the stability criterion, fixed before the runs (experiments.sweeps):
-  'crashed' (diverged: non-finite loss or gradient, or the loss-spike detector fired),
+  'crashed' (diverged: non-finite loss or gradient, or the loss-spike detector fired; in float16
+  runs only a non-finite loss, a non-finite gradient is a skipped step of the loss scaler),
   'failed to learn' (completed with final eval top-1 below sweeps.FAILED_TO_LEARN_TOP1),
   'trained'; runs that have not finished are 'not finished' and count for nothing.
 - `stability_map`: variant x peak learning rate -> success rate and mean final top-1.
@@ -274,7 +275,10 @@ def criterion_text(threshold: float = sweeps_lib.FAILED_TO_LEARN_TOP1) -> str:
   return (f"Criterion, fixed before the runs: **crashed** = the trainer stopped the run as diverged "
           f"(non-finite loss or gradient, or the loss-spike detector fired); **failed to learn** = "
           f"completed with final eval top-1 below {100 * threshold:.0f}%; **trained** = otherwise. "
-          "A cell reads 'trained seeds / finished seeds, mean final top-1 of the completed seeds'.")
+          "A cell reads 'trained seeds / finished seeds, mean final top-1 of the completed seeds'. "
+          "In float16 runs a step the loss scaler skipped (non-finite gradient) is not a crash, a "
+          "non-finite loss is (as in DeiT); each crashed run's status.json names its `divergence`: "
+          "non_finite_loss, non_finite_gradient or loss_spike.")
 
 
 # ----------------------------------------------------------------------------------------------

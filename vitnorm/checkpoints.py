@@ -5,7 +5,8 @@ Layout of a workdir written by the trainer:
   WORKDIR/config.json            the run's config (written once, by process 0)
   WORKDIR/checkpoints/<step>/    one orbax checkpoint per saved step, two items:
       model/  {'params', ['batch_stats'], ['ema_params', ['ema_batch_stats']]}   what inference needs
-      train/  {'step', 'opt_state'}                         what only resuming needs
+      train/  {'step', 'opt_state', ['loss_scale']}          what only resuming needs (loss_scale:
+                                                            float16 runs, vitnorm.training.loss_scale)
       vitnorm_manifest.json  size + SHA-256 of every file, written after the commit (integrity)
   WORKDIR/checkpoints/<step>.corrupt/   a step that failed verification, moved aside (never deleted)
   WORKDIR/lock.json              the run holding the workdir (vitnorm.training.workdir_lock)
@@ -42,7 +43,8 @@ CONFIG_FILE = "config.json"
 
 # Model config fields that may change between a run and its resumption (regularization and
 # compute dtype); every other model field defines the architecture or its BN statistics.
-RESUMABLE_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "dtype")
+RESUMABLE_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate", "drop_path_rate", "dtype",
+                          "attention_logits", "attention_scale")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -175,6 +177,11 @@ class Checkpointer:
   def model_keys(self, step: int) -> set:
     """The collections stored in the model item at `step` ('params', 'batch_stats', ...)."""
     stored = self._manager.item_metadata(int(step))[MODEL_ITEM]
+    return set(getattr(stored, "tree", stored) or {})
+
+  def train_keys(self, step: int) -> set:
+    """The entries stored in the train item at `step` ('step', 'opt_state', ['loss_scale'])."""
+    stored = self._manager.item_metadata(int(step))[TRAIN_ITEM]
     return set(getattr(stored, "tree", stored) or {})
 
   def save(self, step: int, model_item: Mapping[str, Any], train_item: Mapping[str, Any]) -> bool:

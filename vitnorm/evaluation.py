@@ -21,8 +21,11 @@ from vitnorm import parallel
 from vitnorm.errors import UserError
 
 
-def _batch_sums(model, variables, image, label, mask):
-  logits = model.apply(variables, image, train=False)
+def _batch_sums(model, variables, image, label, mask, batch_statistics=False):
+  if batch_statistics:  # BN normalizes with this batch's statistics; the updated averages are dropped
+    logits, _ = model.apply(variables, image, train=True, mutable=["batch_stats"])
+  else:
+    logits = model.apply(variables, image, train=False)
   label = label.astype(jnp.int32)
   mask = mask.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == label).astype(jnp.float32)
@@ -35,8 +38,10 @@ def _batch_sums(model, variables, image, label, mask):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(model, mesh: Optional[Mesh]):
-  fn = functools.partial(_batch_sums, model)
+def _compiled_step(model, mesh: Optional[Mesh], batch_statistics: bool = False):
+  if batch_statistics:  # training mode for BN only: no dropout, no stochastic depth
+    model = model.clone(dropout_rate=0.0, attention_dropout_rate=0.0, drop_path_rate=0.0)
+  fn = functools.partial(_batch_sums, model, batch_statistics=batch_statistics)
   if mesh is None:
     return jax.jit(fn)
   rep, shard = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
@@ -44,7 +49,7 @@ def _compiled_step(model, mesh: Optional[Mesh]):
 
 
 def evaluate_classifier(model, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]],
-                        *, mesh: Optional[Mesh] = None) -> dict:
+                        *, mesh: Optional[Mesh] = None, batch_statistics: bool = False) -> dict:
   """Top-1 accuracy and mean cross-entropy of `model` over `batches` (masked examples excluded).
 
   Args:
@@ -57,10 +62,17 @@ def evaluate_classifier(model, variables: Mapping[str, Any], batches: Iterable[M
       divisible by the number of local devices) and the variables are replicated over it;
       otherwise everything runs on the default device.
 
+    batch_statistics: BatchNorm normalizes each eval batch with that batch's own statistics (as
+      in training) instead of the running averages: the train/eval mismatch diagnostic. The last
+      batch is left out (on every process, so all run the same batches): its padding would enter
+      the statistics. Dropout and stochastic depth stay off.
+
   Returns:
     dict(top1=float, loss=float, num_examples=int); top1 and loss are NaN if no real example.
   """
-  step = _compiled_step(model, mesh)
+  step = _compiled_step(model, mesh, batch_statistics)
+  if batch_statistics:
+    batches = _all_but_last(batches)
   if mesh is not None:
     variables = jax.device_put(variables, parallel.replicated_sharding(mesh))
     sharding = parallel.batch_sharding(mesh)
@@ -88,3 +100,11 @@ def evaluate_classifier(model, variables: Mapping[str, Any], batches: Iterable[M
   if count == 0:
     return dict(top1=float("nan"), loss=float("nan"), num_examples=0)
   return dict(top1=correct / count, loss=loss_sum / count, num_examples=count)
+
+
+def _all_but_last(batches):
+  previous = None
+  for batch in batches:
+    if previous is not None:
+      yield previous
+    previous = batch

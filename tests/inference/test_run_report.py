@@ -158,8 +158,18 @@ def test_bfloat16_evaluation_of_a_float32_run(report, workdir, tmp_path):
   assert acc["folded_agrees"]
   assert acc["as_trained"]["loss"] == pytest.approx(report["accuracy"]["as_trained"]["loss"], rel=2e-2)
   assert acc["as_trained"]["loss"] != report["accuracy"]["as_trained"]["loss"]  # really computed in bf16
-  with pytest.raises(ConfigError, match="^--dtype: unknown dtype 'float16'"):
-    run_report.evaluate(workdir=workdir, dtype="float16", measure=False)
+  with pytest.raises(ConfigError, match="^--dtype: unknown dtype 'float8'"):
+    run_report.evaluate(workdir=workdir, dtype="float8", measure=False)
+
+
+def test_float16_evaluation_of_a_float32_run(report, workdir, tmp_path):
+  rep = run_report.evaluate(workdir=workdir, dtype="float16", measure=False, eval_batch_size_override=120,
+                            output_dir=str(tmp_path))
+  acc = rep["accuracy"]
+  assert acc["folded_agrees"]
+  assert acc["as_trained"]["loss"] == pytest.approx(report["accuracy"]["as_trained"]["loss"], rel=1e-2)
+  assert acc["as_trained"]["loss"] != report["accuracy"]["as_trained"]["loss"]  # really computed in fp16
+  assert rep["model"]["dtype"] == "float16"
 
 
 def test_layernorm_model_from_config_is_not_folded_and_missing_data_is_skipped(tmp_path):

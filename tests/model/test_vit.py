@@ -204,7 +204,7 @@ def test_vit_batch_statistics_agree_under_pmap_jit_mesh_and_one_device():
     (dict(drop_path_rate=1.5), "model.drop_path_rate"),
     (dict(bn_group_size=0), "model.bn_group_size"),
     (dict(bn_momentum=1.0), "model.bn_momentum"),
-    (dict(dtype="float16"), "model.dtype"),
+    (dict(dtype="float8"), "model.dtype"),
     (dict(qk_norm="batch"), "model.qk_norm"),
     (dict(dyt_alpha_init=0.0), "model.dyt_alpha_init"),
     (dict(prepbn=dict(warmup_steps=-1)), "model.prepbn.warmup_steps"),

@@ -125,11 +125,12 @@ class TokenBatchNorm(nn.Module):
   num_excluded_tokens: int = 0
   group_size: Optional[int] = None
   axis_name: Optional[str] = None
-  dtype: Any = jnp.float32
+  dtype: Optional[Any] = jnp.float32  # output dtype; None: the input's (torch batch_norm under autocast)
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
+    out_dtype = x.dtype if self.dtype is None else self.dtype
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
@@ -140,7 +141,7 @@ class TokenBatchNorm(nn.Module):
     if not train:
       inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       y = (x32 - ra_mean.value) * inv + bias
-      return y.astype(self.dtype)
+      return y.astype(out_dtype)
 
     batch = x.shape[0]
     group = self.group_size or batch
@@ -169,14 +170,14 @@ class TokenBatchNorm(nn.Module):
         batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), self.axis_name)
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
-    return y.reshape(x.shape).astype(self.dtype)
+    return y.reshape(x.shape).astype(out_dtype)
 
 
 class DyT(nn.Module):
   """Dynamic Tanh: scale * tanh(alpha * x) + bias; alpha a learnable scalar, scale/bias per channel."""
 
   alpha_init: float = 0.5
-  dtype: Any = jnp.float32
+  dtype: Optional[Any] = jnp.float32  # output dtype; None: float32 (PyTorch's promotion with the params)
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -186,7 +187,7 @@ class DyT(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     x32 = jnp.asarray(x, jnp.float32)
-    return (jnp.tanh(alpha * x32) * scale + bias).astype(self.dtype)
+    return (jnp.tanh(alpha * x32) * scale + bias).astype(self.dtype or jnp.float32)
 
 
 class PRepBN(nn.Module):
@@ -200,7 +201,7 @@ class PRepBN(nn.Module):
 
   options: NormOptions = NormOptions()
   num_excluded_tokens: int = 0
-  dtype: Any = jnp.float32
+  dtype: Optional[Any] = jnp.float32  # output dtype; None: float32 (its LayerNorm's, as under autocast)
 
   @nn.compact
   def __call__(self, x, train: bool, lam):
@@ -219,12 +220,15 @@ class PRepBN(nn.Module):
     if init or not static or lam != 0.0:
       ln = nn.LayerNorm(epsilon=o.ln_epsilon, dtype=jnp.float32, name="LayerNorm")(x32)
       out = out + lam * ln
-    return jnp.asarray(out).astype(self.dtype)
+    return jnp.asarray(out).astype(self.dtype or jnp.float32)
 
 
-def make_norm(kind: str, *, name: str, options: NormOptions, dtype: Any = jnp.float32,
+def make_norm(kind: str, *, name: str, options: NormOptions, dtype: Optional[Any] = jnp.float32,
               num_cls_tokens: int = 0, lam=0.0) -> NormFn:
   """Returns the norm `kind` as a function `norm(x, train)`.
+
+  `dtype`: the output dtype; None is float16 autocast's rule (vitnorm.model.precision): BatchNorm
+  returns its input's dtype, the others float32.
 
   Call inside a compact method: the module becomes a child named `name`. `num_cls_tokens` is
   the number of leading CLS tokens of x (BatchNorm leaves them out of its statistics when

@@ -28,7 +28,15 @@ sets it). Both None means "training finished": lam = 0, only RepBN runs (the fol
 trainer's periodic evaluation at step s uses `at_step(model, s)`, so it sees lam(s).
 
 Diagnostics: when the `diagnostics` collection is mutable, each block sows the RMS of the
-residual stream after it, the RMS of its FFN hidden activations and its maximum attention logit.
+residual stream after it, the RMS of its FFN hidden activations, RMS and max |x| of Dense_0's
+output (before any FFN norm) and of the FFN branch output (Dense_1's), its maximum attention
+logit, its largest unscaled |q.k| and the largest |x| at its matmul outputs (see layers.py); the
+model sows max |x| of the patch embedding and of the head's logits and the head's log-partition
+(logsumexp of the logits: mean and max over the batch).
+
+Precision: `dtype` is the compute dtype of every matmul (float32, bfloat16 or float16; the
+parameters stay float32); vitnorm.model.precision says where each dtype lives, and the two
+attention knobs (`attention_logits`, `attention_scale`).
 """
 import dataclasses
 import re
@@ -38,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitnorm.model import norms
+from vitnorm.model import norms, precision
 from vitnorm.model.layers import Encoder
 from vitnorm.errors import ConfigError
 
@@ -56,7 +64,7 @@ VARIANTS = {
 }
 CLASSIFIERS = ("token", "gap")
 FFN_NORM_POSITIONS = ("pre_act", "post_act")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = precision.DTYPES  # compute dtypes; where each lives: vitnorm.model.precision
 
 
 class ViT(nn.Module):
@@ -83,6 +91,10 @@ class ViT(nn.Module):
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
   qk_norm: str = "none"
+  # Where the attention logits are computed ('float32' | 'compute') and the 1/sqrt(head_dim) scale
+  # applied ('query' | 'product'); see vitnorm.model.precision.
+  attention_logits: str = "float32"
+  attention_scale: str = "query"
   # Optimizer step the model is evaluated at (PRepBN's lam; see the module docstring and
   # `at_step`); None: training finished (lam = 0). The call argument `step` overrides it.
   step: Optional[int] = None
@@ -108,6 +120,8 @@ class ViT(nn.Module):
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding")(images)
+    self.sow("diagnostics", "embedding_max_abs", jnp.max(jnp.abs(x)).astype(jnp.float32))
+    x = x.astype(precision.policy(self.dtype).residual)  # float16: float32 stream, as autocast
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if self.classifier == "token":
@@ -117,12 +131,17 @@ class ViT(nn.Module):
         self.num_layers, self.num_heads, self.mlp_dim, self.norm, self.ffn_norm,
         self.ffn_norm_position, self.norm_options, self.num_cls_tokens, self.dropout_rate,
         self.attention_dropout_rate, self.drop_path_rate, self.dtype, self.qk_norm,
+        attention_logits=self.attention_logits, attention_scale=self.attention_scale,
         name="Transformer")(x, train=train, lam=self.lam(step))
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                       bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+    self.sow("diagnostics", "head_max_abs", jnp.max(jnp.abs(logits)).astype(jnp.float32))
+    log_partition = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    self.sow("diagnostics", "head_log_partition_mean", jnp.mean(log_partition))
+    self.sow("diagnostics", "head_log_partition_max", jnp.max(log_partition))
     return logits.astype(jnp.float32)
 
 
@@ -187,6 +206,8 @@ def resolve_model_config(cfg: Mapping) -> dict:
   out["ffn_norm_position"] = choice("ffn_norm_position", FFN_NORM_POSITIONS, "pre_act")
   out["qk_norm"] = choice("qk_norm", norms.QK_NORM_KINDS, "none", norms.canonical_kind)
   out["dtype"] = DTYPES[choice("dtype", tuple(DTYPES), "float32")]
+  out["attention_logits"] = choice("attention_logits", precision.ATTENTION_LOGITS, "float32")
+  out["attention_scale"] = choice("attention_scale", precision.ATTENTION_SCALE, "query")
   for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
     value = float(_get(cfg, key, 0.0))
     if not 0.0 <= value < 1.0:
@@ -242,7 +263,9 @@ class ModelSpec:
   ffn_norm: str  # the norm between the FFN's Dense layers, or none
   ffn_norm_position: str  # pre_act | post_act
   qk_norm: str  # none | layer | rms
-  dtype: Any  # compute dtype (jnp.float32 / jnp.bfloat16); parameters stay float32
+  dtype: Any  # compute dtype (jnp.float32 / jnp.bfloat16 / jnp.float16); parameters stay float32
+  attention_logits: str  # float32 | compute (vitnorm.model.precision)
+  attention_scale: str  # query | product
   dropout_rate: float
   attention_dropout_rate: float
   drop_path_rate: float

@@ -22,7 +22,7 @@ from vitnorm import data, parallel, paths, workdir as workdir_lib
 from vitnorm.data import device as data_device
 from vitnorm.model import vit
 from vitnorm import checkpoints, evaluation
-from vitnorm.training import disk_full, header, workdir_lock
+from vitnorm.training import disk_full, header, loss_scale, workdir_lock
 from vitnorm.training.monitor import (SPIKE_MEAN_DECAY, SPIKE_WARMUP_STEPS,  # noqa: F401 (re-exported)
                                      Monitor as _Monitor, TrainingDiverged)
 from vitnorm.training.placement import make_placement
@@ -184,6 +184,12 @@ class _Run:
           vit.at_step(self.eval_model, step), {"params": params, "batch_stats": stats},  # PRepBN: lam(step)
           data.eval_batches(self.cfg.data, global_batch_size=self.plan.eval_batch_size), mesh=self.mesh)
       results.update({f"{prefix}/top1": r["top1"], f"{prefix}/loss": r["loss"]})
+      if prefix == "eval" and self.cfg.diagnostics_every and self.plan.model.uses_batch_stats:
+        r = evaluation.evaluate_classifier(  # BN's train/eval mismatch: each batch's own statistics
+            vit.at_step(self.eval_model, step), {"params": params, "batch_stats": stats},
+            data.eval_batches(self.cfg.data, global_batch_size=self.plan.eval_batch_size), mesh=self.mesh,
+            batch_statistics=True)
+        results.update({"eval/top1_batch_stats": r["top1"], "eval/loss_batch_stats": r["loss"]})
     self.logger.write(step, results)
     self.logger.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     self.eval_results = dict(results, **{"eval/step": step})
@@ -198,7 +204,10 @@ class _Run:
       model_item["ema_params"] = host.ema_params
       if host.ema_batch_stats:
         model_item[checkpoints.EMA_BATCH_STATS] = host.ema_batch_stats
-    self.ckpt.save(step, model_item, {"step": host.step, "opt_state": host.opt_state})
+    train_item = {"step": host.step, "opt_state": host.opt_state}
+    if host.loss_scale is not None:  # float16: the loss scale resumes where it was
+      train_item[loss_scale.CHECKPOINT_ITEM] = loss_scale.to_item(host.loss_scale)
+    self.ckpt.save(step, model_item, train_item)
 
   # -- the step loop ---------------------------------------------------------------------------
 
@@ -284,7 +293,8 @@ class _Run:
     self.ckpt.wait()  # pending saves hold finite values: let them finish
     if self.is_main:
       workdir_lib.write_status(self.workdir, "diverged", err.step, self.monitor.last_finite,
-                               reason=err.reason, last_checkpoint_step=self.ckpt.latest_step())
+                               reason=err.reason, divergence=err.kind,
+                               last_checkpoint_step=self.ckpt.latest_step())
 
   def close(self):
     if hasattr(getattr(self, "_feed", None), "close"):
@@ -383,14 +393,25 @@ def _restore(ckpt: checkpoints.Checkpointer, step: int, state: TrainState, mesh)
             file=sys.stderr, flush=True)
     else:
       model_target[checkpoints.EMA_BATCH_STATS] = target(state.ema_batch_stats)
-  model_item, train_item = ckpt.restore(
-      step, model_target, {"step": target(state.step), "opt_state": target(state.opt_state)})
+  train_target = {"step": target(state.step), "opt_state": target(state.opt_state)}
+  # --- float16 loss scale (vitnorm.training.loss_scale): restored when saved, whatever the dtype now
+  scaler_key = loss_scale.CHECKPOINT_ITEM
+  if scaler_key in ckpt.train_keys(step):
+    train_target[scaler_key] = target(loss_scale.item_target())
+  elif state.loss_scale is not None:
+    print(f"warning: checkpoint {step} in {ckpt.directory} has no loss scale (it was not trained in "
+          "float16); the loss scale starts at optim.loss_scale.init", file=sys.stderr, flush=True)
+  model_item, train_item = ckpt.restore(step, model_target, train_target)
+  scaler = {}
+  if state.loss_scale is not None and scaler_key in train_item:
+    scaler = dict(loss_scale=loss_scale.from_item(train_item[scaler_key], state.loss_scale))
+  # ---
   batch_stats = model_item.get("batch_stats", {})
   ema_stats = (jax.tree.map(jnp.copy, batch_stats) if old_ema_stats
                else model_item.get(checkpoints.EMA_BATCH_STATS, state.ema_batch_stats))
   return state.replace(step=train_item["step"], opt_state=train_item["opt_state"],
                        params=model_item["params"], batch_stats=batch_stats,
-                       ema_params=model_item.get("ema_params"), ema_batch_stats=ema_stats)
+                       ema_params=model_item.get("ema_params"), ema_batch_stats=ema_stats, **scaler)
 
 
 # ==============================================================================================

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from vitnorm.errors import ConfigError
+from vitnorm.training import loss_scale
 
 # Parameters that take weight decay: the kernels of Dense and Conv layers. Norm scales / biases,
 # all biases, the position embeddings and the CLS token do not (DeiT / timm convention).
@@ -70,6 +71,7 @@ def validate(optim_cfg: Mapping):
     raise ConfigError("optim.lr_scaling_batch", f"must be a positive batch size or None, got {scaling!r}")
   if float(optim_cfg.get("min_lr") or 0.0) < 0:
     raise ConfigError("optim.min_lr", "must be >= 0")
+  loss_scale.settings(optim_cfg)  # optim.loss_scale (used with model.dtype float16)
 
 
 def make_optimizer(optim_cfg: Mapping, schedule: optax.Schedule) -> optax.GradientTransformation:

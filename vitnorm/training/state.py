@@ -14,6 +14,7 @@ from flax.training import train_state
 
 from vitnorm.model import pretrained, vit
 from vitnorm import checkpoints
+from vitnorm.training import loss_scale
 from vitnorm.training.plan import Plan, init_source
 
 
@@ -28,6 +29,9 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None  # {} for models without BatchNorm
   ema_params: Any = None  # None when optim.ema_decay is 0
   ema_batch_stats: Any = None  # EMA of batch_stats, same decay; None when optim.ema_decay is 0
+  # float16 only, else None: the dynamic loss scale, its good-step counter and the count of steps
+  # skipped for non-finite gradients (vitnorm.training.loss_scale.LossScaleState).
+  loss_scale: Any = None
 
 
 # In-process reuse (tests, notebooks, several runs in one process): the optimizer and the
@@ -63,7 +67,8 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
   state = TrainState.create(
       apply_fn=None, params=params, tx=tx, batch_stats=batch_stats,
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None)
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
+      loss_scale=loss_scale.create(plan.config.optim, plan.config.model))
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
 
