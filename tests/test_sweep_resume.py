@@ -34,7 +34,8 @@ SWEEP_MAIN = textwrap.dedent(f'''
     from experiments import run_sweep, sweeps
     tiny = {TINY!r}
     sweeps.SWEEPS["resume_cpu"] = sweeps.Sweep("resume_cpu", "cpu", "Does --resume continue a sweep?", runs=(
-        sweeps.Run("a", "configs/quickstart.py:norm=bn,ffn_norm=bn", tiny + (("debug.preempt_at_step", "{PREEMPT_AT}"),)),
+        sweeps.Run("a", "configs/quickstart.py:norm=bn,ffn_norm=bn",
+                   tiny + (("debug.preempt_at_step", "{PREEMPT_AT}"),)),
         sweeps.Run("b", "configs/quickstart.py:norm=bn,ffn_norm=bn", tiny)))
     sys.exit(run_sweep.main(["--sweep", "resume_cpu", *sys.argv[1:]]))
 ''')

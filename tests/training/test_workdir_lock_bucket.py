@@ -18,8 +18,11 @@ import time
 import urllib.parse
 import urllib.request
 
-from test_bucket_workdir import BUCKET, REPO, _list_objects, emulator_env, gcs_emulator  # noqa: F401  (fixture)
+import test_bucket_workdir
+from test_bucket_workdir import BUCKET, REPO, _list_objects, emulator_env
 from vitnorm.training.workdir_lock import STALE_SECONDS
+
+gcs_emulator = test_bucket_workdir.gcs_emulator  # the fixture: fake-gcs-server with an empty bucket
 
 CHILD = os.path.join(REPO, "tests", "bucket_lock_child.py")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost, never a proxy
