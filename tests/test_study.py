@@ -207,3 +207,97 @@ def test_benchmark_flags_an_aa_ratio_off_by_more_than_3_percent_or_a_wide_spread
   assert not off["reliable"] and "A/A ratio 0.950" in off["problems"][0]
   wide = comparison.reliability([_row("ln", [80, 100, 120]), _row("none", [100, 100, 100])])
   assert not wide["reliable"] and not wide["aa_checked"] and "ln varied by 40.0%" in wide["problems"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The crash study: outcome from the train loss, sensitivity, accuracy statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss_run(name, status, loss, seed=0, top1=None):
+  final = {"train/loss": loss}
+  if top1 is not None:
+    final["eval/top1"] = top1
+  return dict(name=f"{name}_seed{seed}", group=name, seed=seed, status=status, final=final, series={})
+
+
+def test_loss_outcome_is_the_criterion_fixed_before_the_runs():
+  l0 = math.log(10)
+  assert study.initial_loss() == pytest.approx(2.302585092994046)
+  assert study.loss_outcome(_loss_run("a", "diverged", 0.1)) == study.LOSS_CRASHED  # stopped: crash
+  assert study.loss_outcome(_loss_run("a", "completed", l0 + 1e-9)) == study.LOSS_DIVERGED
+  assert study.loss_outcome(_loss_run("a", "completed", float("nan"))) == study.LOSS_DIVERGED
+  assert study.loss_outcome(_loss_run("a", "completed", l0)) == study.LOSS_TRAINED
+  assert study.loss_outcome(_loss_run("a", "completed", 0.05, top1=0.11)) == study.LOSS_TRAINED  # not accuracy
+  assert study.loss_outcome(_loss_run("a", "preempted", 0.1)) == study.UNFINISHED
+  assert study.clipped_loss(_loss_run("a", "diverged", 0.1)) == l0
+  assert study.clipped_loss(_loss_run("a", "completed", 7.0)) == l0
+  assert study.clipped_loss(_loss_run("a", "completed", 0.25)) == 0.25
+  assert "log 10 = 2.303" in study.loss_criterion_text()
+
+
+def _sensitivity_runs():
+  arm = "ln_fp32_d4"
+  return [_loss_run(f"{arm}_lr1e-4", "completed", 0.5, 0), _loss_run(f"{arm}_lr1e-4", "completed", 0.7, 1),
+          _loss_run(f"{arm}_lr1e-3", "completed", 0.2, 0), _loss_run(f"{arm}_lr1e-3", "completed", 0.4, 1),
+          _loss_run(f"{arm}_lr1e-2", "diverged", 0.3, 0), _loss_run(f"{arm}_lr1e-2", "completed", 3.0, 1),
+          _loss_run("bn_fp16_d8_lr1e-4", "completed", 0.1, 0), _loss_run("bn_fp16_d8_lr1e-3", "preempted", 0.1, 0),
+          _loss_run("not_a_crash_run", "completed", 0.1, 0)]
+
+
+def test_sensitivity_is_wortsmans_expectation_over_the_grid_with_crashes_at_l0():
+  curves = study.loss_curves(_sensitivity_runs())
+  assert list(curves) == ["bn_fp16_d8", "ln_fp32_d4"]  # the run that is not the study's is left out
+  ln = curves["ln_fp32_d4"]
+  assert ln[1e-4]["loss"] == pytest.approx(0.6) and ln[1e-3]["loss"] == pytest.approx(0.3)
+  assert (ln[1e-2]["crashed"], ln[1e-2]["diverged"], ln[1e-2]["loss"]) == (1, 1, math.log(10))
+  grid = (1e-4, 1e-3, 1e-2)
+  s = study.sensitivity(ln, grid)
+  # E[min(L, L0)] - L* = (0.6 + 0.3 + L0) / 3 - 0.3 = L0 / 3
+  assert s["value"] == pytest.approx(math.log(10) / 3) and s["best_loss"] == pytest.approx(0.3)
+  assert s["best_lr"] == 1e-3 and s["complete"]
+  bn = study.sensitivity(curves["bn_fp16_d8"], grid)
+  assert bn["value"] is None and not bn["complete"] and bn["best_lr"] == 1e-4
+  table = study.sensitivity_table(curves, grid).splitlines()
+  assert table[2] == "| bn_fp16_d8 | 0.100 | not finished | not run | - | 0.100 | 0.0001 |"
+  assert table[3] == "| ln_fp32_d4 | 0.600 | 0.300 | 2.303 CD | 0.768 | 0.300 | 0.001 |"
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+  adjusted = study.holm({"a": 0.01, "b": 0.04, "c": 0.03, "ref": None})
+  # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+  assert adjusted == {"a": pytest.approx(0.03), "c": pytest.approx(0.06), "b": pytest.approx(0.06), "ref": None}
+  assert study.holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+
+
+def test_bootstrap_interval_of_one_seed_is_the_binomial_one_and_stays_in_bounds():
+  draws = study.bootstrap_top1({0: 0.9}, resamples=20_000)
+  half = 1.959964 * math.sqrt(0.9 * 0.1 / 1000)  # the normal approximation of Binomial(1000, 0.9)
+  low, high = study.percentile_interval(draws)
+  assert low == pytest.approx(0.9 - half, abs=0.1 * half) and high == pytest.approx(0.9 + half, abs=0.1 * half)
+  low, high = study.percentile_interval(study.bootstrap_top1({0: 1.0, 1: 0.998}))
+  assert high <= 1.0 and low < 0.999  # a t-interval of these two would pass 100%
+  # Seeds are resampled too: the spread between seeds widens the interval.
+  wide = study.percentile_interval(study.bootstrap_top1({0: 0.80, 1: 0.90}))
+  assert wide[0] < 0.81 and wide[1] > 0.89
+
+
+def test_noninferiority_pairs_seeds_counts_crashes_as_chance_and_corrects_with_holm():
+  runs = [_loss_run("ln", "completed", 0.1, s, top1=0.95) for s in range(5)]
+  runs += [_loss_run("bn", "completed", 0.1, s, top1=0.97) for s in range(5)]  # 3 points above the margin
+  runs += [_loss_run("bad", "completed", 0.1, s, top1=0.90) for s in range(5)]  # 5 points lower
+  runs += [_loss_run("crashy", "completed", 0.1, s, top1=0.96) for s in range(4)]
+  runs += [_loss_run("crashy", "diverged", 0.1, 4)]
+  rows = {r["variant"]: r for r in study.noninferiority(runs, "ln")}
+  assert rows["ln"]["verdict"] == "-" and rows["ln"]["p"] is None
+  assert rows["bn"]["difference"] == pytest.approx(0.02) and rows["bn"]["verdict"] == "non-inferior"
+  # No draw reaches -1 point: p = 1 / (1 + draws); Holm multiplies the smallest of 3 by 3.
+  assert rows["bn"]["p"] == pytest.approx(1 / 10_001) and rows["bn"]["p_holm"] == pytest.approx(3 / 10_001)
+  assert rows["bad"]["verdict"] == "not shown" and rows["bad"]["p"] > 0.99
+  # The crashed seed counts as 10% (chance): mean (4 x 0.96 + 0.1) / 5 = 0.788.
+  assert rows["crashy"]["crashed"] == 1 and rows["crashy"]["top1"] == pytest.approx(0.788)
+  assert rows["crashy"]["verdict"] == "not shown"
+  lo, hi = rows["bn"]["difference_ci95"]
+  assert lo < 0.02 < hi and hi - lo < 0.03
+  table = study.noninferiority_table(list(rows.values()), "ln")
+  assert "| ln | 5 | 0 | 95.00 |" in table and "(reference)" in table and "| non-inferior |" in table
