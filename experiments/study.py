@@ -19,6 +19,7 @@ calls them to write the tables and figures, so the report stays the one source o
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from experiments import run_files
 from experiments import sweeps as sweeps_lib
 
 CRASHED, FAILED, TRAINED, UNFINISHED = "crashed", "failed to learn", "trained", "not finished"
@@ -644,3 +645,77 @@ def accuracy_method_text(reference: str, margin: float = NONINFERIORITY_MARGIN, 
           f"they stay inside [0, 100]. Non-inferiority to {reference}: H0 'difference <= "
           f"-{100 * margin:g} points', one-sided bootstrap p, Holm-corrected over the variants, "
           f"verdict non-inferior when the corrected p < {alpha:g}. 'not shown' is not 'inferior'.")
+
+
+# Per-run peaks the crash-study figures plot against lr: diagnostic -> where it is in the series.
+PEAKS = (("ffn_pre_norm_rms", "FFN pre-norm RMS (after Dense_0, before the FFN norm)"),
+         ("ffn_out_rms", "FFN output RMS (after Dense_1)"),
+         ("max_attention_logit", "max attention logit (scaled)"),
+         ("max_abs_qk", "max |q.k| (unscaled product)"),
+         ("residual_rms", "residual stream RMS"))
+FP16_MAX = 65504.0  # the largest finite float16
+# Tensors whose max |x| the blocks record, for locating an overflow: diagnostic -> what it is.
+OVERFLOW_TENSORS = (("max_abs_qk", "q.k product"), ("ffn_pre_norm_max_abs", "FFN Dense_0 output"),
+                    ("ffn_out_max_abs", "FFN Dense_1 output"), ("max_abs_matmul", "a matmul output"))
+
+
+def run_peaks(run: dict) -> Dict[str, float]:
+  """{diagnostic: its largest finite value over blocks and steps} for PEAKS, plus 'max_abs_matmul'
+  (the whole model's, diag/max_abs_matmul)."""
+  series = run.get("series") or {}
+  out = {name: _peak(series, name) for name, _ in PEAKS}
+  values = [v for _, v in series.get("diag/max_abs_matmul", []) if math.isfinite(v)]
+  out["max_abs_matmul"] = max(values) if values else None
+  return {k: v for k, v in out.items() if v is not None}
+
+
+def peaks_by_lr(runs: List[dict]) -> Dict[str, Dict[str, Dict[float, float]]]:
+  """{diagnostic: {arm: {lr: mean over seeds of the run's peak}}} for the crash study's runs."""
+  acc: Dict[str, Dict[str, Dict[float, List[float]]]] = {}
+  for r in runs:
+    parsed = sweeps_lib.parse_crash_arm(r.get("name", ""))
+    if parsed is None or "lr" not in parsed:
+      continue
+    for name, value in run_peaks(r).items():
+      acc.setdefault(name, {}).setdefault(parsed["arm"], {}).setdefault(parsed["lr"], []).append(value)
+  return {name: {arm: {lr: sum(v) / len(v) for lr, v in sorted(by_lr.items())}
+                 for arm, by_lr in sorted(arms.items())} for name, arms in acc.items()}
+
+
+def bn_mismatch(run: dict) -> Optional[dict]:
+  """The last evaluation with both BN modes: {step, loss_running, loss_batch, top1_running,
+  top1_batch} (eval/* with running statistics, eval/*_batch_stats with the batch's own)."""
+  series = run.get("series") or {}
+  batch = dict(series.get("eval/loss_batch_stats", []))
+  running = dict(series.get("eval/loss", []))
+  steps = [s for s in batch if s in running and math.isfinite(batch[s]) and math.isfinite(running[s])]
+  if not steps:
+    return None
+  step = max(steps)
+  top1_b, top1_r = dict(series.get("eval/top1_batch_stats", [])), dict(series.get("eval/top1", []))
+  return dict(step=step, loss_running=running[step], loss_batch=batch[step],
+              top1_running=top1_r.get(step), top1_batch=top1_b.get(step))
+
+
+def crash_site(run: dict) -> Optional[dict]:
+  """Where a crashed run was when it stopped: {step (the crash), divergence, diag_step (the last
+  diagnostics record before it), block, tensor, value, over_fp16 (value > 65,504)} for the
+  largest recorded |x| among OVERFLOW_TENSORS at that record; None for a run that did not crash."""
+  if run.get("status") != "diverged":
+    return None
+  diag = run_files.block_diagnostics(run.get("series") or {})
+  best, diag_step = None, None
+  for name, label in OVERFLOW_TENSORS:
+    for block, points in diag.get(name, {}).items():
+      finite = [(s, v) for s, v in points if math.isfinite(v)]
+      if not finite:
+        continue
+      step, value = finite[-1]
+      if diag_step is None or step > diag_step:
+        diag_step, best = step, None  # only the latest record counts
+      if step == diag_step and (best is None or value > best["value"]):
+        best = dict(block=block, tensor=label, diagnostic=name, value=value)
+  out = dict(step=run.get("step"), divergence=run.get("divergence"), diag_step=diag_step)
+  if best:
+    out.update(best, over_fp16=best["value"] > FP16_MAX)
+  return out

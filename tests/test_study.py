@@ -301,3 +301,115 @@ def test_noninferiority_pairs_seeds_counts_crashes_as_chance_and_corrects_with_h
   assert lo < 0.02 < hi and hi - lo < 0.03
   table = study.noninferiority_table(list(rows.values()), "ln")
   assert "| ln | 5 | 0 | 95.00 |" in table and "(reference)" in table and "| non-inferior |" in table
+
+
+def _write_run(sweep_dir, name, *, status, step, losses, diag=None, evals=None, divergence=None):
+  """A run directory as the trainer leaves it: status.json and metrics.jsonl."""
+  wd = sweep_dir / name
+  wd.mkdir(parents=True)
+  with open(wd / "metrics.jsonl", "w") as f:
+    for s, loss in losses:
+      f.write(json.dumps({"step": s, "train/loss": loss}) + "\n")
+    for s, record in (diag or {}).items():
+      f.write(json.dumps(dict(step=s, **record)) + "\n")
+    for s, record in (evals or {}).items():
+      f.write(json.dumps(dict(step=s, **record)) + "\n")
+  final = [v for _, v in losses if math.isfinite(v)]
+  doc = {"status": status, "step": step, "metrics": {"train/loss": final[-1]} if final else {}}
+  if divergence:
+    doc.update(divergence=divergence, reason="non-finite loss")
+  (wd / "status.json").write_text(json.dumps(doc))
+
+
+def _block_diag(scale):
+  """Two blocks' diagnostics; block 1 is `scale` times block 0."""
+  rec = {}
+  for b, f in ((0, 1.0), (1, scale)):
+    rec.update({f"diag/block_{b}/ffn_pre_norm_rms": 2.0 * f, f"diag/block_{b}/ffn_out_rms": 1.0 * f,
+                f"diag/block_{b}/max_attention_logit": 10.0 * f, f"diag/block_{b}/max_abs_qk": 80.0 * f,
+                f"diag/block_{b}/residual_rms": 3.0 * f, f"diag/block_{b}/ffn_pre_norm_max_abs": 5.0 * f,
+                f"diag/block_{b}/ffn_out_max_abs": 4.0 * f, f"diag/block_{b}/max_abs_matmul": 80.0 * f})
+  rec["diag/max_abs_matmul"] = 80.0 * max(1.0, scale)
+  return rec
+
+
+FAKE_SENSITIVITY = sweeps_lib.Sweep(
+    "fake_sensitivity_cpu", "cpu", "Does the fake BN crash in fp16?",
+    runs=tuple(sweeps_lib.crash_run(v, "fp16", 4, lr) for v in ("ln", "bn") for lr in (1e-3, 1e-1)),
+    seeds=(0, 1), num_steps=60, kind="sensitivity")
+
+
+def test_sensitivity_report_and_figures_from_a_fake_root(tmp_path, monkeypatch):
+  monkeypatch.setitem(sweeps_lib.SWEEPS, FAKE_SENSITIVITY.name, FAKE_SENSITIVITY)
+  sweep_dir = tmp_path / "runs" / FAKE_SENSITIVITY.name
+  sweep_dir.mkdir(parents=True)
+  (sweep_dir / "sweep.json").write_text(json.dumps({"sweep": FAKE_SENSITIVITY.name, "num_steps": 60,
+                                                    "overrides": [], "seeds": [0, 1]}))
+  evals = {60: {"eval/loss": 0.5, "eval/top1": 0.9, "eval/loss_batch_stats": 0.25, "eval/top1_batch_stats": 0.95}}
+  for seed in (0, 1):
+    for lr, loss in (("1e-3", 0.4), ("1e-1", 3.0)):  # LN: trains at 1e-3, diverges (loss > log 10) at 1e-1
+      _write_run(sweep_dir, f"ln_fp16_d4_lr{lr}_seed{seed}", status="completed", step=60,
+                 losses=[(30, 2.0), (60, loss + seed / 10)], diag={30: _block_diag(1.0), 60: _block_diag(2.0)})
+    _write_run(sweep_dir, f"bn_fp16_d4_lr1e-3_seed{seed}", status="completed", step=60,
+               losses=[(30, 2.0), (60, 0.3)], diag={30: _block_diag(1.0)}, evals=evals)
+    # BN at 1e-1 crashes at step 45: at the last record (step 30) block 1's q.k is 80 x 1000 > 65,504.
+    _write_run(sweep_dir, f"bn_fp16_d4_lr1e-1_seed{seed}", status="diverged", step=45,
+               losses=[(30, 1.5), (45, float("nan"))], diag={15: _block_diag(3.0), 30: _block_diag(1000.0)},
+               divergence="non_finite_loss")
+  out = tmp_path / "out"
+  text = report.make_report(str(tmp_path / "runs"), out=str(out))
+  assert "Criterion, fixed before the runs" in text
+  summary = json.loads((out / FAKE_SENSITIVITY.name / "summary.json").read_text())
+  assert summary["outcomes"]["bn_fp16_d4"] == {"crashed": 2, "diverged": 0, "trained": 2, "not finished": 0}
+  assert summary["outcomes"]["ln_fp16_d4"] == {"crashed": 0, "diverged": 2, "trained": 2, "not finished": 0}
+  assert summary["curves"]["ln_fp16_d4"]["0.001"]["loss"] == pytest.approx(0.45)
+  assert summary["curves"]["ln_fp16_d4"]["0.1"]["loss"] == pytest.approx(math.log(10))
+  assert summary["best_lr"] == {"bn_fp16_d4": 0.001, "ln_fp16_d4": 0.001}
+  assert summary["sensitivity"]["bn_fp16_d4"]["value"] is None  # 2 of the 7 lrs: not complete
+  site = summary["crash_sites"]["bn_fp16_d4_lr1e-1_seed0"]
+  assert site == {"step": 45, "divergence": "non_finite_loss", "diag_step": 30, "block": 1,
+                  "tensor": "q.k product", "diagnostic": "max_abs_qk", "value": 80000.0, "over_fp16": True}
+  assert summary["peaks"]["ffn_pre_norm_rms"]["ln_fp16_d4"]["0.001"] == 4.0  # block 1 at step 60
+  assert summary["peaks"]["max_abs_matmul"]["bn_fp16_d4"]["0.1"] == 80000.0
+  assert summary["bn_mismatch"]["bn_fp16_d4_lr1e-3_seed0"]["loss_running"] == 0.5
+  assert "| bn_fp16_d4_lr1e-1_seed0 | 45 | non_finite_loss | 30 | 1 | q.k product | 8e+04 | yes |" in text
+  for name in ("loss_vs_lr.png", "ffn_rms_vs_lr.png", "attention_vs_lr.png", "max_activation.png",
+               "crash_traces.png", "bn_mismatch.png", "loss.png"):
+    assert (out / FAKE_SENSITIVITY.name / name).stat().st_size > 5_000, name
+  # Every sensitivity sweep together: the precision and depth figures and each arm's best lr.
+  assert (out / "crash_study" / "loss_vs_lr_precision.png").stat().st_size > 10_000
+  assert (out / "crash_study" / "loss_vs_lr_depth.png").stat().st_size > 10_000
+  together = json.loads((out / "crash_study" / "summary.json").read_text())
+  assert together["crashed"] == {"bn_fp16_d4": 2, "ln_fp16_d4": 0}
+  assert (out / "crash_study" / "section.md").read_text().startswith("Criterion, fixed before the runs")
+  assert str(tmp_path) not in text
+
+
+def test_accuracy_sweep_runs_each_variant_at_its_best_lr_and_reports_noninferiority(
+    tmp_path, fake_modules, capsys):  # noqa: F811
+  results = tmp_path / "results"
+  root = tmp_path / "runs"
+  args = ["--sweep", sweeps_lib.ACCURACY_SWEEP, "--root", str(root), "--best_lrs", str(results),
+          "--seeds", "0,1", "--num_steps", "4", *fake_modules]
+  with pytest.raises(SystemExit) as exc:  # no sensitivity results yet: one clear line
+    run_sweep.main(args)
+  assert exc.value.code == 2 and "crash_fp32_cpu" in capsys.readouterr().err
+  lrs = {arm: 10.0 ** -(3 + i % 2) for i, arm in enumerate(sweeps_lib.ACCURACY_ARMS)}
+  for source in sweeps_lib.ACCURACY_SOURCES:
+    (results / source).mkdir(parents=True)
+    mine = {a: lr for a, lr in lrs.items() if (("qknorm" in a) == ("qknorm" in source))}
+    (results / source / "summary.json").write_text(json.dumps({"best_lr": mine}))
+  assert run_sweep.main(args) == 0
+  frozen = json.loads((root / sweeps_lib.ACCURACY_SWEEP / "best_lrs.json").read_text())["best_lr"]
+  assert frozen == lrs
+  invocation = (root / sweeps_lib.ACCURACY_SWEEP / "ln_ffnbn_fp32_d4_seed1" / "invocations").read_text()
+  assert f"--config.optim.base_lr={lrs['ln_ffnbn_fp32_d4']}" in invocation and "--config.seed=1" in invocation
+  text = report.make_report(str(root), out=str(tmp_path / "out"))
+  rows = {r["variant"]: r for r in json.loads(
+      (tmp_path / "out" / sweeps_lib.ACCURACY_SWEEP / "summary.json").read_text())["variants"]}
+  # The fake trainer ends every completed run at 54% and crashes BN without an FFN BN.
+  assert rows["ln_fp32_d4"]["verdict"] == "-" and rows["ln_ffnbn_fp32_d4"]["difference"] == 0.0
+  assert rows["bn_fp32_d4"]["crashed"] == 2 and rows["bn_fp32_d4"]["top1"] == pytest.approx(0.1)
+  assert rows["bn_fp32_d4"]["verdict"] == "not shown"
+  assert "non-inferiority" in text.lower() and "Holm" in text
+  assert (tmp_path / "out" / sweeps_lib.ACCURACY_SWEEP / "forest.png").stat().st_size > 10_000

@@ -66,9 +66,10 @@ class NormOptions:
 # SLAB's schedule length (xinghaochen/SLAB, classification/models/slab_deit.py and prepbn.py):
 # `LinearNorm(..., step=60000)` counts lam down from 1 to 0 over 60,000 training iterations and
 # holds it at 0 after; its DeiT recipe is 300 epochs at global batch 8 x 128 = 1,024 on ImageNet
-# (1,251 steps an epoch, 375,300 steps), so lam reaches 0 after 16% of training (epoch 48) and
-# RepBN alone trains for the remaining 84%. The trainer keeps that fraction for any run length.
-SLAB_DECAY_STEPS, SLAB_TOTAL_STEPS = 60_000, 300 * math.ceil(1_281_167 / 1024)
+# (its train loader drops the last partial batch of each GPU's ceil(1,281,167 / 8) images: 1,251
+# steps an epoch, 375,300 steps), so lam reaches 0 after 16% of training (epoch 48) and RepBN
+# alone trains for the remaining 84%. The trainer keeps that fraction for any run length.
+SLAB_DECAY_STEPS, SLAB_TOTAL_STEPS = 60_000, 300 * (math.ceil(1_281_167 / 8) // 128)
 SLAB_DECAY_FRACTION = SLAB_DECAY_STEPS / SLAB_TOTAL_STEPS
 
 
