@@ -16,6 +16,7 @@ a log axis; a crashed seed is an x drawn at L0 = log(num_classes), the loss it c
   plot_forest             accuracy differences to the reference with intervals and the margin
 """
 import math
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -31,7 +32,8 @@ def _log_x(ax, label="peak learning rate"):
 
 
 def _finish(fig, path, title):
-  fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+  wrapped = "\n".join(textwrap.wrap(title, max(40, int(fig.get_figwidth() * 13))))
+  fig.suptitle(wrapped, x=0.01, ha="left", fontsize=10)
   fig.tight_layout()
   plots.save_png(fig, path, dpi=100)
   plots.pyplot().close(fig)

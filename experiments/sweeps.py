@@ -26,9 +26,15 @@ The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Trans
   inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm (and
                    DyT, PRepBN folded), img/s, at several batch sizes, with an A/A pair (two
                    identical programs) as the noise floor.
-  stability        a map of where each variant fails: peak learning rate x variant x seed, short runs.
+  stability        a map of where each variant fails: peak learning rate x variant x seed, short runs
+                   (ImageNet only; at CPU scale the crash study below replaces it).
   stability_harsh  the same map under a recipe built to provoke the paper's crash: 12 blocks, no
-                   warm-up, no gradient clipping, larger learning rates.
+                   warm-up, no gradient clipping, larger learning rates (ImageNet only).
+
+The crash study (CPU only, `crash_*`, see CRASH STUDY below and experiments/README.md):
+learning-rate sensitivity sweeps (kind 'sensitivity') over {LN, BN} x {FFN-BN} x {QK-norm} in
+fp32, LN / BN / BN + FFN-BN / BN + QK-norm in fp16 as under autocast, and 4 / 8 / 12 blocks in
+fp16; then `crash_accuracy_cpu` (kind 'accuracy'): each fp32 variant at its own best lr.
 
 Seeds are a sweep dimension: a sweep may declare its own (`Sweep.seeds`) and `run_sweep --seeds 0,1,2`
 sets them; every run is then repeated once per seed as `<run>_seed<k>` (its `group` is `<run>`),
@@ -386,7 +392,7 @@ CRASH_VARIANTS = {
 }
 # Peak learning rates: 7 values, half a decade apart, 1e-4 to 1e-1.
 SENSITIVITY_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-SENSITIVITY_STEPS = 1500  # 24 epochs: LN at 1e-4 reaches a train loss well below log(10)
+SENSITIVITY_STEPS = 1500  # 24 epochs (the old maps: 250-400 steps), so the slow edge has time to train
 SENSITIVITY_SEEDS = (0, 1)
 ACCURACY_SEEDS = (0, 1, 2, 3, 4)
 # DeiT's head dimension, 64 (the unscaled q.k that must fit float16 grows with it; the quickstart's
@@ -450,27 +456,31 @@ def _sensitivity(name, question, arms):
 
 _NO_QK = ("ln", "bn", "ln_ffnbn", "bn_ffnbn")
 _QK = ("ln_qknorm", "bn_qknorm", "ln_ffnbn_qknorm", "bn_ffnbn_qknorm")
-_FP16_ARM = ("ln", "bn", "bn_ffnbn", "bn_qknorm")
-_DEPTH_ARM = ("ln", "bn", "bn_ffnbn")
 
-# The sensitivity sweeps, in the order to run them; each resumes on its own. The sizes are in
-# experiments/README.md ("The crash study"), from a pilot run's speed.
+# The sensitivity sweeps, in the order to run them (most decisive first); each resumes on its own
+# and is sized to <= 90 minutes of a quiet 2-core machine by the pilot-based estimate in
+# experiments/README.md ("The crash study"), which also gives each one's estimate.
 SENSITIVITY_SWEEPS = (
+    ("crash_fp16_cpu",
+     "fp16 as under autocast (q.k and the FFN in float16, scale on the product, dynamic loss "
+     "scale), 4 blocks: does BN everywhere crash where LN does not?",
+     [(v, "fp16", 4) for v in ("ln", "bn")]),
+    ("crash_fp16_fixes_cpu",
+     "fp16, 4 blocks: do an FFN BN or QK-norm keep BN everywhere from crashing?",
+     [(v, "fp16", 4) for v in ("bn_ffnbn", "bn_qknorm")]),
     ("crash_fp32_cpu",
-     "fp32, 4 blocks: final train loss against peak lr for LN, BN, LN + FFN-BN, BN + FFN-BN "
-     "(the factorial without QK-norm)", [(v, "fp32", 4) for v in _NO_QK]),
+     "fp32, 4 blocks: final train loss against peak lr for LN, BN, LN + FFN-BN, BN + FFN-BN (the "
+     "factorial without QK-norm; the fp32 counterparts of the fp16 sweeps)",
+     [(v, "fp32", 4) for v in _NO_QK]),
     ("crash_fp32_qknorm_cpu",
      "fp32, 4 blocks: the same with QK-norm (LN + QK-norm is the control Wortsman et al. call for)",
      [(v, "fp32", 4) for v in _QK]),
-    ("crash_fp16_cpu",
-     "fp16 as under autocast (q.k and the FFN in float16, scale on the product, dynamic loss "
-     "scale), 4 blocks: does BN everywhere crash where LN does not, and do FFN-BN or QK-norm "
-     "prevent it? (fp32 counterparts: crash_fp32_cpu, crash_fp32_qknorm_cpu)",
-     [(v, "fp16", 4) for v in _FP16_ARM]),
-    ("crash_depth8_fp16_cpu", "fp16, 8 blocks: does the BN-vs-LN gap grow with depth?",
-     [(v, "fp16", 8) for v in _DEPTH_ARM]),
-    ("crash_depth12_fp16_cpu", "fp16, 12 blocks: does the BN-vs-LN gap grow with depth?",
-     [(v, "fp16", 12) for v in _DEPTH_ARM]),
+    ("crash_depth8_fp16_cpu", "fp16, 8 blocks, LN and BN: does the BN-vs-LN gap grow with depth?",
+     [(v, "fp16", 8) for v in ("ln", "bn")]),
+    ("crash_depth8_ffnbn_fp16_cpu", "fp16, 8 blocks, BN + FFN-BN", [("bn_ffnbn", "fp16", 8)]),
+    ("crash_depth12_ln_fp16_cpu", "fp16, 12 blocks, LN", [("ln", "fp16", 12)]),
+    ("crash_depth12_bn_fp16_cpu", "fp16, 12 blocks, BN", [("bn", "fp16", 12)]),
+    ("crash_depth12_ffnbn_fp16_cpu", "fp16, 12 blocks, BN + FFN-BN", [("bn_ffnbn", "fp16", 12)]),
 )
 
 # The accuracy sweep: every fp32 variant of the factorial at its own best lr (the lowest mean
@@ -507,8 +517,12 @@ def _crash_study():
 
 _ABLATIONS = (_norm_variants, _ffn_position, _bn_sync, _bn_momentum, _bn_epsilon, _bn_cls,
               _lr_stress, _inference_speed)
+# The stability maps judged runs by top-1 after 250-400 steps (speed, not stability) and ran in
+# fp32 only; at CPU scale the crash study replaces them. The ImageNet maps stay as commands.
+_IMAGENET_ONLY = (_stability, _stability_harsh)
 
 SWEEPS = {s.name: s for s in (make(scale) for scale in SCALES for make in _ABLATIONS)}
+SWEEPS.update((s.name, s) for s in (make("imagenet") for make in _IMAGENET_ONLY))
 SWEEPS.update((s.name, s) for s in _crash_study())
 
 

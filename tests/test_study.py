@@ -104,21 +104,53 @@ def test_with_seeds_repeats_every_run_with_its_seed_and_group():
   assert seeded.runs[1].group == "cls_in" and seeded.runs[1].seed == 7
   assert seeded.runs[1].overrides[-1] == ("seed", "7") and seeded.runs[1].variant == "cls_in"
   assert sweeps_lib.with_seeds(sweep, ()) is sweep  # no seeds: each config's own seed
-  assert len(sweeps_lib.with_seeds(sweeps_lib.SWEEPS["stability_cpu"]).runs) == 2 * 5 * len(sweeps_lib.VARIANTS)
+  assert len(sweeps_lib.with_seeds(sweeps_lib.SWEEPS["stability_imagenet"]).runs) == 2 * 5 * len(sweeps_lib.VARIANTS)
   with pytest.raises(UserError, match="--seeds"):
     sweeps_lib.with_seeds(sweep, (1, 1))
 
 
 def test_stability_sweeps_state_lr_grid_and_harsh_recipe():
-  cpu = sweeps_lib.SWEEPS["stability_cpu"]
+  cpu = sweeps_lib.SWEEPS["stability_imagenet"]
   lrs = sorted({sweeps_lib.stability_lr(r) for r in cpu.runs})
-  assert len(lrs) >= 5 and lrs[0] <= 3e-4 and lrs[-1] >= 3e-2 and len(cpu.seeds) >= 2
-  harsh = sweeps_lib.SWEEPS["stability_harsh_cpu"]
+  assert len(lrs) >= 5 and len(cpu.seeds) >= 2
+  harsh = sweeps_lib.SWEEPS["stability_harsh_imagenet"]
   for run in harsh.runs:
     fields = dict(run.overrides)
     assert fields["model.num_layers"] == "12" and fields["optim.warmup_steps"] == "0"
     assert fields["optim.grad_clip_norm"] == "None"  # no clipping transform at all
   assert max(sweeps_lib.stability_lr(r) for r in harsh.runs) > max(lrs)
+
+
+def test_crash_study_sweeps_cover_the_design_with_the_declared_recipe():
+  sens = [s for s in sweeps_lib.SWEEPS.values() if s.kind == "sensitivity"]
+  arms = {}
+  for sweep in sens:
+    assert sweep.num_steps >= 1500 and len(sweep.seeds) >= 2 and sweep.name.startswith("crash_")
+    for run in sweep.runs:
+      fields = dict(run.overrides)
+      parsed = sweeps_lib.parse_crash_arm(run.name)
+      arms.setdefault(parsed["arm"], set()).add(float(fields["optim.base_lr"]))
+      assert run.config.endswith(",feed=numpy") and fields["optim.grad_clip_norm"] == "None"
+      assert fields["loss_spike_factor"] == "0"  # the criterion reads the loss, no early stop
+      assert int(fields["model.hidden_size"]) // int(fields["model.num_heads"]) == 64  # DeiT's head dim
+      assert fields["model.num_layers"] == str(parsed["depth"])
+      assert fields["model.dtype"] == {"fp16": "float16", "fp32": "float32"}[parsed["precision"]]
+      assert (fields["model.attention_logits"], fields["model.attention_scale"]) == ("compute", "product")
+      norm, ffn_norm, qk = sweeps_lib.CRASH_VARIANTS[parsed["variant"]]
+      assert f"norm={norm},ffn_norm={ffn_norm}" in run.config and fields["model.qk_norm"] == qk
+  grid = sorted(sweeps_lib.SENSITIVITY_LRS)
+  assert len(grid) >= 7 and grid[0] == 1e-4 and grid[-1] == 1e-1
+  assert all(sorted(lrs) == grid for lrs in arms.values())
+  arm = sweeps_lib.crash_arm
+  factorial = {arm(v, "fp32", 4) for v in sweeps_lib.CRASH_VARIANTS}
+  fp16 = {arm(v, "fp16", 4) for v in ("ln", "bn", "bn_ffnbn", "bn_qknorm")}
+  depth = {arm(v, "fp16", d) for v in ("ln", "bn", "bn_ffnbn") for d in (8, 12)}
+  assert set(arms) == factorial | fp16 | depth and len(factorial) == 8
+  accuracy = sweeps_lib.SWEEPS[sweeps_lib.ACCURACY_SWEEP]
+  assert accuracy.kind == "accuracy" and len(accuracy.seeds) >= 5
+  assert set(sweeps_lib.ACCURACY_ARMS) == factorial
+  with pytest.raises(UserError, match="bn_fp32_d4"):
+    sweeps_lib.accuracy_runs({a: 1e-3 for a in sweeps_lib.ACCURACY_ARMS if a != "bn_fp32_d4"})
 
 
 FAKE_STABILITY = sweeps_lib.Sweep(
