@@ -455,7 +455,8 @@ def crash_study_section(docs: List[dict], out: str) -> Optional[str]:
   summary = dict(sweeps=[d["sweep"] for d in docs if d.get("kind") == "sensitivity"],
                  sensitivity=arms, best_lr={a: s["best_lr"] for a, s in arms.items()},
                  crashed={a: sum(c[study.LOSS_CRASHED] for c in cells.values()) for a, cells in curves.items()},
-                 finished={a: sum(c["n"] for c in cells.values()) for a, cells in curves.items()})
+                 finished={a: sum(c["n"] for c in cells.values()) for a, cells in curves.items()},
+                 verdicts=study.verdicts(curves, grid))
   run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
   lines = ["## The crash study: every sensitivity sweep together", "", study.loss_criterion_text(), "",
            study.sensitivity_table(curves, grid), ""]

@@ -719,3 +719,67 @@ def crash_site(run: dict) -> Optional[dict]:
   if best:
     out.update(best, over_fp16=best["value"] > FP16_MAX)
   return out
+
+
+# Verdicts on the claims, by rules fixed before the runs (the write-up quotes them as generated):
+REPRODUCED, NOT_REPRODUCED, NOT_RESOLVABLE = "reproduced", "not reproduced", "not resolvable here"
+
+
+def _all_trained(cell: Optional[dict]) -> bool:
+  return bool(cell) and cell["n"] > 0 and cell[LOSS_TRAINED] == cell["n"] and not cell[UNFINISHED]
+
+
+def _complete(cells: Optional[Dict[float, dict]], grid: Sequence[float]) -> bool:
+  return bool(cells) and all(lr in cells and cells[lr]["n"] > 0 and not cells[lr][UNFINISHED] for lr in grid)
+
+
+def crash_lrs(curves: Dict[str, Dict[float, dict]], arm: str, control: str) -> List[float]:
+  """The lrs at which some seed of `arm` crashed while every seed of `control` trained."""
+  cells, ref = curves.get(arm) or {}, curves.get(control) or {}
+  return sorted(lr for lr, c in cells.items() if c[LOSS_CRASHED] and _all_trained(ref.get(lr)))
+
+
+def crash_verdict(curves, grid, arm: str, control: str) -> str:
+  """'BN crashes (where LN trains)': reproduced if some seed of `arm` crashed at an lr where every
+  seed of `control` trained; not reproduced if both arms finished the whole grid and that never
+  happened; not resolvable here otherwise."""
+  if crash_lrs(curves, arm, control):
+    return REPRODUCED
+  if _complete(curves.get(arm), grid) and _complete(curves.get(control), grid):
+    return NOT_REPRODUCED
+  return NOT_RESOLVABLE
+
+
+def fix_verdict(curves, grid, fixed: str, broken: str, control: str) -> str:
+  """'`fixed` prevents the crash of `broken`': resolvable only where `broken` crashed while
+  `control` trained; reproduced if `fixed` trained in every seed at every such lr, not reproduced
+  if it crashed or diverged at one of them."""
+  lrs = crash_lrs(curves, broken, control)
+  cells = curves.get(fixed) or {}
+  if not lrs or any(lr not in cells or not cells[lr]["n"] or cells[lr][UNFINISHED] for lr in lrs):
+    return NOT_RESOLVABLE
+  return REPRODUCED if all(_all_trained(cells[lr]) for lr in lrs) else NOT_REPRODUCED
+
+
+def verdicts(curves: Dict[str, Dict[float, dict]], grid: Sequence[float]) -> dict:
+  """{claim: {setting: verdict}} for the crash study's arms (names from sweeps.crash_arm), plus the
+  lrs each crash verdict rests on and, per depth, BN's sensitivity minus LN's (descriptive: two
+  seeds give it no interval)."""
+  arm = sweeps_lib.crash_arm
+  out = {"bn_crashes": {}, "ffnbn_prevents": {}, "qknorm_prevents": {}, "crash_lrs": {},
+         "depth_gap": {}}
+  for precision in ("fp32", "fp16"):
+    ln, bn = arm("ln", precision, 4), arm("bn", precision, 4)
+    out["bn_crashes"][precision] = crash_verdict(curves, grid, bn, ln)
+    out["crash_lrs"][precision] = crash_lrs(curves, bn, ln)
+    out["ffnbn_prevents"][precision] = fix_verdict(curves, grid, arm("bn_ffnbn", precision, 4), bn, ln)
+    out["qknorm_prevents"][precision] = fix_verdict(curves, grid, arm("bn_qknorm", precision, 4), bn, ln)
+  for depth in (4, 8, 12):
+    ln, bn = arm("ln", "fp16", depth), arm("bn", "fp16", depth)
+    out["bn_crashes"][f"fp16_d{depth}"] = crash_verdict(curves, grid, bn, ln)
+    s_ln, s_bn = (sensitivity(curves[a], grid)["value"] if a in curves else None for a in (ln, bn))
+    out["depth_gap"][f"d{depth}"] = None if s_ln is None or s_bn is None else s_bn - s_ln
+  gaps = [out["depth_gap"][f"d{d}"] for d in (4, 8, 12)]
+  out["depth_gap_grows"] = (NOT_RESOLVABLE if None in gaps else
+                            "grows with depth" if gaps[0] < gaps[1] < gaps[2] else "does not grow steadily")
+  return out

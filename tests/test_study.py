@@ -445,3 +445,25 @@ def test_accuracy_sweep_runs_each_variant_at_its_best_lr_and_reports_noninferior
   assert rows["bn_fp32_d4"]["verdict"] == "not shown"
   assert "non-inferiority" in text.lower() and "Holm" in text
   assert (tmp_path / "out" / sweeps_lib.ACCURACY_SWEEP / "forest.png").stat().st_size > 10_000
+
+
+def test_verdicts_follow_the_rules_fixed_before_the_runs():
+  grid = (1e-3, 1e-2)
+  runs = []
+  for seed in (0, 1):
+    for lr in ("1e-3", "1e-2"):
+      runs.append(_loss_run(f"ln_fp16_d4_lr{lr}", "completed", 0.3, seed))
+      runs.append(_loss_run(f"bn_qknorm_fp16_d4_lr{lr}", "completed", 0.3, seed))
+      runs.append(_loss_run(f"ln_fp32_d4_lr{lr}", "completed", 0.3, seed))
+      runs.append(_loss_run(f"bn_fp32_d4_lr{lr}", "completed", 0.3 if lr == "1e-3" else 9.0, seed))
+    runs.append(_loss_run("bn_fp16_d4_lr1e-3", "completed", 0.3, seed))
+    runs.append(_loss_run("bn_fp16_d4_lr1e-2", "diverged" if seed else "completed", 0.3, seed))
+    runs.append(_loss_run("bn_ffnbn_fp16_d4_lr1e-2", "completed", 9.0 if seed else 0.3, seed))
+  v = study.verdicts(study.loss_curves(runs), grid)
+  assert v["bn_crashes"]["fp16"] == study.REPRODUCED and v["crash_lrs"]["fp16"] == [1e-2]
+  assert v["bn_crashes"]["fp32"] == study.NOT_REPRODUCED  # it diverged (loss 9), it never crashed
+  assert v["qknorm_prevents"]["fp16"] == study.REPRODUCED  # every seed trained at 1e-2
+  assert v["ffnbn_prevents"]["fp16"] == study.NOT_REPRODUCED  # a seed diverged at 1e-2
+  assert v["ffnbn_prevents"]["fp32"] == study.NOT_RESOLVABLE  # nothing to prevent in fp32
+  assert v["bn_crashes"]["fp16_d8"] == study.NOT_RESOLVABLE and v["depth_gap_grows"] == study.NOT_RESOLVABLE
+  assert v["depth_gap"]["d4"] == pytest.approx(study.sensitivity(study.loss_curves(runs)["bn_fp16_d4"], grid)["value"])
