@@ -436,6 +436,20 @@ def _accuracy_section(doc: dict, plot_dir: str, rel, summary: dict) -> List[str]
 CRASH_STUDY = "crash_study"  # <out>/crash_study/: the sensitivity sweeps together
 
 
+def first_crashes(runs: List[dict]) -> dict:
+  """{arm: the crash site (study.crash_site) of its crashed run with the lowest lr (then the lowest
+  name), with `run` and `lr`}: where the write-up says a variant overflows."""
+  out = {}
+  for r in sorted(runs, key=lambda r: r["name"]):
+    parsed = sweeps_lib.parse_crash_arm(r.get("name", ""))
+    site = study.crash_site(r)
+    if parsed is None or site is None or "lr" not in parsed:
+      continue
+    if parsed["arm"] not in out or parsed["lr"] < out[parsed["arm"]]["lr"]:
+      out[parsed["arm"]] = dict(site, run=r["name"], lr=parsed["lr"])
+  return out
+
+
 def crash_study_section(docs: List[dict], out: str) -> Optional[str]:
   """The sensitivity sweeps together: loss vs lr per variant across precision (fp32 vs fp16,
   4 blocks) and across depth (fp16, 4 / 8 / 12 blocks), and every arm's sensitivity and best lr
@@ -456,7 +470,7 @@ def crash_study_section(docs: List[dict], out: str) -> Optional[str]:
                  sensitivity=arms, best_lr={a: s["best_lr"] for a, s in arms.items()},
                  crashed={a: sum(c[study.LOSS_CRASHED] for c in cells.values()) for a, cells in curves.items()},
                  finished={a: sum(c["n"] for c in cells.values()) for a, cells in curves.items()},
-                 verdicts=study.verdicts(curves, grid))
+                 verdicts=study.verdicts(curves, grid), first_crash=first_crashes(runs))
   run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
   lines = ["## The crash study: every sensitivity sweep together", "", study.loss_criterion_text(), "",
            study.sensitivity_table(curves, grid), ""]

@@ -413,6 +413,9 @@ def test_sensitivity_report_and_figures_from_a_fake_root(tmp_path, monkeypatch):
   assert (out / "crash_study" / "loss_vs_lr_depth.png").stat().st_size > 10_000
   together = json.loads((out / "crash_study" / "summary.json").read_text())
   assert together["crashed"] == {"bn_fp16_d4": 2, "ln_fp16_d4": 0}
+  first = together["first_crash"]["bn_fp16_d4"]
+  assert (first["run"], first["lr"], first["block"], first["step"]) == ("bn_fp16_d4_lr1e-1_seed0", 0.1, 1, 45)
+  assert together["verdicts"]["bn_crashes"]["fp16"] == study.NOT_RESOLVABLE  # LN diverged at 1e-1
   assert (out / "crash_study" / "section.md").read_text().startswith("Criterion, fixed before the runs")
   assert str(tmp_path) not in text
 
