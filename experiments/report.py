@@ -3,7 +3,7 @@
     python -m experiments.report --root runs/ [--sweep norm_variants_cpu ...] [--out DIR]
 
 For every sweep directory ROOT/<sweep>/ (made by `experiments.run_sweep`) it writes
-  <out>/<sweep>/loss.png          train loss vs step, one line per run (diverged runs marked x)
+  <out>/<sweep>/loss.png          train loss vs step, a panel per variant, a line per run (x: diverged)
   <out>/<sweep>/eval_top1.png     eval top-1 vs step
   <out>/<sweep>/diagnostics.png   per-block residual RMS, FFN hidden RMS, max attention logit and
                                   gradient norm vs step (a row per run, a line per block)
