@@ -79,7 +79,7 @@ def plot_loss_vs_lr(runs: List[dict], path: str, title: str,
       ax.scatter([p[0] for p in points if p[2]], [p[1] for p in points if p[2]], marker="x", s=60,
                  color=line.get_color(), linewidths=2)
     ax.axhline(l0, color="black", lw=0.8, ls="--")
-    ax.text(ax.get_xlim()[0], l0, " L0 = log 10", va="bottom", fontsize=7)
+    ax.text(0.01, l0, "L0 = log 10", va="bottom", fontsize=7, transform=ax.get_yaxis_transform())
     _log_x(ax)
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("final train loss, min(L, L0)")
@@ -118,7 +118,8 @@ def plot_max_activation(peaks: Dict[str, Dict[str, Dict[float, float]]], path: s
     for arm, by_lr in peaks[name].items():
       ax.plot(list(by_lr), [max(v, 1e-12) for v in by_lr.values()], marker="o", ms=3, label=arm)
     ax.axhline(study.FP16_MAX, color="red", lw=1, ls="--")
-    ax.text(ax.get_xlim()[0], study.FP16_MAX, " float16 max 65,504", color="red", va="bottom", fontsize=7)
+    ax.text(0.01, study.FP16_MAX, "float16 max 65,504", color="red", va="bottom", fontsize=7,
+            transform=ax.get_yaxis_transform())
     _log_x(ax)
     plots._plain_log_axis(ax)  # pylint: disable=protected-access
     ax.set_title("peak max |x| at any matmul output" if name == "max_abs_matmul"
@@ -218,8 +219,11 @@ def plot_loss_panels(runs: List[dict], path: str, title: str) -> bool:
       if r.get("status") == "diverged":
         ax.plot(pts[-1][0], pts[-1][1], "x", color=color, ms=9, mew=2)
     ax.set_title(name, fontsize=9)
-    plots._plain_log_axis(ax)  # pylint: disable=protected-access
     ax.grid(True, alpha=0.3, which="both")
+  values = [v for rs in panels.values() for r in rs for _, v in r["series"]["train/loss"]
+            if math.isfinite(v) and v > 0]
+  if values and max(values) / min(values) > 10:  # a log axis only where the losses span decades
+    plots._plain_log_axis(axes.flat[0])  # pylint: disable=protected-access  (shared y)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   for ax in axes[-1]:

@@ -443,12 +443,12 @@ def clipped_loss(run: dict, num_classes: int = NUM_CLASSES) -> Optional[float]:
 
 def loss_curves(runs: List[dict], num_classes: int = NUM_CLASSES) -> Dict[str, Dict[float, dict]]:
   """{arm: {lr: {n, crashed, diverged, trained, unfinished, loss (mean over finished seeds of
-  min(L, L0)), losses [per seed], max_lr_finished}}} for runs named like the crash study's
-  (experiments.sweeps.parse_crash_arm); other runs are left out."""
+  min(L, L0)), losses [per seed]}}} for the runs named like the crash study's
+  (experiments.sweeps.parse_crash_arm) that have started; other runs are left out."""
   out: Dict[str, Dict[float, dict]] = {}
   for r in runs:
     parsed = sweeps_lib.parse_crash_arm(r.get("name", ""))
-    if parsed is None or "lr" not in parsed:
+    if parsed is None or "lr" not in parsed or r.get("status") == "not_run":
       continue
     cell = out.setdefault(parsed["arm"], {}).setdefault(parsed["lr"], {
         "n": 0, LOSS_CRASHED: 0, LOSS_DIVERGED: 0, LOSS_TRAINED: 0, UNFINISHED: 0, "losses": []})

@@ -274,7 +274,7 @@ def _sensitivity_runs():
           _loss_run(f"{arm}_lr1e-3", "completed", 0.2, 0), _loss_run(f"{arm}_lr1e-3", "completed", 0.4, 1),
           _loss_run(f"{arm}_lr1e-2", "diverged", 0.3, 0), _loss_run(f"{arm}_lr1e-2", "completed", 3.0, 1),
           _loss_run("bn_fp16_d8_lr1e-4", "completed", 0.1, 0), _loss_run("bn_fp16_d8_lr1e-3", "preempted", 0.1, 0),
-          _loss_run("not_a_crash_run", "completed", 0.1, 0)]
+          _loss_run("not_a_crash_run", "completed", 0.1, 0), _loss_run("bn_fp16_d8_lr1e-2", "not_run", None, 0)]
 
 
 def test_sensitivity_is_wortsmans_expectation_over_the_grid_with_crashes_at_l0():
