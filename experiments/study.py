@@ -700,22 +700,23 @@ def bn_mismatch(run: dict) -> Optional[dict]:
 def crash_site(run: dict) -> Optional[dict]:
   """Where a crashed run was when it stopped: {step (the crash), divergence, diag_step (the last
   diagnostics record before it), block, tensor, value, over_fp16 (value > 65,504)} for the
-  largest recorded |x| among OVERFLOW_TENSORS at that record; None for a run that did not crash."""
+  largest recorded |x| among OVERFLOW_TENSORS at that record (an infinite value, an overflow that
+  was recorded, counts as the largest; NaN is skipped); None for a run that did not crash."""
   if run.get("status") != "diverged":
     return None
   diag = run_files.block_diagnostics(run.get("series") or {})
-  best, diag_step = None, None
-  for name, label in OVERFLOW_TENSORS:
+  at = {}  # (block, diagnostic) -> {step: value}
+  for name, _ in OVERFLOW_TENSORS:
     for block, points in diag.get(name, {}).items():
-      finite = [(s, v) for s, v in points if math.isfinite(v)]
-      if not finite:
-        continue
-      step, value = finite[-1]
-      if diag_step is None or step > diag_step:
-        diag_step, best = step, None  # only the latest record counts
-      if step == diag_step and (best is None or value > best["value"]):
-        best = dict(block=block, tensor=label, diagnostic=name, value=value)
-  out = dict(step=run.get("step"), divergence=run.get("divergence"), diag_step=diag_step)
+      at[(block, name)] = {s: v for s, v in points if not math.isnan(v)}
+  steps = [s for values in at.values() for s in values]
+  out = dict(step=run.get("step"), divergence=run.get("divergence"), diag_step=max(steps) if steps else None)
+  labels = dict(OVERFLOW_TENSORS)
+  best = None
+  for (block, name), values in sorted(at.items()):
+    value = values.get(out["diag_step"])
+    if value is not None and (best is None or value > best["value"]):
+      best = dict(block=block, tensor=labels[name], diagnostic=name, value=value)
   if best:
     out.update(best, over_fp16=best["value"] > FP16_MAX)
   return out

@@ -384,9 +384,14 @@ def test_sensitivity_report_and_figures_from_a_fake_root(tmp_path, monkeypatch):
                  losses=[(30, 2.0), (60, loss + seed / 10)], diag={30: _block_diag(1.0), 60: _block_diag(2.0)})
     _write_run(sweep_dir, f"bn_fp16_d4_lr1e-3_seed{seed}", status="completed", step=60,
                losses=[(30, 2.0), (60, 0.3)], diag={30: _block_diag(1.0)}, evals=evals)
-    # BN at 1e-1 crashes at step 45: at the last record (step 30) block 1's q.k is 80 x 1000 > 65,504.
+    # BN at 1e-1 crashes at step 45: at the last record (step 30) block 1's q.k is 80 x 1000 > 65,504
+    # (seed 0), or overflowed to inf in block 0 while block 1's output was NaN (seed 1).
+    last = _block_diag(1000.0)
+    if seed:
+      last.update({"diag/block_0/max_abs_qk": float("inf"), "diag/block_1/max_abs_qk": float("nan"),
+                   "diag/block_1/max_abs_matmul": float("nan")})
     _write_run(sweep_dir, f"bn_fp16_d4_lr1e-1_seed{seed}", status="diverged", step=45,
-               losses=[(30, 1.5), (45, float("nan"))], diag={15: _block_diag(3.0), 30: _block_diag(1000.0)},
+               losses=[(30, 1.5), (45, float("nan"))], diag={15: _block_diag(3.0), 30: last},
                divergence="non_finite_loss")
   out = tmp_path / "out"
   text = report.make_report(str(tmp_path / "runs"), out=str(out))
@@ -401,6 +406,9 @@ def test_sensitivity_report_and_figures_from_a_fake_root(tmp_path, monkeypatch):
   site = summary["crash_sites"]["bn_fp16_d4_lr1e-1_seed0"]
   assert site == {"step": 45, "divergence": "non_finite_loss", "diag_step": 30, "block": 1,
                   "tensor": "q.k product", "diagnostic": "max_abs_qk", "value": 80000.0, "over_fp16": True}
+  site = summary["crash_sites"]["bn_fp16_d4_lr1e-1_seed1"]
+  assert (site["diag_step"], site["block"], site["tensor"], site["over_fp16"]) == (30, 0, "q.k product", True)
+  assert site["value"] == float("inf")
   assert summary["peaks"]["ffn_pre_norm_rms"]["ln_fp16_d4"]["0.001"] == 4.0  # block 1 at step 60
   assert summary["peaks"]["max_abs_matmul"]["bn_fp16_d4"]["0.1"] == 80000.0
   assert summary["bn_mismatch"]["bn_fp16_d4_lr1e-3_seed0"]["loss_running"] == 0.5
