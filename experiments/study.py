@@ -713,7 +713,9 @@ def crash_site(run: dict) -> Optional[dict]:
   out = dict(step=run.get("step"), divergence=run.get("divergence"), diag_step=max(steps) if steps else None)
   labels = dict(OVERFLOW_TENSORS)
   best = None
-  for (block, name), values in sorted(at.items()):
+  # On a tie the more specific tensor wins (OVERFLOW_TENSORS order: max_abs_matmul includes q.k).
+  order = [name for name, _ in OVERFLOW_TENSORS]
+  for (block, name), values in sorted(at.items(), key=lambda kv: (order.index(kv[0][1]), kv[0][0])):
     value = values.get(out["diag_step"])
     if value is not None and (best is None or value > best["value"]):
       best = dict(block=block, tensor=labels[name], diagnostic=name, value=value)
