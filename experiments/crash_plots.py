@@ -254,10 +254,10 @@ def plot_forest(rows: List[dict], reference: str, margin: float, path: str, titl
     if r.get("crashed"):
       ax.text(100 * hi, i, f"  {r['crashed']} crashed", va="center", fontsize=7, color="red")
   ax.axvline(0, color="black", lw=0.8)
-  ax.axvline(-100 * margin, color="red", lw=1, ls="--", label=f"non-inferiority margin (-{100 * margin:g} pp)")
+  ax.axvline(-100 * margin, color="red", lw=1, ls="--")
   ax.set_yticks(range(len(rows)), [f"{r['variant']} ({r.get('verdict')})" for r in rows], fontsize=8)
-  ax.invert_yaxis()
-  ax.set_xlabel(f"top-1 difference to {reference} (percentage points), 95% bootstrap interval")
-  ax.legend(fontsize=7, loc="lower right")
+  ax.set_ylim(len(rows) - 0.5, -0.5)  # the first variant on top
+  ax.set_xlabel(f"top-1 difference to {reference} (points), 95% bootstrap interval\n"
+                f"red dashes: the non-inferiority margin, -{100 * margin:g} point", fontsize=8)
   ax.grid(True, axis="x", alpha=0.3)
   return _finish(fig, path, title)
