@@ -59,8 +59,7 @@ def plot_loss_vs_lr(runs: List[dict], path: str, title: str,
   curves = study.loss_curves(runs)
   if not curves:
     return False
-  panels = {k: [a for a in v if a in curves] for k, v in (panels or {"": list(curves)}).items()}
-  panels = {k: v for k, v in panels.items() if v}
+  panels = {k: list(v) for k, v in (panels or {"": list(curves)}).items() if any(a in curves for a in v)}
   if not panels:
     return False
   plt = plots.pyplot()
@@ -69,10 +68,12 @@ def plot_loss_vs_lr(runs: List[dict], path: str, title: str,
   fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows + 0.5), squeeze=False, sharey=True)
   l0 = study.initial_loss()
   for ax, (name, arms) in zip(axes.flat, panels.items()):
-    for arm in arms:
+    for i, arm in enumerate(arms):  # an arm keeps its colour (its place in the panel) when another is missing
+      if arm not in curves:
+        continue
       cells = curves[arm]
       lrs = [lr for lr, c in cells.items() if c["loss"] is not None]
-      (line,) = ax.plot(lrs, [cells[lr]["loss"] for lr in lrs], marker="o", ms=4, label=arm)
+      (line,) = ax.plot(lrs, [cells[lr]["loss"] for lr in lrs], marker="o", ms=4, label=arm, color=f"C{i % 10}")
       points = _seed_points(runs, arm)
       ax.scatter([p[0] for p in points if not p[2]], [p[1] for p in points if not p[2]],
                  s=10, color=line.get_color(), alpha=0.5)
