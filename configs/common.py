@@ -131,7 +131,7 @@ def model_config(*, variant: Optional[str] = "S/16", norm: str = "layer", ffn_no
   # RepBN runs and folds like BN. The BN options below apply to its BN.
   m.prepbn = ml_collections.ConfigDict()
   m.prepbn.warmup_steps = 0  # Steps with lam = 1 (LayerNorm only), SLAB's default 0.
-  m.prepbn.decay_steps = placeholder(int)  # Step at which lam reaches 0; None = num_steps (SLAB).
+  m.prepbn.decay_steps = placeholder(int)  # Step at which lam reaches 0; None = SLAB's 16% of the run.
   m.ffn_norm_position = "pre_act"  # FFN norm between fc1 and GELU ('pre_act') or after GELU ('post_act').
   m.dropout_rate = 0.0  # Dropout after attention / FFN outputs and on the embeddings.
   m.attention_dropout_rate = 0.0  # Dropout on the attention weights.

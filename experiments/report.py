@@ -3,7 +3,7 @@
     python -m experiments.report --root runs/ [--sweep norm_variants_cpu ...] [--out DIR]
 
 For every sweep directory ROOT/<sweep>/ (made by `experiments.run_sweep`) it writes
-  <out>/<sweep>/loss.png          train loss vs step, one line per run (diverged runs marked x)
+  <out>/<sweep>/loss.png          train loss vs step, a panel per variant, a line per run (x: diverged)
   <out>/<sweep>/eval_top1.png     eval top-1 vs step
   <out>/<sweep>/diagnostics.png   per-block residual RMS, FFN hidden RMS, max attention logit and
                                   gradient norm vs step (a row per run, a line per block)
@@ -14,12 +14,13 @@ it also prints. <out> defaults to ROOT. The report reads the runs' own files afr
 made while a sweep is still running.
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
 from typing import List, Optional
 
-from experiments import plots, run_files
+from experiments import crash_plots, plots, run_files
 from experiments import run_sweep
 from experiments import study
 from experiments import sweeps as sweeps_lib
@@ -47,6 +48,10 @@ def load_sweep(sweep_dir: str) -> Optional[dict]:
   doc = doc or {"sweep": name, "runs": []}
   manifest = run_files.read_json(os.path.join(sweep_dir, run_sweep.MANIFEST)) or {}
   sweep = sweeps_lib.SWEEPS.get(name)
+  if sweep is not None and sweep.kind == "accuracy":  # its runs: the best lrs it was started with
+    lrs = run_sweep.frozen_best_lrs(sweep_dir)
+    sweep = dataclasses.replace(sweep, runs=sweeps_lib.accuracy_runs(lrs) if lrs else ())
+    doc["best_lr"] = lrs
   if sweep is not None:
     sweep = sweeps_lib.with_seeds(sweep, tuple(manifest.get("seeds") or ()))
     doc["kind"] = sweep.kind
@@ -265,6 +270,18 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
   if walls:
     lines += [f"Machine time: {sum(walls) / 60:.0f} min of training wall-clock over {len(walls)} runs "
               "(the runner's `wall_s` per run; evaluations not included).", ""]
+  if doc.get("kind") == "sensitivity":
+    lines += _sensitivity_section(doc, plot_dir, rel, summary)
+    lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
+    run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
+    lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
+    return "\n".join(lines)
+  if doc.get("kind") == "accuracy":
+    lines += _accuracy_section(doc, plot_dir, rel, summary)
+    lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
+    run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
+    lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
+    return "\n".join(lines)
   if doc.get("kind") == "stability":
     smap = study.stability_map(doc["runs"], doc.get("lrs") or {})
     mech = study.mechanism(doc["runs"], doc.get("lrs") or {})
@@ -328,7 +345,8 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += [""] + notes
   figures = []
   for name, made in (
-      ("loss.png", plots.plot_curves(doc, "train/loss", "train loss", os.path.join(plot_dir, "loss.png"), log_y=True)),
+      ("loss.png", crash_plots.plot_loss_panels(doc["runs"], os.path.join(plot_dir, "loss.png"),
+                                                f"{doc['sweep']}: train loss")),
       ("eval_top1.png", plots.plot_curves(doc, "eval/top1", "eval top-1", os.path.join(plot_dir, "eval_top1.png"), percent=True)),
       ("diagnostics.png", plots.plot_diagnostics(doc, os.path.join(plot_dir, "diagnostics.png")))):
     if made:
@@ -337,6 +355,137 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     lines += [""] + figures
   lines += ["", f"Regenerate: `{regenerate_command(doc, rel_to)}`"]
   return "\n".join(lines)
+
+
+def _figures(made: List[tuple], rel) -> List[str]:
+  return [f"![{alt}]({rel(name)})" for name, alt, ok in made if ok]
+
+
+def _sensitivity_section(doc: dict, plot_dir: str, rel, summary: dict) -> List[str]:
+  """A learning-rate sensitivity sweep: the criterion, the loss-vs-lr table with each arm's
+  sensitivity and best lr, where crashed runs stopped, and the figures; fills `summary`."""
+  runs = doc["runs"]
+  curves = study.loss_curves(runs)
+  grid = sweeps_lib.SENSITIVITY_LRS
+  arms = {arm: study.sensitivity(cells, grid) for arm, cells in curves.items()}
+  peaks = study.peaks_by_lr(runs)
+  sites = {r["name"]: study.crash_site(r) for r in runs if r.get("status") == "diverged"}
+  summary.update(
+      criterion=study.loss_criterion_text(), lrs=list(grid), sensitivity=arms,
+      best_lr={arm: s["best_lr"] for arm, s in arms.items()},
+      outcomes={arm: {k: sum(c[k] for c in cells.values()) for k in
+                      (study.LOSS_CRASHED, study.LOSS_DIVERGED, study.LOSS_TRAINED, study.UNFINISHED)}
+                for arm, cells in curves.items()},
+      curves={arm: {f"{lr:g}": c for lr, c in cells.items()} for arm, cells in curves.items()},
+      peaks={name: {arm: {f"{lr:g}": v for lr, v in by_lr.items()} for arm, by_lr in by_arm.items()}
+             for name, by_arm in peaks.items()},
+      crash_sites=sites,
+      bn_mismatch={r["name"]: study.bn_mismatch(r) for r in runs if study.bn_mismatch(r)})
+  lines = [study.loss_criterion_text(), "", study.sensitivity_table(curves, grid), ""]
+  if sites:
+    lines += ["Where each crashed run stopped (the largest |x| among the recorded tensors at the last "
+              "diagnostics record before the crash; float16's limit is 65,504):", "",
+              "| run | crash step | kind | last record | block | tensor | max abs x | over fp16 max |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, site in sites.items():
+      lines.append(f"| {name} | {site.get('step')} | {site.get('divergence') or '-'} | "
+                   f"{site.get('diag_step') or '-'} | {site.get('block', '-')} | {site.get('tensor', '-')} | "
+                   + ("-" if site.get("value") is None else f"{site['value']:.4g}")
+                   + f" | {'yes' if site.get('over_fp16') else 'no' if 'over_fp16' in site else '-'} |")
+    lines.append("")
+  title = doc["sweep"]
+  lines += _figures([
+      ("loss_vs_lr.png", "final train loss vs lr", crash_plots.plot_loss_vs_lr(
+          runs, os.path.join(plot_dir, "loss_vs_lr.png"), f"{title}: final train loss vs peak lr")),
+      ("ffn_rms_vs_lr.png", "FFN RMS vs lr", crash_plots.plot_peaks_vs_lr(
+          peaks, os.path.join(plot_dir, "ffn_rms_vs_lr.png"), f"{title}: FFN pre-norm and output RMS")),
+      ("attention_vs_lr.png", "attention logits vs lr", crash_plots.plot_peaks_vs_lr(
+          peaks, os.path.join(plot_dir, "attention_vs_lr.png"), f"{title}: attention logits and residual",
+          names=("max_attention_logit", "max_abs_qk", "residual_rms"))),
+      ("max_activation.png", "max activation vs fp16 limit", crash_plots.plot_max_activation(
+          peaks, os.path.join(plot_dir, "max_activation.png"), f"{title}: largest activation vs float16's")),
+      ("crash_traces.png", "crashed runs: attention logits and loss", crash_plots.plot_crash_traces(
+          runs, os.path.join(plot_dir, "crash_traces.png"), f"{title}: crashed runs, max attention "
+          "logit per block (lines) and train loss (dotted)")),
+      ("bn_mismatch.png", "BN running vs batch statistics", crash_plots.plot_bn_mismatch(
+          runs, os.path.join(plot_dir, "bn_mismatch.png"), f"{title}: BN eval, running vs batch statistics")),
+      ("loss.png", "train loss", crash_plots.plot_loss_panels(
+          runs, os.path.join(plot_dir, "loss.png"), f"{title}: train loss")),
+  ], rel)
+  return lines
+
+
+def _accuracy_section(doc: dict, plot_dir: str, rel, summary: dict) -> List[str]:
+  """The accuracy sweep: each variant at its best lr, non-inferiority to LN with Holm."""
+  reference = sweeps_lib.crash_arm("ln", "fp32", 4)
+  if not doc.get("best_lr"):
+    return ["_not run yet: the sweep starts from the sensitivity sweeps' best learning rates_"]
+  rows = study.noninferiority(doc["runs"], reference)
+  summary.update(method=study.accuracy_method_text(reference), reference=reference,
+                 margin=study.NONINFERIORITY_MARGIN, alpha=study.ALPHA, best_lr=doc["best_lr"],
+                 variants=rows)
+  lines = [study.accuracy_method_text(reference), "",
+           "Learning rates: " + ", ".join(f"{arm} {lr:g}" for arm, lr in doc["best_lr"].items()), "",
+           study.noninferiority_table(rows, reference), ""]
+  lines += _figures([("forest.png", "forest plot", crash_plots.plot_forest(
+      rows, reference, study.NONINFERIORITY_MARGIN, os.path.join(plot_dir, "forest.png"),
+      f"{doc['sweep']}: top-1 difference to {reference}"))], rel)
+  return lines
+
+
+CRASH_STUDY = "crash_study"  # <out>/crash_study/: the sensitivity sweeps together
+
+
+def first_crashes(runs: List[dict]) -> dict:
+  """{arm: the crash site (study.crash_site) of its crashed run with the lowest lr (then the lowest
+  name), with `run` and `lr`}: where the write-up says a variant overflows."""
+  out = {}
+  for r in sorted(runs, key=lambda r: r["name"]):
+    parsed = sweeps_lib.parse_crash_arm(r.get("name", ""))
+    site = study.crash_site(r)
+    if parsed is None or site is None or "lr" not in parsed:
+      continue
+    if parsed["arm"] not in out or parsed["lr"] < out[parsed["arm"]]["lr"]:
+      out[parsed["arm"]] = dict(site, run=r["name"], lr=parsed["lr"])
+  return out
+
+
+def crash_study_section(docs: List[dict], out: str) -> Optional[str]:
+  """The sensitivity sweeps together: loss vs lr per variant across precision (fp32 vs fp16,
+  4 blocks) and across depth (fp16, 4 / 8 / 12 blocks), and every arm's sensitivity and best lr
+  in <out>/crash_study/summary.json. None when no sensitivity sweep has a run."""
+  runs = [r for d in docs if d.get("kind") == "sensitivity" for r in d["runs"]]
+  curves = study.loss_curves(runs)
+  if not curves:
+    return None
+  plot_dir = os.path.join(out, CRASH_STUDY)
+  os.makedirs(plot_dir, exist_ok=True)
+  rel = lambda name: os.path.relpath(os.path.join(plot_dir, name), out)  # noqa: E731
+  grid = sweeps_lib.SENSITIVITY_LRS
+  arms = {arm: study.sensitivity(cells, grid) for arm, cells in curves.items()}
+  arm = sweeps_lib.crash_arm
+  precision = {v: [arm(v, "fp32", 4), arm(v, "fp16", 4)] for v in sweeps_lib.CRASH_VARIANTS}
+  depth = {v: [arm(v, "fp16", d) for d in (4, 8, 12)] for v in sweeps_lib.CRASH_VARIANTS}
+  summary = dict(sweeps=[d["sweep"] for d in docs if d.get("kind") == "sensitivity"],
+                 sensitivity=arms, best_lr={a: s["best_lr"] for a, s in arms.items()},
+                 crashed={a: sum(c[study.LOSS_CRASHED] for c in cells.values()) for a, cells in curves.items()},
+                 finished={a: sum(c["n"] for c in cells.values()) for a, cells in curves.items()},
+                 verdicts=study.verdicts(curves, grid), first_crash=first_crashes(runs))
+  run_files.write_json(os.path.join(plot_dir, "summary.json"), summary)
+  lines = ["## The crash study: every sensitivity sweep together", "", study.loss_criterion_text(), "",
+           study.sensitivity_table(curves, grid), ""]
+  lines += _figures([
+      ("loss_vs_lr_precision.png", "fp32 vs fp16", crash_plots.plot_loss_vs_lr(
+          runs, os.path.join(plot_dir, "loss_vs_lr_precision.png"),
+          "final train loss vs lr, fp32 vs fp16 (4 blocks)", panels=precision)),
+      ("loss_vs_lr_depth.png", "depth", crash_plots.plot_loss_vs_lr(
+          runs, os.path.join(plot_dir, "loss_vs_lr_depth.png"),
+          "final train loss vs lr, fp16, 4 / 8 / 12 blocks", panels=depth)),
+  ], rel)
+  text = "\n".join(lines)
+  with open(os.path.join(plot_dir, SECTION), "w", encoding="utf-8") as f:
+    f.write(text.split("\n", 1)[1].lstrip("\n") + "\n")
+  return text
 
 
 def regenerate_command(doc: dict, out: Optional[str] = None) -> str:
@@ -388,16 +537,21 @@ def make_report(root: str, *, sweeps: Optional[List[str]] = None, out: Optional[
   out = out or root
   os.makedirs(out, exist_ok=True)
   sections = ["# vitnorm sweep report", ""]
+  docs = []
   for sweep_dir in sweep_dirs:
     doc = load_sweep(sweep_dir)
     if doc is None:
       continue
+    docs.append(doc)
     section = sweep_section(doc, os.path.join(out, doc["sweep"]), out)
     sections += [section, ""]
     # The section on its own (figure paths relative to the results folder), for the write-up.
     os.makedirs(os.path.join(out, doc["sweep"]), exist_ok=True)
     with open(os.path.join(out, doc["sweep"], SECTION), "w", encoding="utf-8") as f:
       f.write(section.split("\n", 1)[1].lstrip("\n") + "\n")
+  crash = crash_study_section(docs, out)
+  if crash:
+    sections += [crash, ""]
   text = "\n".join(sections)
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
     f.write(text)

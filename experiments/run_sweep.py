@@ -35,6 +35,7 @@ the trainer, e.g. a bad override), 2 for bad arguments, 75 when a run was preemp
 with --resume), 130/143 when the runner itself was interrupted.
 """
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -226,10 +227,58 @@ def _seed_list(text):
   return seeds
 
 
-def resolve_sweep(name: str, seeds=None, num_steps=None):
-  """(the sweep with its runs repeated per seed, the training steps of every run)."""
-  sweep = sweeps_lib.with_seeds(sweeps_lib.get_sweep(name), seeds)
+def resolve_sweep(name: str, seeds=None, num_steps=None, root: Optional[str] = None,
+                  best_lrs: Optional[str] = None, freeze: bool = True):
+  """(the sweep with its runs repeated per seed, the training steps of every run).
+
+  An 'accuracy' sweep's runs are built from the best learning rates (`resolve_best_lrs`).
+  """
+  sweep = sweeps_lib.get_sweep(name)
+  if sweep.kind == "accuracy":
+    lrs = resolve_best_lrs(sweep, root, best_lrs, freeze=freeze)
+    sweep = dataclasses.replace(sweep, runs=sweeps_lib.accuracy_runs(lrs))
+  sweep = sweeps_lib.with_seeds(sweep, seeds)
   return sweep, (num_steps if num_steps is not None else sweep.num_steps)
+
+
+DEFAULT_RESULTS = os.path.join(PROJECT_ROOT, "experiments", "results")
+
+
+def frozen_best_lrs(sweep_dir: str) -> Optional[dict]:
+  """The {arm: lr} an accuracy sweep was started with (ROOT/<sweep>/best_lrs.json), if any."""
+  doc = run_files.read_json(os.path.join(sweep_dir, sweeps_lib.BEST_LRS))
+  return None if doc is None else doc.get("best_lr")
+
+
+def resolve_best_lrs(sweep, root: Optional[str], results: Optional[str], freeze: bool = True) -> dict:
+  """{arm: best lr} for an accuracy sweep.
+
+  A sweep already started keeps the lrs it was started with (ROOT/<sweep>/best_lrs.json).
+  Otherwise they are read from the sensitivity sweeps' generated summaries in `results` (the
+  --out of experiments.report; default experiments/results) and, with `freeze`, written there.
+  """
+  if root is not None:
+    frozen = frozen_best_lrs(os.path.join(os.path.abspath(root), sweep.name))
+    if frozen is not None:
+      return frozen
+  results = results or DEFAULT_RESULTS
+  best, sources = {}, []
+  for source in sweeps_lib.ACCURACY_SOURCES:
+    path = os.path.join(results, source, "summary.json")
+    doc = run_files.read_json(path)
+    if doc is None or "best_lr" not in doc:
+      raise UserError(f"--best_lrs: {path} is missing or has no best_lr; run the sensitivity sweep "
+                      f"{source} and python -m experiments.report --root ROOT --out {results} first")
+    best.update({arm: v.get("lr") if isinstance(v, dict) else v for arm, v in doc["best_lr"].items()})
+    sources.append(path)
+  best = {arm: best.get(arm) for arm in sweeps_lib.ACCURACY_ARMS}
+  sweeps_lib.accuracy_runs(best)  # every arm has one, or a clear error
+  if root is not None and freeze:
+    sweep_dir = os.path.join(os.path.abspath(root), sweep.name)
+    os.makedirs(sweep_dir, exist_ok=True)
+    run_files.write_json(os.path.join(sweep_dir, sweeps_lib.BEST_LRS),
+                         {"best_lr": best, "sources": [os.path.relpath(p, PROJECT_ROOT) for p in sources]})
+  return best
 
 
 def parse_args(argv):
@@ -251,6 +300,9 @@ def parse_args(argv):
   parser.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
                       help="repeat every run once per seed (default: the sweep's declared seeds, if any)")
   parser.add_argument("--resume", action="store_true", help="continue a sweep that was started before")
+  parser.add_argument("--best_lrs", default=None, metavar="RESULTS_DIR",
+                      help="accuracy sweeps: the results folder whose sensitivity summaries give each "
+                      "variant's best lr (default experiments/results; a started sweep keeps its own)")
   parser.add_argument("--evaluate", action="store_true",
                       help="run python -m vitnorm.evaluate (accuracy + img/s) after each completed run")
   parser.add_argument("--verbose", action="store_true", help="echo the trainer's output (it always goes to train.log)")
@@ -269,7 +321,8 @@ def print_status(sweep_name: str, root: str, seeds=None) -> int:
   manifest = run_files.read_json(os.path.join(sweep_dir, MANIFEST))
   if manifest is None:
     raise UserError(f"--sweep: {sweep_dir} holds no sweep (no {MANIFEST}); start it first, without --status")
-  sweep, _ = resolve_sweep(sweep_name, seeds or tuple(manifest.get("seeds") or ()) or None)
+  sweep, _ = resolve_sweep(sweep_name, seeds or tuple(manifest.get("seeds") or ()) or None, root=root,
+                          freeze=False)
   sys.stdout.write(sweep_status.format_states(sweep, sweep_dir, sweep_status.sweep_states(sweep, sweep_dir)))
   return 0
 
@@ -299,7 +352,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.status:
     return print_status(args.sweep, args.root, args.seeds)
-  sweep, num_steps = resolve_sweep(args.sweep, args.seeds, args.num_steps)
+  sweep, num_steps = resolve_sweep(args.sweep, args.seeds, args.num_steps,
+                                   root=args.root, best_lrs=args.best_lrs, freeze=not args.dry_run)
   modules = dict(train_module=args.train_module, evaluate_module=args.evaluate_module,
                  benchmark_module=args.benchmark_module)
   if args.dry_run:

@@ -26,9 +26,15 @@ The ablations (Yao et al. 2021, "Leveraging Batch Normalization for Vision Trans
   inference_speed  `python -m vitnorm.benchmark`: LN vs BN folded vs BN unfolded vs no-norm (and
                    DyT, PRepBN folded), img/s, at several batch sizes, with an A/A pair (two
                    identical programs) as the noise floor.
-  stability        a map of where each variant fails: peak learning rate x variant x seed, short runs.
+  stability        a map of where each variant fails: peak learning rate x variant x seed, short runs
+                   (ImageNet only; at CPU scale the crash study below replaces it).
   stability_harsh  the same map under a recipe built to provoke the paper's crash: 12 blocks, no
-                   warm-up, no gradient clipping, larger learning rates.
+                   warm-up, no gradient clipping, larger learning rates (ImageNet only).
+
+The crash study (CPU only, `crash_*`, see CRASH STUDY below and experiments/README.md):
+learning-rate sensitivity sweeps (kind 'sensitivity') over {LN, BN} x {FFN-BN} x {QK-norm} in
+fp32, LN / BN / BN + FFN-BN / BN + QK-norm in fp16 as under autocast, and 4 / 8 / 12 blocks in
+fp16; then `crash_accuracy_cpu` (kind 'accuracy'): each fp32 variant at its own best lr.
 
 Seeds are a sweep dimension: a sweep may declare its own (`Sweep.seeds`) and `run_sweep --seeds 0,1,2`
 sets them; every run is then repeated once per seed as `<run>_seed<k>` (its `group` is `<run>`),
@@ -39,6 +45,7 @@ This module only describes commands; it imports nothing heavy (no JAX).
 """
 import dataclasses
 import math
+import re
 from typing import Optional, Tuple
 
 from vitnorm.errors import UserError
@@ -113,7 +120,8 @@ class Sweep:
   evaluate_args: Tuple[str, ...] = ()  # Arguments of the optional evaluate command.
   seeds: Tuple[int, ...] = ()  # Declared seeds: each run is repeated per seed (run_sweep --seeds overrides).
   num_steps: Optional[int] = None  # Default training steps of every run (run_sweep --num_steps overrides).
-  kind: str = "table"  # 'table': one row per variant; 'stability': a map over base_lr (see STABILITY).
+  kind: str = "table"  # 'table': a row per variant; 'sensitivity' / 'accuracy': the crash study
+  #                      (CRASH STUDY below; an 'accuracy' sweep's runs come from its best lrs).
   reference: str = "ln"  # The row a seeded table's paired differences are taken against.
 
   @property
@@ -363,10 +371,159 @@ def _inference_speed(scale):
                benchmark_args=_BENCHMARK_ARGS[scale])
 
 
+# ----------------------------------------------------------------------------------------------
+# CRASH STUDY (issue 21): why did the BN-only ViT crash in the paper? Learning-rate sensitivity in
+# the style of Wortsman et al. 2023 across precision, depth and the FFN-BN x QK-norm factorial,
+# then accuracy at each variant's own best learning rate. CPU scale only: configs/quickstart.py
+# on mnist5k through the NumPy feed. The outcome criterion, the sensitivity number and the
+# accuracy statistics are fixed before the runs in experiments.study.
+# ----------------------------------------------------------------------------------------------
+
+# name -> (norm, ffn_norm, qk_norm): the {LN, BN} x {FFN-BN off, on} x {QK-norm off, on} factorial.
+CRASH_VARIANTS = {
+    "ln": ("ln", "none", "none"),
+    "bn": ("bn", "none", "none"),
+    "ln_ffnbn": ("ln", "bn", "none"),
+    "bn_ffnbn": ("bn", "bn", "none"),
+    "ln_qknorm": ("ln", "none", "layer"),
+    "bn_qknorm": ("bn", "none", "layer"),
+    "ln_ffnbn_qknorm": ("ln", "bn", "layer"),
+    "bn_ffnbn_qknorm": ("bn", "bn", "layer"),
+}
+# Peak learning rates: 7 values, half a decade apart, 1e-4 to 1e-1.
+SENSITIVITY_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+SENSITIVITY_STEPS = 1500  # 24 epochs (the old maps: 250-400 steps), so the slow edge has time to train
+SENSITIVITY_SEEDS = (0, 1)
+ACCURACY_SEEDS = (0, 1, 2, 3, 4)
+# DeiT's head dimension, 64 (the unscaled q.k that must fit float16 grows with it; the quickstart's
+# is 16): width 64 in one head, the quickstart's cost. FFN width 2x as in the quickstart.
+CRASH_MODEL = (("model.hidden_size", 64), ("model.num_heads", 1), ("model.mlp_dim", 128))
+# No clipping (Wortsman et al.), no loss-spike detector (the criterion reads the loss itself), the
+# quickstart's warm-up (2 epochs = 125 steps) and cosine schedule.
+CRASH_RECIPE = (("optim.grad_clip_norm", None), ("loss_spike_factor", 0))
+# Both precisions compute the attention as timm's 2021 Attention under autocast: q.k in the
+# compute dtype, 1/sqrt(head_dim) applied to the product; float32 vs float16 is the only difference.
+PRECISIONS = {
+    "fp32": (("model.dtype", "float32"), ("model.attention_logits", "compute"),
+             ("model.attention_scale", "product")),
+    "fp16": (("model.dtype", "float16"), ("model.attention_logits", "compute"),
+             ("model.attention_scale", "product")),
+}
+CRASH_CONFIG = "configs/quickstart.py:norm={norm},ffn_norm={ffn_norm},feed=numpy"
+_ARM_NAME = re.compile(r"^(?P<variant>[a-z_]+?)_(?P<precision>fp16|fp32)_d(?P<depth>\d+)$")
+
+
+def crash_arm(variant: str, precision: str, depth: int) -> str:
+  """The label of one model configuration of the study: 'bn_ffnbn_fp16_d8'."""
+  return f"{variant}_{precision}_d{depth}"
+
+
+def parse_crash_arm(label: str) -> Optional[dict]:
+  """'bn_ffnbn_fp16_d8' -> {variant: 'bn_ffnbn', precision: 'fp16', depth: 8}; None otherwise.
+  A run name ('..._lr1e-3') or a seed's name ('..._lr1e-3_seed0') gives its arm and `lr` too."""
+  label = re.sub(r"_seed\d+$", "", label)
+  base, sep, lr = label.rpartition("_lr")
+  m = _ARM_NAME.match(base if sep else label)
+  if not m or m.group("variant") not in CRASH_VARIANTS:
+    return None
+  out = dict(variant=m.group("variant"), precision=m.group("precision"), depth=int(m.group("depth")),
+             arm=m.group(0))
+  if sep:
+    try:
+      out["lr"] = float(lr)
+    except ValueError:
+      return None
+  return out
+
+
+def crash_run(variant: str, precision: str, depth: int, lr: float) -> Run:
+  """One run of the crash study: the variant in that precision and depth at peak lr `lr`."""
+  norm, ffn_norm, qk_norm = CRASH_VARIANTS[variant]
+  overrides = (CRASH_MODEL + (("model.num_layers", depth), ("model.qk_norm", qk_norm))
+               + PRECISIONS[precision] + CRASH_RECIPE + (("optim.base_lr", lr),))
+  return Run(f"{crash_arm(variant, precision, depth)}_{_lr_name(lr)}",
+             CRASH_CONFIG.format(norm=norm, ffn_norm=ffn_norm),
+             tuple((k, str(v)) for k, v in overrides),
+             note=f"{variant}, {precision}, {depth} blocks, peak lr {lr:g}")
+
+
+def _sensitivity(name, question, arms):
+  """A learning-rate sensitivity sweep over (variant, precision, depth) arms."""
+  runs = tuple(crash_run(v, p, d, lr) for v, p, d in arms for lr in SENSITIVITY_LRS)
+  return Sweep(name, "cpu", question, runs, seeds=SENSITIVITY_SEEDS, num_steps=SENSITIVITY_STEPS,
+               kind="sensitivity")
+
+
+_NO_QK = ("ln", "bn", "ln_ffnbn", "bn_ffnbn")
+_QK = ("ln_qknorm", "bn_qknorm", "ln_ffnbn_qknorm", "bn_ffnbn_qknorm")
+
+# The sensitivity sweeps, in the order to run them (most decisive first); each resumes on its own
+# and is sized to <= 90 minutes of a quiet 2-core machine by the pilot-based estimate in
+# experiments/README.md ("The crash study"), which also gives each one's estimate.
+SENSITIVITY_SWEEPS = (
+    ("crash_fp16_cpu",
+     "fp16 as under autocast (q.k and the FFN in float16, scale on the product, dynamic loss "
+     "scale), 4 blocks: does BN everywhere crash where LN does not?",
+     [(v, "fp16", 4) for v in ("ln", "bn")]),
+    ("crash_fp16_fixes_cpu",
+     "fp16, 4 blocks: do an FFN BN or QK-norm keep BN everywhere from crashing?",
+     [(v, "fp16", 4) for v in ("bn_ffnbn", "bn_qknorm")]),
+    ("crash_fp32_cpu",
+     "fp32, 4 blocks: final train loss against peak lr for LN, BN, LN + FFN-BN, BN + FFN-BN (the "
+     "factorial without QK-norm; the fp32 counterparts of the fp16 sweeps)",
+     [(v, "fp32", 4) for v in _NO_QK]),
+    ("crash_fp32_qknorm_cpu",
+     "fp32, 4 blocks: the same with QK-norm (LN + QK-norm is the control Wortsman et al. call for)",
+     [(v, "fp32", 4) for v in _QK]),
+    ("crash_depth8_fp16_cpu", "fp16, 8 blocks, LN and BN: does the BN-vs-LN gap grow with depth?",
+     [(v, "fp16", 8) for v in ("ln", "bn")]),
+    ("crash_depth8_ffnbn_fp16_cpu", "fp16, 8 blocks, BN + FFN-BN", [("bn_ffnbn", "fp16", 8)]),
+    ("crash_depth12_ln_fp16_cpu", "fp16, 12 blocks, LN", [("ln", "fp16", 12)]),
+    ("crash_depth12_bn_fp16_cpu", "fp16, 12 blocks, BN", [("bn", "fp16", 12)]),
+    ("crash_depth12_ffnbn_fp16_cpu", "fp16, 12 blocks, BN + FFN-BN", [("bn_ffnbn", "fp16", 12)]),
+)
+
+# The accuracy sweep: every fp32 variant of the factorial at its own best lr (the lowest mean
+# final train loss among the lrs where every seed trained, read from the sensitivity sweeps'
+# generated summary.json), 5 seeds of the same length.
+ACCURACY_SWEEP = "crash_accuracy_cpu"
+ACCURACY_ARMS = tuple(crash_arm(v, "fp32", 4) for v in CRASH_VARIANTS)
+ACCURACY_SOURCES = ("crash_fp32_cpu", "crash_fp32_qknorm_cpu")  # where their best lrs come from
+BEST_LRS = "best_lrs.json"  # ROOT/crash_accuracy_cpu/best_lrs.json: the lrs the sweep was started with
+
+
+def accuracy_runs(best_lrs: dict) -> Tuple[Run, ...]:
+  """The accuracy sweep's runs, given {arm: best lr} (every arm of ACCURACY_ARMS)."""
+  missing = [a for a in ACCURACY_ARMS if best_lrs.get(a) is None]
+  if missing:
+    raise UserError(f"--best_lrs: no best learning rate for {', '.join(missing)}: every seed of some "
+                    "lr of each must have trained in its sensitivity sweep (see the report)")
+  runs = []
+  for arm in ACCURACY_ARMS:
+    a = parse_crash_arm(arm)
+    run = crash_run(a["variant"], a["precision"], a["depth"], float(best_lrs[arm]))
+    runs.append(dataclasses.replace(run, name=arm, note=run.note + " (its best lr)"))
+  return tuple(runs)
+
+
+def _crash_study():
+  for name, question, arms in SENSITIVITY_SWEEPS:
+    yield _sensitivity(name, question, arms)
+  yield Sweep(ACCURACY_SWEEP, "cpu",
+              "Each fp32 variant at its own best learning rate, 5 seeds: is it non-inferior to LN "
+              "(margin experiments.study.NONINFERIORITY_MARGIN)?", (), seeds=ACCURACY_SEEDS,
+              num_steps=SENSITIVITY_STEPS, evaluate_args=EVALUATE_ARGS["cpu"], kind="accuracy")
+
+
 _ABLATIONS = (_norm_variants, _ffn_position, _bn_sync, _bn_momentum, _bn_epsilon, _bn_cls,
-              _lr_stress, _inference_speed, _stability, _stability_harsh)
+              _lr_stress, _inference_speed)
+# The stability maps judged runs by top-1 after 250-400 steps (speed, not stability) and ran in
+# fp32 only; at CPU scale the crash study replaces them. The ImageNet maps stay as commands.
+_IMAGENET_ONLY = (_stability, _stability_harsh)
 
 SWEEPS = {s.name: s for s in (make(scale) for scale in SCALES for make in _ABLATIONS)}
+SWEEPS.update((s.name, s) for s in (make("imagenet") for make in _IMAGENET_ONLY))
+SWEEPS.update((s.name, s) for s in _crash_study())
 
 
 def get_sweep(name: str) -> Sweep:

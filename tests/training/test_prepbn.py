@@ -1,5 +1,5 @@
 """PRepBN in training: lam follows the optimizer step in the train step and in evaluation, decay_steps
-resolves to num_steps, resume across the warm-up / decay boundaries is bit-exact, and a checkpoint
+resolves to SLAB's fraction of num_steps, resume across the warm-up / decay boundaries is bit-exact, and a checkpoint
 is folded only once lam is 0 (tiny ViT on the offline 8x8 `digits`, 8 CPU devices)."""
 import functools
 
@@ -13,7 +13,7 @@ from configs import common
 from vitnorm import data, workdir as run_logging
 from vitnorm.errors import ConfigError
 from vitnorm.inference import run_report
-from vitnorm.model import vit
+from vitnorm.model import norms, vit
 from vitnorm import checkpoints, evaluation
 from vitnorm.training import loop, plan as plan_lib, state as state_lib
 from vitnorm.training import step as step_lib
@@ -52,10 +52,20 @@ def uninterrupted(tmp_path_factory):
   return workdir, loop.train_and_evaluate(tiny_config(), workdir)
 
 
-def test_decay_steps_default_to_num_steps_and_bad_values_name_the_field():
+def test_slab_decay_steps_is_slabs_fraction_of_the_run():
+  # SLAB: lam 1 -> 0 over 60,000 of DeiT's 300 x 1,251 = 375,300 steps, then RepBN alone.
+  assert norms.SLAB_TOTAL_STEPS == 375_300
+  assert norms.slab_decay_steps(375_300) == 60_000
+  assert norms.slab_decay_steps(1500) == 240  # ceil(1500 * 60000 / 375300) = ceil(239.8)
+  assert norms.slab_decay_steps(1500, warmup_steps=100) == 100 + 224  # ceil(1400 * 0.15987)
+  assert norms.slab_decay_steps(3) == 1  # at least one step of decay
+
+
+def test_decay_steps_default_to_slabs_fraction_and_bad_values_name_the_field():
   plan = plan_lib.prepare(tiny_config(**{"model.prepbn.decay_steps": None}))
-  assert plan.config.model.prepbn.decay_steps == STEPS
-  assert vit.build_model(plan.config.model).norm_options.prepbn_decay_steps == STEPS
+  # warm-up 3, then ceil(9 * 0.15987) = 2 steps of decay: lam reaches 0 at step 5 of 12.
+  assert plan.config.model.prepbn.decay_steps == 5
+  assert vit.build_model(plan.config.model).norm_options.prepbn_decay_steps == 5
   for decay, message in ((STEPS + 1, "after the last step"), (WARMUP - 1, "before warmup_steps")):
     with pytest.raises(ConfigError) as err:
       plan_lib.prepare(tiny_config(**{"model.prepbn.decay_steps": decay}))

@@ -10,7 +10,8 @@ The ViT asks for a norm by name with `make_norm(kind, ...)`; every kind is liste
          scalar (init NormOptions.dyt_alpha_init); no statistics, not foldable (elementwise tanh)
   prepbn progressive re-parameterized BN (SLAB, Guo et al., ICML 2024): lam * LN(x) +
          (1 - lam) * RepBN(x), RepBN(x) = BN(x) + eta * x (token BN as `batch`, eta init 1); lam
-         is `prepbn_lam(step)`: 1 for the first warm-up steps, then linear to 0 at decay_steps.
+         is `prepbn_lam(step)`: 1 for the first warm-up steps, then linear to 0 at decay_steps
+         (by default after SLAB's 16% of training, `slab_decay_steps`).
          With lam == 0 only RepBN runs, an affine map that folds like BN (vitnorm.model.fold)
 
 Every norm returned by `make_norm` is called as `norm(x, train)`. PRepBN's lam is a pure function
@@ -18,6 +19,7 @@ of the optimizer step (no hidden counter): the ViT computes it from the step it 
 passes it to `make_norm(..., lam=...)`; a Python float 0.0 (training finished) skips the LN branch.
 """
 import dataclasses
+import math
 import numbers
 from typing import Any, Callable, Optional
 
@@ -59,6 +61,23 @@ class NormOptions:
   dyt_alpha_init: float = 0.5  # DyT's initial alpha (the DyT paper's ViT default).
   prepbn_warmup_steps: int = 0  # PRepBN: lam = 1 (LN only) for steps < this (SLAB default 0).
   prepbn_decay_steps: Optional[int] = None  # PRepBN: lam reaches 0 at this step; None: unresolved.
+
+
+# SLAB's schedule length (xinghaochen/SLAB, classification/models/slab_deit.py and prepbn.py):
+# `LinearNorm(..., step=60000)` counts lam down from 1 to 0 over 60,000 training iterations and
+# holds it at 0 after; its DeiT recipe is 300 epochs at global batch 8 x 128 = 1,024 on ImageNet
+# (its train loader drops the last partial batch of each GPU's ceil(1,281,167 / 8) images: 1,251
+# steps an epoch, 375,300 steps), so lam reaches 0 after 16% of training (epoch 48) and RepBN
+# alone trains for the remaining 84%. The trainer keeps that fraction for any run length.
+SLAB_DECAY_STEPS, SLAB_TOTAL_STEPS = 60_000, 300 * (math.ceil(1_281_167 / 8) // 128)
+SLAB_DECAY_FRACTION = SLAB_DECAY_STEPS / SLAB_TOTAL_STEPS
+
+
+def slab_decay_steps(num_steps: int, warmup_steps: int = 0) -> int:
+  """The step at which lam reaches 0 for a run of num_steps: warm-up plus SLAB's fraction of the
+  steps after it (rounded up, at least one step of decay, at most num_steps)."""
+  ramp = max(1, math.ceil(SLAB_DECAY_FRACTION * (num_steps - warmup_steps)))
+  return min(num_steps, warmup_steps + ramp)
 
 
 def module_name(kind: str, index: int) -> str:

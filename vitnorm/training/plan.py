@@ -172,12 +172,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: Optional[str] = None) ->
 
 
 def _resolve_prepbn_decay(config, num_steps: int, warmup: int):
-  """model.prepbn.decay_steps None -> num_steps (SLAB: lam reaches 0 at the end of training)."""
+  """model.prepbn.decay_steps None -> SLAB's schedule: lam reaches 0 after 16% of the steps after
+  warm-up (vitnorm.model.norms.slab_decay_steps), and RepBN alone trains for the rest."""
   if config.model.get("prepbn") is None:  # a config from before the field existed
     with config.model.unlocked():
-      config.model.prepbn = ml_collections.ConfigDict(dict(warmup_steps=warmup, decay_steps=num_steps))
+      config.model.prepbn = ml_collections.ConfigDict(
+          dict(warmup_steps=warmup, decay_steps=norms.slab_decay_steps(num_steps, warmup)))
   elif config.model.prepbn.get("decay_steps") is None:
-    config.model.prepbn.decay_steps = num_steps
+    config.model.prepbn.decay_steps = norms.slab_decay_steps(num_steps, warmup)
   if config.model.prepbn.decay_steps > num_steps:
     raise ConfigError("model.prepbn.decay_steps", f"{config.model.prepbn.decay_steps} is after the "
                       f"last step ({num_steps}): lam would not reach 0, and the trained model would "

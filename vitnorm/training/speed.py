@@ -74,7 +74,7 @@ def train_plan(model_cfg: dict, *, batch_size: int, parallelism: str, seed: int 
   c.batch_size, c.parallelism, c.seed, c.num_steps = int(batch_size), parallelism, seed, 10_000
   c.optim.warmup_steps, c.optim.grad_clip_norm = 100, 1.0
   if c.model.get("prepbn") is not None and c.model.prepbn.get("decay_steps") is None:
-    c.model.prepbn.decay_steps = c.num_steps  # as the trainer resolves it; both branches run while lam > 0
+    c.model.prepbn.decay_steps = c.num_steps  # both branches run while lam > 0: time the training phase
   c = canonical_config(c)
   return Plan(config=c, num_steps=10_000, warmup_steps=100, steps_per_epoch=1000.0,
               eval_batch_size=int(batch_size), num_classes=int(c.model.num_classes),
