@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_loop import tiny_config  # tests/training is on sys.path (pytest rootdir-relative import)
+from training.test_loop import tiny_config  # tests/ is on sys.path (its conftest.py); tests/training is a namespace package
 from vitnorm import errors, workdir as run_logging
 from vitnorm.errors import UserError
 from vitnorm import checkpoints, checkpoint_integrity as integrity

@@ -18,12 +18,8 @@ import math
 
 import tensorflow as tf
 
-OP_NAMES = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-            "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-            "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
-            "TranslateYRel")
-MAX_LEVEL = 10.0
-OP_PROB = 0.5
+# timm's op list, level range and op probability: one definition for both feeds.
+from vitnorm.data.pil_randaugment import MAX_LEVEL, OP_NAMES, OP_PROB  # noqa: E402,F401
 
 
 def _finish(image):
