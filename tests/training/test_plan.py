@@ -69,3 +69,12 @@ def test_layers_import_downward_only(package, forbidden):
   offenders = [(p.name, m) for p in sorted((REPO / package).glob("*.py")) for m in _imports(p)
                if m.startswith(forbidden)]
   assert offenders == []
+
+
+def test_start_header_precision_line_comes_from_the_spec():
+  from vitnorm.training import header  # pylint: disable=g-import-not-at-top
+  assert header._precision_line(_plan()) == []  # float32 with the default knobs: no line
+  line, = header._precision_line(_plan(dtype="float16", attention_logits="compute",
+                                       attention_scale="product"))
+  assert line.startswith("precision  float16 matmuls, attention logits in compute, 1/sqrt(d) on the "
+                         "product; loss scale 65536, x2 after 2,000 good steps")

@@ -57,20 +57,20 @@ def start_header(plan: Plan, workdir: str, resume_step: Optional[int] = None,
       f"lr         peak {o.peak_lr:.3g}, linear warm-up {o.warmup_steps:,} steps, cosine to "
       f"{o.min_lr:.3g} at step {o.num_steps:,}; AdamW wd {o.weight_decay:g}, "
       f"clip {'off' if clip is None else f'{clip:g}'}",
-      *_precision_line(c),
+      *_precision_line(plan),
       f"workdir    {where}",
   ])
 
 
-def _precision_line(c) -> list:
+def _precision_line(plan: Plan) -> list:
   """float16 or non-default attention knobs: where the logits are computed and the loss scale."""
-  logits, scale = c.model.get("attention_logits", "float32"), c.model.get("attention_scale", "query")
-  if c.model.dtype != "float16" and (logits, scale) == ("float32", "query"):
+  m = plan.model
+  logits, scale, dtype = m.attention_logits, m.attention_scale, jnp.dtype(m.dtype).name
+  if dtype != "float16" and (logits, scale) == ("float32", "query"):
     return []
-  line = (f"precision  {c.model.dtype} matmuls, attention logits in {logits}, 1/sqrt(d) on the "
-          f"{scale}")
-  if loss_scale.enabled(c.model):
-    s = loss_scale.settings(c.optim)
+  line = f"precision  {dtype} matmuls, attention logits in {logits}, 1/sqrt(d) on the {scale}"
+  if loss_scale.enabled(m):
+    s = loss_scale.settings(plan.config.optim)
     line += (f"; loss scale {s['init']:g}, x{s['factor']} after {s['growth_interval']:,} good steps, "
              f"/{s['factor']} and skip on a non-finite gradient")
   return [line]

@@ -34,9 +34,12 @@ CHECKPOINT_ITEM = "loss_scale"  # key in the checkpoint's train item
 DEFAULTS = dict(init=2.0 ** 16, growth_interval=2000, factor=2)  # torch GradScaler's
 
 
-def enabled(model_cfg: Mapping) -> bool:
-  """Whether a model config trains with loss scaling (compute dtype float16)."""
-  return str(model_cfg.get("dtype") or "float32") == "float16"
+def enabled(model) -> bool:
+  """Whether a model (a vit.ModelSpec, or a model config) trains with loss scaling (compute dtype
+  float16)."""
+  if hasattr(model, "get"):
+    return str(model.get("dtype") or "float32") == "float16"
+  return jnp.dtype(model.dtype) == jnp.float16
 
 
 def settings(optim_cfg: Mapping) -> dict:
@@ -79,9 +82,10 @@ class LossScaleState:
                         skipped_steps=self.skipped_steps + (~grads_finite).astype(jnp.int32))
 
 
-def create(optim_cfg: Mapping, model_cfg: Mapping) -> Optional[LossScaleState]:
-  """The initial scaler state of a float16 run, None for other dtypes."""
-  if not enabled(model_cfg):
+def create(optim_cfg: Mapping, model) -> Optional[LossScaleState]:
+  """The initial scaler state of a float16 run (model: a vit.ModelSpec or model config), None for
+  other dtypes."""
+  if not enabled(model):
     return None
   s = settings(optim_cfg)
   return LossScaleState(scale=jnp.asarray(s["init"], jnp.float32), counter=jnp.zeros((), jnp.int32),

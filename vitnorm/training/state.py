@@ -68,7 +68,7 @@ def create_train_state(plan: Plan, rng: jax.Array) -> TrainState:
       apply_fn=None, params=params, tx=tx, batch_stats=batch_stats,
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else None,
-      loss_scale=loss_scale.create(plan.config.optim, plan.config.model))
+      loss_scale=loss_scale.create(plan.config.optim, plan.model))
   # A strongly typed step counter, like the restored one, so resuming reuses the compiled step.
   return state.replace(step=jnp.zeros((), jnp.int32))
 
