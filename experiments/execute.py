@@ -7,7 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence, Set
 
 from experiments.commands import PROJECT_ROOT
 
@@ -20,36 +20,40 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-_child: Optional[subprocess.Popen] = None
+_children: Set[subprocess.Popen] = set()  # the commands running now (several with --jobs)
 
 
 def on_sigterm(signum, frame):
   del frame
-  if _child is not None and _child.poll() is None:
-    _child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
+  for child in list(_children):
+    if child.poll() is None:
+      child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
   raise Interrupted(signum)
 
 
-def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None, progress: str = ""):
+def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None, progress: str = "",
+            cpus: Optional[Sequence[int]] = None):
   """Runs `cmd` from the project root, appending its output to `log_path`.
 
   With `progress` (a label) and `out` a terminal, the trainer's step lines update one line there.
+  With `cpus`, the command runs on those CPU cores only (its affinity; several commands side by side).
 
   Returns (exit code, the last 'error: ...' line it printed or else its last line). On an
   interruption, waits for the child to finish saving before re-raising.
   """
   out = out or sys.stdout
-  global _child
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   last_line, error_line, shown = "", "", False
   progress = progress if progress and getattr(out, "isatty", lambda: False)() else ""
+  pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n$ {shlex.join(cmd)}\n")
     log.flush()
-    _child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
+    child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace", preexec_fn=pin)
+    _children.add(child)
     try:
-      for line in _child.stdout:
+      for line in child.stdout:
         log.write(line)
         log.flush()  # so `tail -f train.log` follows the run
         if verbose:
@@ -63,16 +67,16 @@ def execute(cmd: List[str], log_path: str, *, verbose: bool = False, out=None, p
           last_line = line.strip()
           if last_line.startswith("error:"):
             error_line = last_line
-      rc = _child.wait()
+      rc = child.wait()
     except BaseException:
       # Ctrl-C reached the child too (same process group); SIGTERM was forwarded. Let it save.
       try:
-        _child.wait(timeout=300)
+        child.wait(timeout=300)
       except subprocess.TimeoutExpired:
-        _child.kill()
+        child.kill()
       raise
     finally:
-      _child = None
+      _children.discard(child)
       if shown:
         out.write("\r\x1b[K")  # the next line replaces the progress line
         out.flush()

@@ -263,13 +263,19 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     return "\n".join(lines)
   os.makedirs(plot_dir, exist_ok=True)
   rel = lambda name: os.path.relpath(os.path.join(plot_dir, name), rel_to)  # noqa: E731
-  walls = [float(r["wall_s"]) for r in doc["runs"] if r.get("wall_s") is not None]
+  timed = [r for r in doc["runs"] if r.get("wall_s") is not None]
+  walls = [float(r["wall_s"]) for r in timed]
+  machine = sum(float(r["wall_s"]) * _machine_share(r) for r in timed)
   summary = {"sweep": doc["sweep"], "num_steps": doc.get("num_steps"), "seeds": doc.get("seeds"),
              "overrides": doc.get("overrides"), "runs": len(doc["runs"]),
-             "wall_minutes": sum(walls) / 60 if walls else None}
+             "wall_minutes": sum(walls) / 60 if walls else None,
+             "machine_minutes": machine / 60 if walls else None}
   if walls:
-    lines += [f"Machine time: {sum(walls) / 60:.0f} min of training wall-clock over {len(walls)} runs "
-              "(the runner's `wall_s` per run; evaluations not included).", ""]
+    shared = any(_machine_share(r) < 1 for r in timed)
+    lines += [f"Machine time: {machine / 60:.0f} min over {len(walls)} runs (the runner's `wall_s` per "
+              "run" + (f", {sum(walls) / 60:.0f} min of wall-clock, weighted by the share of the "
+                       "machine's cores each run had: two sweeps ran side by side on one core each"
+                       if shared else "") + "; evaluations not included).", ""]
   if doc.get("kind") == "sensitivity":
     lines += _sensitivity_section(doc, plot_dir, rel, summary)
     lines += [f"\n**Warning: {line}.**" for line in run_sweep.source_drift(doc["runs"])]
@@ -448,6 +454,12 @@ def first_crashes(runs: List[dict]) -> dict:
     if parsed["arm"] not in out or parsed["lr"] < out[parsed["arm"]]["lr"]:
       out[parsed["arm"]] = dict(site, run=r["name"], lr=parsed["lr"])
   return out
+
+
+def _machine_share(run: dict) -> float:
+  """The share of the machine a run had: its cores over the machine's (1 when not recorded)."""
+  cores, total = run.get("cores"), run.get("machine_cores")
+  return min(1.0, cores / total) if cores and total else 1.0
 
 
 def crash_study_section(docs: List[dict], out: str) -> Optional[str]:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import threading
 from typing import Dict, List, Optional, Tuple
 
 Series = List[Tuple[int, float]]
@@ -41,7 +42,7 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_json(path: str, value) -> None:
   """Writes atomically (temp file + rename), so readers never see half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
+  tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"  # one per writer, threads included
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=False, default=str)
     f.write("\n")

@@ -35,11 +35,13 @@ the trainer, e.g. a bad override), 2 for bad arguments, 75 when a run was preemp
 with --resume), 130/143 when the runner itself was interrupted.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -126,7 +128,8 @@ def run_benchmark(sweep, sweep_dir: str, *, verbose=False, out=None, **modules) 
 
 
 def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool = False,
-              evaluate: bool = False, overrides: Sequence[str] = (), verbose: bool = False, out=None, **modules) -> dict:
+              evaluate: bool = False, overrides: Sequence[str] = (), verbose: bool = False, out=None,
+              jobs: int = 1, **modules) -> dict:
   """Runs (or continues) a sweep and returns the results document written to results.json.
 
   `modules` may replace the commands' python / train_module / evaluate_module /
@@ -135,6 +138,10 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
   out = out or sys.stdout
   if sweep.is_benchmark and num_steps is not None:
     raise UserError(f"--num_steps: {sweep.name} trains nothing (it runs the benchmark); leave it out")
+  if jobs > 1:
+    cpu_slots(jobs)  # enough cores, or a clear error before anything is created
+  if sweep.is_benchmark and jobs > 1:
+    raise UserError(f"--jobs: {sweep.name} measures speed; it runs alone (leave --jobs out)")
   if sweep.is_benchmark and overrides:
     raise UserError(f"--set: {sweep.name} trains nothing (it runs the benchmark); leave it out")
   parse_overrides(overrides)  # bad --set values fail before anything is created
@@ -157,54 +164,139 @@ def run_sweep(sweep, root: str, *, num_steps: Optional[int] = None, resume: bool
 
   save()
   try:
-    _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules)
+    _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules, jobs)
   finally:
     doc = save()  # also when interrupted: what is known so far, failures included
   return doc
 
 
-def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules):
-  for i, run in enumerate(sweep.runs, 1):
-    tag = f"[{i}/{len(sweep.runs)}] {run.name}"
-    workdir = os.path.join(sweep_dir, run.name)
-    summary = run_files.summarize_run(run, workdir)
-    if summary["status"] in run_files.FINISHED:
-      out.write(f"{tag}: already {_describe(summary)} (skipped)\n")
-    else:
-      os.makedirs(workdir, exist_ok=True)
-      out.write(f"{tag}: training{' (resuming)' if summary['status'] != 'not_run' else ''}"
-                f" -- log: {os.path.join(workdir, 'train.log')}\n")
+def _run_all(sweep, sweep_dir, num_steps, overrides, evaluate, verbose, out, extra, save, modules, jobs=1):
+  """Trains (and evaluates) every run not finished yet: one after another, or `jobs` at a time,
+  each on its own share of the CPU cores (so two runs never compete for one core)."""
+  todo = list(enumerate(sweep.runs, 1))
+  if jobs <= 1:
+    for i, run in todo:
+      _run_one(sweep, sweep_dir, i, run, num_steps, overrides, evaluate, verbose, out, extra, modules)
+      save()
+    return
+  lock, stop = threading.Lock(), threading.Event()
+  shared_out = _LockedOutput(out, lock)
+
+  def worker(cpus, done):
+    try:
+      while not stop.is_set():
+        with lock:
+          if not todo:
+            return
+          i, run = todo.pop(0)
+        summary = _run_one(sweep, sweep_dir, i, run, num_steps, overrides, evaluate, False, shared_out,
+                           extra, modules, cpus=cpus, lock=lock)
+        with lock:
+          save()
+        if summary["status"] == "preempted":
+          stop.set()  # a trainer stopped by a signal: take no new run
+    finally:
+      done.set()
+
+  # Each worker sets its event when it has finished (saved included). The main thread waits on the
+  # events in short waits, free to take SIGTERM / Ctrl-C (Thread.join interrupted by a signal
+  # can report a live thread as finished; Event.wait cannot).
+  finished = [threading.Event() for _ in range(jobs)]
+  for cpus, done in zip(cpu_slots(jobs), finished):
+    threading.Thread(target=worker, args=(cpus, done), daemon=True).start()
+
+  def wait_all():
+    while not all(done.wait(timeout=0.2) for done in finished):
+      pass
+
+  try:
+    wait_all()
+  except BaseException:
+    stop.set()  # each trainer was signalled; let them save, then stop
+    wait_all()
+    raise
+
+
+class _LockedOutput:
+  """`out` shared by the --jobs threads: one whole line at a time."""
+
+  def __init__(self, out, lock):
+    self._out, self._lock = out, lock
+
+  def write(self, text):
+    with self._lock:
+      self._out.write(text)
+      self._out.flush()
+
+  def flush(self):
+    pass
+
+  def isatty(self):
+    return False  # no updating progress line for several runs at once
+
+
+def cpu_slots(jobs: int):
+  """The CPU cores of each of `jobs` runs side by side: this process's cores split evenly."""
+  cores = sorted(os.sched_getaffinity(0))
+  if jobs > len(cores):
+    raise UserError(f"--jobs: {jobs} runs at once need at least {jobs} CPU cores, this process has "
+                    f"{len(cores)}; use --jobs {len(cores)} or fewer")
+  per = len(cores) // jobs
+  return [cores[k * per:(k + 1) * per] for k in range(jobs)]
+
+
+def _run_one(sweep, sweep_dir, i, run, num_steps, overrides, evaluate, verbose, out, extra, modules,
+             cpus=None, lock=None):
+  lock = lock or contextlib.nullcontext()
+  tag = f"[{i}/{len(sweep.runs)}] {run.name}"
+  workdir = os.path.join(sweep_dir, run.name)
+  summary = run_files.summarize_run(run, workdir)
+  if summary["status"] in run_files.FINISHED:
+    out.write(f"{tag}: already {_describe(summary)} (skipped)\n")
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    out.write(f"{tag}: training{' (resuming)' if summary['status'] != 'not_run' else ''}"
+              + (f" on cores {','.join(map(str, cpus))}" if cpus else "")
+              + f" -- log: {os.path.join(workdir, 'train.log')}\n")
+    with lock:
       note = extra.setdefault(run.name, {})
       note["source"] = source_fingerprint()
-      for line in source_drift([dict(name=n, source=e.get("source")) for n, e in extra.items()]):
-        out.write(f"{tag}: warning: {line}; results will not be comparable (a new --root redoes them)\n")
-      out.flush()
-      start = time.time()
-      rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
-                                       overrides=overrides, **_pick(modules, "python", "train_module")),
-                         os.path.join(workdir, "train.log"), verbose=verbose, out=out, progress=tag)
+      drift = source_drift([dict(name=n, source=e.get("source")) for n, e in extra.items()])
+    for line in drift:
+      out.write(f"{tag}: warning: {line}; results will not be comparable (a new --root redoes them)\n")
+    out.flush()
+    start = time.time()
+    rc, last = execute(train_command(run, workdir, num_steps=num_steps, scale=sweep.scale,
+                                     overrides=overrides, **_pick(modules, "python", "train_module")),
+                       os.path.join(workdir, "train.log"), verbose=verbose, out=out, progress=tag, cpus=cpus)
+    summary = run_files.summarize_run(run, workdir)
+    with lock:
       note["wall_s"] = round(note.get("wall_s", 0.0) + time.time() - start, 1)
+      # The cores it could use, of the machine's: with --jobs 2 on 2 cores each run had half.
+      note["cores"] = len(cpus) if cpus else len(os.sched_getaffinity(0))
+      note["machine_cores"] = os.cpu_count()
       note.pop("error", None)
-      summary = run_files.summarize_run(run, workdir)
       # An error exit leaves an earlier attempt's status.json (e.g. 'preempted') in place.
       preempted = rc in (0, cli.EXIT_PREEMPTED) and summary["status"] == "preempted"
       if summary["status"] not in run_files.FINISHED and not preempted:
         note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 without a final status.json"
         summary["status"] = "failed"
       summary["error"] = note.get("error")
-      out.write(f"{tag}: {_describe(summary)} ({_elapsed(time.time() - start)})\n")
-    if evaluate and summary["status"] == "completed" and not os.path.exists(
-        os.path.join(workdir, "evaluation.json")):
-      out.write(f"{tag}: evaluating\n")
-      out.flush()
-      rc, last = execute(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module")),
-                         os.path.join(workdir, "evaluate.log"), verbose=verbose, out=out)
+    out.write(f"{tag}: {_describe(summary)} ({_elapsed(time.time() - start)})\n")
+  if evaluate and summary["status"] == "completed" and not os.path.exists(
+      os.path.join(workdir, "evaluation.json")):
+    out.write(f"{tag}: evaluating\n")
+    out.flush()
+    rc, last = execute(evaluate_command(sweep, workdir, **_pick(modules, "python", "evaluate_module")),
+                       os.path.join(workdir, "evaluate.log"), verbose=verbose, out=out, cpus=cpus)
+    with lock:
       if rc:
         extra.setdefault(run.name, {})["eval_error"] = last or f"exit code {rc}"
-        out.write(f"{tag}: evaluation failed: {last}\n")
       else:
         extra.setdefault(run.name, {}).pop("eval_error", None)
-    save()
+    if rc:
+      out.write(f"{tag}: evaluation failed: {last}\n")
+  return summary
 
 
 def _positive_int(text):
@@ -305,6 +397,9 @@ def parse_args(argv):
                       "variant's best lr (default experiments/results; a started sweep keeps its own)")
   parser.add_argument("--evaluate", action="store_true",
                       help="run python -m vitnorm.evaluate (accuracy + img/s) after each completed run")
+  parser.add_argument("--jobs", type=_positive_int, default=1,
+                      help="local: train this many runs at once, each pinned to its share of the CPU "
+                      "cores (default 1; e.g. 2 on 2 cores for runs that use one CPU device each)")
   parser.add_argument("--verbose", action="store_true", help="echo the trainer's output (it always goes to train.log)")
   parser.add_argument("--train_module", default="vitnorm.train", help="python module that trains (for tests)")
   parser.add_argument("--evaluate_module", default="vitnorm.evaluate", help="python module that evaluates")
@@ -367,7 +462,7 @@ def main(argv=None):
   previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
   try:
     doc = run_sweep(sweep, args.root, num_steps=num_steps, resume=args.resume, overrides=args.set,
-                    evaluate=args.evaluate, verbose=args.verbose, **modules)
+                    evaluate=args.evaluate, verbose=args.verbose, jobs=args.jobs, **modules)
   except (Interrupted, KeyboardInterrupt) as e:
     signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
     print(f"\nstopped by {signal.Signals(signum).name}; continue with the same command plus --resume",

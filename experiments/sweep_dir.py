@@ -17,7 +17,7 @@ from vitnorm.errors import UserError
 MANIFEST = "sweep.json"
 RESULTS = "results.json"
 # What the runner knows about a run beyond the run's own files; kept in results.json across resumes.
-RUNNER_NOTES = ("error", "wall_s", "eval_error", "source")
+RUNNER_NOTES = ("error", "wall_s", "eval_error", "source", "cores", "machine_cores")
 _LOCK = ".results.lock"  # serializes results.json updates of tasks running at the same time
 
 

@@ -398,9 +398,15 @@ ACCURACY_SEEDS = (0, 1, 2, 3, 4)
 # DeiT's head dimension, 64 (the unscaled q.k that must fit float16 grows with it; the quickstart's
 # is 16): width 64 in one head, the quickstart's cost. FFN width 2x as in the quickstart.
 CRASH_MODEL = (("model.hidden_size", 64), ("model.num_heads", 1), ("model.mlp_dim", 128))
+# Seeds of the depth arm's 8- and 12-block runs: one, so that the whole study fits its 4-hour
+# budget (experiments/README.md, "The crash study"); its 4-block point has the factorial's two.
+DEPTH_SEEDS = (0,)
 # No clipping (Wortsman et al.), no loss-spike detector (the criterion reads the loss itself), the
-# quickstart's warm-up (2 epochs = 125 steps) and cosine schedule.
-CRASH_RECIPE = (("optim.grad_clip_norm", None), ("loss_spike_factor", 0))
+# quickstart's warm-up (2 epochs = 125 steps) and cosine schedule. One CPU device per run, so
+# every run computes the same way whether it trains alone or beside another sweep's run on the
+# other core (experiments/crash_study.py); 5 evaluations (with the BN batch-statistics twin).
+CRASH_RECIPE = (("optim.grad_clip_norm", None), ("loss_spike_factor", 0), ("num_cpu_devices", 1),
+                ("eval_every", SENSITIVITY_STEPS // 5))
 # Both precisions compute the attention as timm's 2021 Attention under autocast: q.k in the
 # compute dtype, 1/sqrt(head_dim) applied to the product; float32 vs float16 is the only difference.
 PRECISIONS = {
@@ -450,7 +456,8 @@ def crash_run(variant: str, precision: str, depth: int, lr: float) -> Run:
 def _sensitivity(name, question, arms):
   """A learning-rate sensitivity sweep over (variant, precision, depth) arms."""
   runs = tuple(crash_run(v, p, d, lr) for v, p, d in arms for lr in SENSITIVITY_LRS)
-  return Sweep(name, "cpu", question, runs, seeds=SENSITIVITY_SEEDS, num_steps=SENSITIVITY_STEPS,
+  seeds = DEPTH_SEEDS if all(d != 4 for _, _, d in arms) else SENSITIVITY_SEEDS
+  return Sweep(name, "cpu", question, runs, seeds=seeds, num_steps=SENSITIVITY_STEPS,
                kind="sensitivity")
 
 

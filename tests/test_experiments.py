@@ -29,13 +29,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #   attempt resumes from the checkpoint and logs steps k.. again;
 # - otherwise trains to --config.num_steps (default 6) and writes status completed.
 FAKE_TRAINER = textwrap.dedent('''
-    import json, math, os, sys
+    import json, math, os, sys, time
     flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     wd = flags["workdir"]
     cfg_args = dict(kv.split("=") for kv in flags["config"].split(":", 1)[1].split(","))
     num_steps = int(flags.get("config.num_steps", 6))
     with open(os.path.join(wd, "invocations"), "a") as f:
       f.write(" ".join(sys.argv[1:]) + "\\n")
+    t0 = time.time()
+    time.sleep(float(os.environ.get("FAKE_SLEEP", 0)))
+    with open(os.path.join(wd, "affinity"), "a") as f:  # the cores it may use, when it ran
+      f.write(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "start": t0, "end": time.time()}) + "\\n")
     if flags.get("config.model.bn_momentum") == "0.5":
       print("error: model.bn_momentum: fake trainer refuses 0.5", file=sys.stderr)
       sys.exit(2)
@@ -380,6 +384,33 @@ def test_sweep_records_completed_diverged_and_failed_runs_and_resumes(tmp_path, 
   assert [len(_invocations(sweep_dir / n)) for n in ("ln", "bn", "bn_ffnbn", "bad")] == [1, 1, 1, 2]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores")
+def test_jobs_trains_runs_side_by_side_each_on_its_own_cores(tmp_path, fake_modules, monkeypatch, capsys):
+  """--jobs 2: the same results as one at a time, runs overlapping in time, each pinned to one
+  core of its own, and the runner notes say so (the report weights machine time by them)."""
+  monkeypatch.setenv("FAKE_SLEEP", "1.5")
+  cores = sorted(os.sched_getaffinity(0))[:2]
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cores))  # the runner's own cores
+  args = ["--sweep", "fake_cpu", "--num_steps", "6", *fake_modules]
+  assert run_sweep.main(args + ["--root", str(tmp_path / "one")]) == 1
+  assert run_sweep.main(args + ["--root", str(tmp_path / "two"), "--jobs", "2"]) == 1
+  one, two = ({r["name"]: r for r in json.loads((tmp_path / d / "fake_cpu" / "results.json").read_text())["runs"]}
+              for d in ("one", "two"))
+  assert {n: (r["status"], r["step"], r["final"]) for n, r in one.items()} == {
+      n: (r["status"], r["step"], r["final"]) for n, r in two.items()}
+  assert all(r["cores"] == 1 and r["machine_cores"] == os.cpu_count() for r in two.values())
+  assert all(r["cores"] == 2 for r in one.values())
+  seen = {n: json.loads((tmp_path / "two" / "fake_cpu" / n / "affinity").read_text().splitlines()[0])
+          for n in ("ln", "bn")}
+  assert seen["ln"]["cores"] != seen["bn"]["cores"] and all(len(v["cores"]) == 1 for v in seen.values())
+  assert seen["bn"]["start"] < seen["ln"]["end"] and seen["ln"]["start"] < seen["bn"]["end"]  # overlapped
+  assert "on cores" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exc:
+    run_sweep.main(args + ["--root", str(tmp_path / "three"), "--jobs", "3"])
+  assert exc.value.code == 2 and "--jobs: 3 runs at once need at least 3 CPU cores" in capsys.readouterr().err
+  assert not (tmp_path / "three").exists()
+
+
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading a config file
 def test_a_typo_in_set_is_refused_before_anything_starts_and_not_recorded(tmp_path, fake_modules, capsys):
   root = tmp_path / "runs"
@@ -499,8 +530,11 @@ def test_an_error_exit_is_a_failure_even_over_an_earlier_preempted_status(tmp_pa
   assert report.status_text(run).startswith("failed: error: model.bn_momentum")
 
 
-def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path):
-  """SIGTERM to the runner is forwarded to the training, results.json is written, exit 143."""
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores"))])
+def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs):
+  """SIGTERM to the runner is forwarded to the training (every one with --jobs 2), results.json is
+  written, exit 143."""
   mod_dir = tmp_path / "mods"
   mod_dir.mkdir()
   (mod_dir / "slow_train.py").write_text(textwrap.dedent('''
@@ -520,14 +554,14 @@ def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path):
           sweeps.Run("a", "configs/quickstart.py:norm=ln,ffn_norm=none"),
           sweeps.Run("b", "configs/quickstart.py:norm=ln,ffn_norm=none")))
       sys.exit(run_sweep.main(["--sweep", "slow_cpu", "--root", {str(tmp_path / "root")!r},
-                               "--train_module", "slow_train"]))
+                               "--train_module", "slow_train", "--jobs", "{jobs}"]))
   '''))
   env = dict(os.environ, PYTHONPATH=f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   proc = subprocess.Popen([sys.executable, str(mod_dir / "sweep_main.py")], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  log = tmp_path / "root" / "slow_cpu" / "a" / "train.log"
+  logs = [tmp_path / "root" / "slow_cpu" / name / "train.log" for name in "ab"[:jobs]]
   for _ in range(400):
-    if log.exists() and "started" in log.read_text():
+    if all(log.exists() and "started" in log.read_text() for log in logs):
       break
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.05)
@@ -536,7 +570,8 @@ def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path):
   assert proc.returncode == 143, (out, err)
   assert "continue with the same command plus --resume" in err
   doc = json.loads((tmp_path / "root" / "slow_cpu" / "results.json").read_text())
-  assert [(r["name"], r["status"]) for r in doc["runs"]] == [("a", "preempted"), ("b", "not_run")]
+  assert [(r["name"], r["status"]) for r in doc["runs"]] == [
+      ("a", "preempted"), ("b", "preempted" if jobs == 2 else "not_run")]
 
 
 # ----------------------------------------------------------------------------------------------

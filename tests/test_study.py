@@ -125,10 +125,15 @@ def test_crash_study_sweeps_cover_the_design_with_the_declared_recipe():
   sens = [s for s in sweeps_lib.SWEEPS.values() if s.kind == "sensitivity"]
   arms = {}
   for sweep in sens:
-    assert sweep.num_steps >= 1500 and len(sweep.seeds) >= 2 and sweep.name.startswith("crash_")
+    assert sweep.num_steps >= 1500 and sweep.name.startswith("crash_")
+    depths = {sweeps_lib.parse_crash_arm(run.name)["depth"] for run in sweep.runs}
+    # >= 2 seeds for the factorial and fp16 arms; the 8- and 12-block depth arm: the declared budget seeds
+    assert sweep.seeds == (sweeps_lib.SENSITIVITY_SEEDS if depths == {4} else sweeps_lib.DEPTH_SEEDS)
+    assert len(sweeps_lib.SENSITIVITY_SEEDS) >= 2
     for run in sweep.runs:
       fields = dict(run.overrides)
       parsed = sweeps_lib.parse_crash_arm(run.name)
+      assert fields["num_cpu_devices"] == "1"  # the same computation alone or beside another run
       arms.setdefault(parsed["arm"], set()).add(float(fields["optim.base_lr"]))
       assert run.config.endswith(",feed=numpy") and fields["optim.grad_clip_norm"] == "None"
       assert fields["loss_spike_factor"] == "0"  # the criterion reads the loss, no early stop
