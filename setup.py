@@ -28,8 +28,9 @@ setuptools.setup(
         # data.reader='grain': random access to tfds ArrayRecord datasets, one global order.
         "grain>=0.2.10,<0.3",
         "array-record>=0.7",  # tfds.data_source reads ArrayRecord files with it
-        "clu>=0.0.12,<0.1",
-        "tensorboard>=2.18",  # clu's metric writers need it and clu does not pull it in
+        # TensorBoard event files without importing TensorFlow (training and evaluate never do).
+        "tensorboardX>=2.6.2,<3",
+        "tensorboard>=2.18",  # to view them: tensorboard --logdir WORKDIR/tensorboard
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",

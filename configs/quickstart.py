@@ -15,15 +15,15 @@ Arguments (`:key=value,...`):
   ffn_norm  ... plus this norm inside the FFN (bn, ln, rms, dyt, prepbn); alone: added to the default's norm
   epochs    training length in epochs (num_steps follows; --config.num_steps=N overrides)
   batch     global batch size
-  feed      tfds (default: the tfds 'mnist5k' builder through tf.data) or numpy (the same images and
-            split from memory, `data.name=numpy:mnist5k`: no tf.data work on the two cores the
-            train step needs, so the training loop runs close to the bare step's speed, see
-            experiments/results/speed_cpu/loop_quickstart*.txt; only random shifts and flips,
-            no tfds split slices)
+  feed      numpy (default: the mnist5k images and split from memory, `data.name=numpy:mnist5k`,
+            random shifts on the host in NumPy: no TensorFlow at run time and no tf.data threads
+            competing with the train step for the two cores, so the loop runs at the bare step's
+            speed, experiments/results/speed_cpu/loop_quickstart*.txt) or tfds (the same digits
+            through the tfds 'mnist5k' builder and tf.data: split slices, the tf.data augmentations)
 """
 from configs import common
 
-ARGS = dict(variant=None, norm=None, ffn_norm=None, epochs=100.0, batch=64, feed="tfds")  # None: not given
+ARGS = dict(variant=None, norm=None, ffn_norm=None, epochs=100.0, batch=64, feed="numpy")  # None: not given
 FEEDS = {"tfds": "mnist5k", "numpy": "numpy:mnist5k"}
 DEFAULT_VARIANT = "bn_ffnbn"
 
@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.model.patch_size = 7  # 4 x 4 = 16 patches + CLS: ~3x cheaper than 4x4 patches, learns faster per step
 
   if args["feed"] not in FEEDS:
-    raise ValueError(f"config argument feed={args['feed']!r}: choose tfds or numpy")
+    raise ValueError(f"config argument feed={args['feed']!r}: choose numpy or tfds")
   c.data = common.data_config(name=FEEDS[args["feed"]], image_size=28)
   c.data.channels = 1
   c.data.cache = True  # 4,000 images: decode once, exact per-epoch permutations

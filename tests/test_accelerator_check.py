@@ -15,11 +15,11 @@ from vitnorm.data import export_npz
 from vitnorm.inference import comparison
 
 # Not installed on the GPU image; scikit-learn is, but the check must not need it with --data_npz.
-HIDDEN = ("tensorflow", "tensorflow_datasets", "clu", "mlxtend", "sklearn")
+HIDDEN = ("tensorflow", "tensorflow_datasets", "clu", "mlxtend", "sklearn", "tensorboardX")
 
 NO_TF = """
 import sys
-for name in ("tensorflow", "tensorflow_datasets", "clu", "mlxtend"):
+for name in ("tensorflow", "tensorflow_datasets", "clu", "mlxtend", "tensorboardX"):
   sys.modules[name] = None  # as on a stock CUDA image: not installed
 import experiments.accelerator_check, vitnorm.training.loop, vitnorm.training.placement
 import vitnorm.training.step, vitnorm.inference.comparison, vitnorm.inference.run_report

@@ -58,11 +58,12 @@ def test_args_select_variant_norms_and_dataset():
   q = quickstart.get_config("norm=layer,ffn_norm=rms,epochs=3")
   assert (q.model.norm, q.model.ffn_norm, q.num_epochs) == ("layer", "rms", 3.0)
   assert cifar.get_config("dataset=cifar100").model.num_classes == 100
-  # The quickstart's feed: tfds by default, the same digits from memory with feed=numpy.
-  assert quickstart.get_config().data.name == "mnist5k"
-  fed = quickstart.get_config("feed=numpy")
-  assert fed.data.name == "numpy:mnist5k" and fed.model == quickstart.get_config().model
-  assert data.dataset_info(fed.data) == data.DatasetInfo("numpy:mnist5k", 10, (28, 28, 1), 4000, 1000)
+  # The quickstart's feed: the digits from memory by default, the same digits through tfds with feed=tfds.
+  assert quickstart.get_config().data.name == "numpy:mnist5k"
+  assert quickstart.get_config() == quickstart.get_config("feed=numpy")
+  fed = quickstart.get_config("feed=tfds")
+  assert fed.data.name == "mnist5k" and fed.model == quickstart.get_config().model
+  assert data.dataset_info(quickstart.get_config().data) == data.DatasetInfo("numpy:mnist5k", 10, (28, 28, 1), 4000, 1000)
 
 
 def test_deit_recipe_values():
@@ -87,7 +88,7 @@ def test_placeholders_stay_overridable():
 
 @pytest.mark.parametrize("arg, message", [("norm=bogus", "unknown norm"), ("colour=red", "is unknown"),
                                           ("epochs=ten", "not a valid float"), ("norm", "not key=value"),
-                                          ("feed=tf", "feed='tf': choose tfds or numpy")])
+                                          ("feed=tf", "feed='tf': choose numpy or tfds")])
 def test_bad_args_name_the_key(arg, message):
   with pytest.raises(ValueError, match=message):
     quickstart.get_config(arg)

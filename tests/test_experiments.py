@@ -263,7 +263,7 @@ def test_dry_run_prints_the_exact_commands_and_creates_nothing(tmp_path, capsys)
   py = sys.executable
   wd = root / "bn_momentum_cpu"
   # The BN-knob tables declare seeds 0, 1, 2: each run once per seed, named and seeded by it.
-  assert lines[0] == (f"{py} -m vitnorm.train --config=configs/quickstart.py:norm=bn,ffn_norm=bn "
+  assert lines[0] == (f"{py} -m vitnorm.train --config=configs/quickstart.py:norm=bn,ffn_norm=bn,feed=tfds "
                       f"--workdir={wd / 'momentum_0.5_seed0'} --config.num_steps=50 "
                       "--config.log_every=1 --config.eval_every=5 --config.diagnostics_every=1 "
                       "--config.model.bn_momentum=0.5 --config.seed=0")

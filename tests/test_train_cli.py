@@ -191,7 +191,7 @@ def test_completed_run_rerun_changes_nothing_and_extending_it_is_refused(tiny, c
   tags = {v.tag: v for e in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / event_file))
           for v in e.summary.value}
   assert "_hparams_/session_start_info" in tags  # TensorBoard's hparams tab
-  assert "ffn_norm: batch" in tags["config"].tensor.string_val[0].decode()  # the config as text
+  assert "ffn_norm: batch" in tags["config/text_summary"].tensor.string_val[0].decode()  # the config as text
   before = _snapshot(workdir)
   code, out, err = _main(*args)
   assert code == 0 and not err
@@ -257,3 +257,28 @@ def test_nothing_prints_before_our_own_lines(tmp_path):
   assert proc.stderr.splitlines() == [
       f"preparing digits (offline, 1,797 8x8 digits) in {tmp_path}/digits/1.0.0 ..."]
   assert proc.stdout.splitlines() == [f"digits: train 1437, test 360 examples in {tmp_path}/digits/1.0.0"]
+
+
+def test_training_and_evaluate_on_a_numpy_feed_never_import_tensorflow(tiny, tmp_path):
+  """TensorFlow only builds tfds datasets: a run on an in-memory feed (the quickstart's default)
+  trains, logs TensorBoard events and evaluates without importing it (subprocess)."""
+  workdir = tmp_path / "run"
+  script = textwrap.dedent(f'''
+      import runpy, sys
+      def run(module, *argv):
+        sys.argv = [module, *argv]
+        try:
+          runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+          assert not e.code, (module, e.code)
+      run("vitnorm.train", "--config={tiny}", "--workdir={workdir}", "--config.num_steps=4",
+          "--config.data.name=numpy:digits")
+      run("vitnorm.evaluate", "--workdir={workdir}", "--batch_sizes=8", "--iterations=1", "--repeats=1")
+      print("loaded:", sorted({{m.split(".")[0] for m in sys.modules
+                               if m.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu")}}))
+  ''')
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[-1] == "loaded: []"
+  assert os.listdir(workdir / "tensorboard") and (workdir / "evaluation.json").exists()

@@ -18,7 +18,12 @@ def test_metrics_jsonl_tensorboard_and_console_lines(tmp_path, capsys):
   rows = run_logging.read_metrics(str(tmp_path))
   assert rows == [{"step": 10, "train/loss": 1.5, "train/img_per_s": 320.0}, {"step": 20, "eval/top1": 0.75}]
   events = os.listdir(tmp_path / "tensorboard")
-  assert events and events[0].startswith("events.out.tfevents")
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()  # TensorBoard reads back every scalar at its step
+  assert {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} == {
+      "train/loss": [(10, 1.5)], "train/img_per_s": [(10, 320.0)], "eval/top1": [(20, 0.75)]}
   line = capsys.readouterr().out.strip()
   assert line.startswith("step 10/100 | loss 1.5000 | top1 0.500 | lr 1.00e-03 | 320 img/s | eta ")
 

@@ -1,7 +1,7 @@
 """What a training run writes about itself, besides checkpoints.
 
   WORKDIR/metrics.jsonl   one JSON object per logged step: {"step": 100, "train/loss": ..., ...}
-  WORKDIR/tensorboard/    the same scalars as TensorBoard events (clu SummaryWriter)
+  WORKDIR/tensorboard/    the same scalars as TensorBoard events (tensorboardX: no TensorFlow)
   WORKDIR/status.json     {"status": "running"|"completed"|"diverged"|"preempted", "step", "metrics", ...}
 
 Only the main process (process 0) writes files; every process may call these functions. WORKDIR may
@@ -125,19 +125,20 @@ class RunLogger:
       return
     paths.makedirs(workdir)
     try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    except ImportError:  # a host without clu / TensorFlow: metrics.jsonl only
-      metric_writers = None
-      print(f"note: clu/TensorFlow not installed: no TensorBoard events; metrics go to "
+      # tensorboardX writes TensorBoard's event files without TensorFlow (clu's writer imports it).
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+    except ImportError:  # a host without it: metrics.jsonl only
+      tensorboardX = None
+      print(f"note: tensorboardX not installed: no TensorBoard events; metrics go to "
             f"{paths.join(workdir, METRICS_FILE)}", file=sys.stderr, flush=True)
     if paths.is_url(workdir):
       self._bucket_rows = read_metrics(workdir)
-      if metric_writers is not None:
+      if tensorboardX is not None:
         self._tb_local = tempfile.mkdtemp(prefix="vitnorm_tensorboard_")
-        self._tb = metric_writers.SummaryWriter(self._tb_local)
+        self._tb = tensorboardX.SummaryWriter(self._tb_local)
     else:
-      if metric_writers is not None:
-        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      if tensorboardX is not None:
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
     use_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
     if use_bar:
@@ -151,7 +152,8 @@ class RunLogger:
       return
     row = {"step": int(step), **{k: json_safe(float(v)) for k, v in scalars.items()}}
     if self._tb is not None:
-      self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
     if self._bucket_rows is not None:
       self._bucket_rows.append(row)
       paths.write_text_atomic(paths.join(self.workdir, METRICS_FILE), _rows_text(self._bucket_rows))
@@ -175,8 +177,13 @@ class RunLogger:
     """The run's main hyperparameters (TensorBoard's hparams tab) and its whole config (a text)."""
     if not self.is_main or self._tb is None:
       return
-    self._tb.write_hparams(dict(hparams))
-    self._tb.write_texts(0, {"config": "```\n" + config_text + "\n```"})
+    from tensorboardX.summary import hparams as hparams_summaries  # pylint: disable=g-import-not-at-top
+    # The hparams tab: one experiment / session-start / session-end triple in this run's own file
+    # (SummaryWriter.add_hparams would open a second run directory).
+    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    for summary in hparams_summaries(values, {}):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.add_text("config", "```\n" + config_text + "\n```", 0)
 
   def eta(self, step: int) -> float:
     done = step - self._start_step
