@@ -28,6 +28,9 @@ Each run trains in its own workdir ROOT/<sweep>/<run> (its output goes to <run>/
 - A trainer that exits 75 (vitnorm.cli.EXIT_PREEMPTED: SIGTERM / Ctrl-C, checkpoint saved) left a
   preempted run: it is recorded as such (not as a failure) and --resume continues it.
 - On a terminal, the run in progress shows its step, loss and ETA on one updating line.
+- --jobs N (local): N runs at once, each pinned to its share of this process's CPU cores (for small
+  runs on one CPU device each, e.g. the crash study: --jobs 2 on 2 cores); each run's `cores` and
+  `machine_cores` go to results.json, and SIGTERM / Ctrl-C stop every run in progress.
 - --launcher slurm submits the runs that are not finished as one SLURM job array (experiments/slurm.py:
   one task per run and seed, requeued on preemption) and returns; --status shows every run's state.
 Exit status: 0 when every run finished (completed or diverged), 1 if a run failed (an error in
