@@ -31,6 +31,17 @@ if "jax" in sys.modules:  # a plugin imported JAX before this file: the variable
 import pytest  # noqa: E402  (after the environment above, which must come first)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _keep_compiled_setups():
+  """The in-process cache of built optimizers and compiled steps keeps every setup of the run
+  (vitnorm.training.state.MAX_CACHED; tiny models, a few MB each), not the trainer's 16 entries:
+  a test that trains a setup an earlier test trained does not compile it again."""
+  from vitnorm.training import state  # pylint: disable=g-import-not-at-top
+  saved, state.MAX_CACHED = state.MAX_CACHED, 256
+  yield
+  state.MAX_CACHED = saved
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
   """run_cli('train' | 'evaluate' | 'benchmark', *ARGS, cwd=None) -> (exit code, stdout, stderr)

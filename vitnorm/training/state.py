@@ -38,6 +38,10 @@ class TrainState(train_state.TrainState):
 # compiled steps of an identical setup are built once. The optimizer is part of the state's
 # static structure, so a new (unequal) optax object would force a new compilation.
 _CACHE = {}
+# How many (kind, setup) entries it keeps, oldest dropped first: one training setup takes about
+# four (init, train step, eval step, diagnostics). The test suite raises it (tests/conftest.py),
+# so its ~30 in-process trainings of a few tiny setups compile each setup once.
+MAX_CACHED = 16
 
 
 def cached(kind: str, plan: Plan, build, *extra):
@@ -45,7 +49,7 @@ def cached(kind: str, plan: Plan, build, *extra):
   the same specs share it."""
   key = (kind, plan.model, plan.optim, plan.config.batch_size, plan.config.accum_steps) + extra
   if key not in _CACHE:
-    if len(_CACHE) >= 16:
+    if len(_CACHE) >= MAX_CACHED:
       _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = build()
   return _CACHE[key]
