@@ -144,12 +144,18 @@ def plot_crash_traces(runs: List[dict], path: str, title: str, limit: int = 8) -
   fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.5), squeeze=False)
   cmap = plt.get_cmap("viridis")
   for ax, r in zip(axes.flat, crashed):
-    blocks = run_files.block_diagnostics(r["series"])["max_attention_logit"]
+    blocks = run_files.block_diagnostics(r["series"]).get("max_attention_logit", {})
+    drawn = 0
     for b in sorted(blocks):
       pts = [(s, v) for s, v in blocks[b] if math.isfinite(v)]
       ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], color=cmap(b / max(len(blocks) - 1, 1)),
               lw=1.2, label=f"block {b}")
-    ax.set_yscale("log")
+      drawn += len(pts)
+    if drawn:  # a run that crashed before its first diagnostics record has no logits to draw
+      ax.set_yscale("log")
+    else:
+      ax.text(0.5, 0.5, "no diagnostics record\nbefore the crash", ha="center", va="center",
+              transform=ax.transAxes, fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("max attention logit")
     loss = [(s, v) for s, v in r["series"].get("train/loss", []) if math.isfinite(v)]

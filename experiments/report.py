@@ -274,7 +274,7 @@ def sweep_section(doc: dict, plot_dir: str, rel_to: str) -> str:
     shared = any(_machine_share(r) < 1 for r in timed)
     lines += [f"Machine time: {machine / 60:.0f} min over {len(walls)} runs (the runner's `wall_s` per "
               "run" + (f", {sum(walls) / 60:.0f} min of wall-clock, weighted by the share of the "
-                       "machine's cores each run had: two sweeps ran side by side on one core each"
+                       "machine's cores each run had: runs side by side, each on its own cores (run_sweep --jobs)"
                        if shared else "") + "; evaluations not included).", ""]
   if doc.get("kind") == "sensitivity":
     lines += _sensitivity_section(doc, plot_dir, rel, summary)
