@@ -1,4 +1,8 @@
 """Placing batches on the 8 CPU devices (conftest) and prefetching ahead of the consumer."""
+import itertools
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,16 +41,47 @@ def test_to_global_arrays_for_jit():
   assert len({s.device for s in arrays["label"].addressable_shards}) == 8
 
 
-def test_prefetch_places_size_batches_ahead_in_order():
+def test_prefetch_inline_places_size_batches_ahead_in_order():
   placed = []
 
   def place(batch):
     placed.append(batch)
     return batch * 10
 
-  it = device.prefetch(iter(range(5)), place, size=2)
+  it = device.prefetch(iter(range(5)), place, size=2, background=False)
   assert next(it) == 0 and placed == [0, 1, 2]  # one consumed, two more already placed
   assert list(it) == [10, 20, 30, 40]
   assert placed == [0, 1, 2, 3, 4]
   with pytest.raises(UserError):
     next(device.prefetch(iter([]), place, size=0))
+
+
+def test_prefetch_thread_makes_batches_ahead_in_order_and_stops_when_closed():
+  """The background thread: batches in order, made off the consumer's thread, at most `size`
+  waiting (plus the one in the making), its error raised at the batch it concerns, and closing
+  the generator stops the thread before the caller closes the feed."""
+  made = []
+
+  def feed():
+    for k in itertools.count():
+      made.append((k, threading.current_thread().name))
+      if k == 50:
+        raise ValueError("bad record at batch 50")
+      yield k
+
+  it = device.prefetch(feed(), lambda b: b * 10, size=2)
+  assert [next(it) for _ in range(5)] == [0, 10, 20, 30, 40]
+  time.sleep(0.2)  # the thread fills the queue, then waits
+  assert {name for _, name in made} == {"vitnorm-prefetch"}
+  assert len(made) <= 5 + 2 + 1
+  rest = []
+  with pytest.raises(ValueError, match="bad record at batch 50"):
+    rest.extend(it)
+  assert rest == [10 * k for k in range(5, 50)]  # every batch before the bad one, in order
+  it = device.prefetch(feed(), lambda b: b, size=2)
+  next(it)
+  it.close()
+  threads = [t for t in threading.enumerate() if t.name == "vitnorm-prefetch"]
+  assert not threads  # joined
+  with pytest.raises(StopIteration):
+    next(device.prefetch(iter([]), lambda b: b))

@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
     from vitnorm.training import loop
     results, code = [], 0
     for run in spec["runs"]:
-      config = quickstart.get_config()
+      config = quickstart.get_config("feed=tfds")  # the tfds feed: cached splits, sliced eval
       for key, value in run["overrides"].items():
         node = config
         *parents, leaf = key.split(".")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -96,6 +97,11 @@ def test_loop_benchmark_reports_trainer_and_bare_step_from_one_run(tmp_path):
   assert len(report["loop_images_per_second"]["per_interval"]) == 2  # 3 intervals, the first dropped
   assert len(report["bare_images_per_second"]["per_round"]) == 2
   assert len(report["bare_with_data_images_per_second"]["per_round"]) == 2
+  assert len(report["bare_with_data_inline_images_per_second"]["per_round"]) == 2  # the thread's A/B
+  inline = np.median(report["bare_with_data_inline_images_per_second"]["per_round"])
+  assert report["ratio_bare_with_data_inline_to_bare"] == pytest.approx(
+      inline / np.median(report["bare_images_per_second"]["per_round"]))
+  assert not [t for t in threading.enumerate() if t.name == "vitnorm-prefetch"]  # both feeds closed
   loop_ips = np.median(report["loop_images_per_second"]["per_interval"])
   bare_ips = np.median(report["bare_images_per_second"]["per_round"])
   assert report["ratio_loop_to_bare"] == pytest.approx(loop_ips / bare_ips)

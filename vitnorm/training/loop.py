@@ -216,8 +216,10 @@ class _Run:
     batches = data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed,
                                  start_step=self.start_step, num_classes=self.plan.num_classes)
     self._feed = batches  # closed by close(): Grain's worker processes and threads end with the run
-    return data_device.prefetch(_inject_nan(batches, cfg.debug.inject_nan_at_step, self.start_step),
-                                self.placement.put_batch, size=2)
+    # Made and placed by a background thread, two batches ahead; close() stops it first.
+    self._prefetched = data_device.prefetch(
+        _inject_nan(batches, cfg.debug.inject_nan_at_step, self.start_step), self.placement.put_batch, size=2)
+    return self._prefetched
 
   def step_loop(self) -> str:
     """Trains to num_steps (or to a preemption); returns 'completed' or 'preempted'.
@@ -297,6 +299,8 @@ class _Run:
                                last_checkpoint_step=self.ckpt.latest_step())
 
   def close(self):
+    if getattr(self, "_prefetched", None) is not None:
+      self._prefetched.close()  # stops the prefetch thread before its feed closes
     if hasattr(getattr(self, "_feed", None), "close"):
       self._feed.close()
     self.logger.close()

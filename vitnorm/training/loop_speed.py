@@ -5,14 +5,16 @@ real trainer (vitnorm.training.loop: input pipeline, prefetch, divergence monito
 checkpoints) and reads its steady-state `train/img_per_s` (the log intervals after the first,
 which holds compilation; evaluation and checkpoint time are outside the intervals already). Around
 it, the same compiled step (the placement's cached jit / pmap function of the same plan) is timed
-in a plain loop, twice: once fed one device-resident batch ("bare"), once fed the real input
-pipeline through the same prefetch ("bare + data"), in rounds of log_every steps before and after
-the trainer run, so drift hits both sides. Both plain loops keep at most STEPS_IN_FLIGHT steps
-queued, as the trainer does.
+in a plain loop, three times: fed one device-resident batch ("bare"), fed the real input pipeline
+through the trainer's prefetch, a background thread ("bare + data"), and fed it through the same
+prefetch done inline on the dispatching thread ("bare + data inline", flax's prefetch_to_device
+way: the A/B of the thread), in rounds of log_every steps before and after the trainer run, so
+drift hits every side. The plain loops keep at most STEPS_IN_FLIGHT steps queued, as the trainer does.
 
-  loop / bare           the number to watch (goal >= 0.95)
-  (bare + data) / bare  how much of the gap the input pipeline alone explains (on a CPU host it
-                        runs on the cores the step uses)
+  loop / bare                  the number to watch (goal >= 0.95)
+  (bare + data) / bare         how much of the gap the input pipeline alone explains (on a CPU
+                               host it runs on the cores the step uses)
+  (bare + data inline) / bare  the same without the prefetch thread
 """
 import collections
 import copy
@@ -67,25 +69,31 @@ def run_loop_benchmark(config: ml_collections.ConfigDict, *, num_steps: int = 60
                       f"{cfg.log_every} steps (the first holds compilation); use at least {2 * cfg.log_every}")
   placement = make_placement(plan)  # the trainer's (cached) compiled steps
   rng = jax.random.PRNGKey(cfg.seed + 1)
-  states = [placement.put_state(create_train_state(plan, jax.random.PRNGKey(cfg.seed))) for _ in range(2)]
+  states = [placement.put_state(create_train_state(plan, jax.random.PRNGKey(cfg.seed))) for _ in range(3)]
   host_batches = data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed + 1,
                                     num_classes=plan.num_classes)
   one_batch = placement.put_batch(next(host_batches))
   fed = data_device.prefetch(host_batches, placement.put_batch, size=2)
-  bare = _plain_loop(placement, states.pop(), lambda: one_batch, rng)
-  with_data = _plain_loop(placement, states.pop(), lambda: next(fed), rng)
-  throughput.warm_up(bare, warmup)
-  throughput.warm_up(with_data, warmup)
+  fed_inline = data_device.prefetch(
+      data.train_batches(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed + 2,
+                         num_classes=plan.num_classes), placement.put_batch, size=2, background=False)
+  bare = _plain_loop(placement, states[0], lambda: one_batch, rng)
+  with_data = _plain_loop(placement, states[1], lambda: next(fed), rng)
+  with_data_inline = _plain_loop(placement, states[2], lambda: next(fed_inline), rng)
+  del states
+  for call in (bare, with_data, with_data_inline):
+    throughput.warm_up(call, warmup)
   if cfg.diagnostics_every:  # compile the diagnostics step now, not inside a timed interval
     spare = placement.put_state(create_train_state(plan, jax.random.PRNGKey(cfg.seed)))
     jax.block_until_ready(placement.step(spare, one_batch, rng, True))
     del spare
-  seconds = {"bare": [], "bare_data": []}
+  seconds = {"bare": [], "bare_data": [], "bare_data_inline": []}
 
   def plain_rounds(count):
     for _ in range(count):
       seconds["bare"] += throughput.timed_loop(bare, iterations=cfg.log_every)
       seconds["bare_data"] += throughput.timed_loop(with_data, iterations=cfg.log_every)
+      seconds["bare_data_inline"] += throughput.timed_loop(with_data_inline, iterations=cfg.log_every)
 
   first = max(1, repeats // 2)
   plain_rounds(first)
@@ -103,6 +111,9 @@ def run_loop_benchmark(config: ml_collections.ConfigDict, *, num_steps: int = 60
   images = lambda s: cfg.batch_size * cfg.log_every / s  # noqa: E731
   bare_ips = statistics.median(images(s) for s in seconds["bare"])
   data_ips = statistics.median(images(s) for s in seconds["bare_data"])
+  inline_ips = statistics.median(images(s) for s in seconds["bare_data_inline"])
+  fed.close()  # stops the prefetch thread
+  fed_inline.close()
   loop_ips = statistics.median(intervals) if intervals else float("nan")
   report = dict(
       setup=dict(mode="loop", model=cfg.model.to_dict(), data=cfg.data.name, batch_size=cfg.batch_size,
@@ -114,7 +125,10 @@ def run_loop_benchmark(config: ml_collections.ConfigDict, *, num_steps: int = 60
       bare_images_per_second=dict(median=bare_ips, per_round=[images(s) for s in seconds["bare"]]),
       bare_with_data_images_per_second=dict(median=data_ips,
                                             per_round=[images(s) for s in seconds["bare_data"]]),
+      bare_with_data_inline_images_per_second=dict(
+          median=inline_ips, per_round=[images(s) for s in seconds["bare_data_inline"]]),
       ratio_loop_to_bare=loop_ips / bare_ips, ratio_bare_with_data_to_bare=data_ips / bare_ips,
+      ratio_bare_with_data_inline_to_bare=inline_ips / bare_ips,
       trainer_status=summary["status"], trainer_wall_seconds=wall,
       workdir=None if own_dir else workdir)
   return throughput.nan_to_none(report)
@@ -130,6 +144,10 @@ def format_loop_report(report: dict) -> str:
       f"intervals): {f(report['loop_images_per_second']['median'])} img/s",
       f"  bare step (one device-resident batch, median of {s['repeats']} rounds): "
       f"{f(report['bare_images_per_second']['median'])} img/s",
-      f"  bare step + input pipeline: {f(report['bare_with_data_images_per_second']['median'])} img/s",
+      f"  bare step + input pipeline (prefetch thread): "
+      f"{f(report['bare_with_data_images_per_second']['median'])} img/s",
+      f"  bare step + input pipeline (prefetch inline): "
+      f"{f(report['bare_with_data_inline_images_per_second']['median'])} img/s",
       f"  ratio loop / bare: {f(report['ratio_loop_to_bare'], '.3f')} (goal >= 0.95); "
-      f"(bare + data) / bare: {f(report['ratio_bare_with_data_to_bare'], '.3f')}"])
+      f"(bare + data) / bare: {f(report['ratio_bare_with_data_to_bare'], '.3f')}; "
+      f"(bare + data inline) / bare: {f(report['ratio_bare_with_data_inline_to_bare'], '.3f')}"])
