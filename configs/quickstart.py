@@ -4,9 +4,10 @@
 2-core CPU in a few minutes to >= 97% test accuracy. The default is the paper's model: BatchNorm
 in place of every LayerNorm plus a BatchNorm inside each FFN.
 
-Measured on the 2-core development machine (shared with other jobs), default arguments:
-98.1% test top-1 after 6,250 steps (100 epochs, batch 64) in 3m44s wall, ~1,900 img/s.
-With epochs=60: 97.4% in 2m19s.
+Measured on the quiet 2-core development machine, default arguments (the in-memory feed):
+97.3% test top-1 after 6,250 steps (100 epochs, batch 64) in 3m09s wall
+(experiments/results/speed_cpu/quickstart_default_feed_run.txt). Through tf.data (feed=tfds,
+the earlier default, on a machine shared with other jobs): 98.1% in 3m44s.
 
 Arguments (`:key=value,...`):
   variant   the paper's model by name (vitnorm/variants.py): bn_ffnbn (default), bn, ln, ln_ffnbn,
