@@ -48,7 +48,9 @@ FORMATS = {
     "f3": lambda v: f"{v:.3f}",
     "f2": lambda v: f"{v:.2f}",
     "f1": lambda v: f"{v:.1f}",
-    "int": lambda v: f"{int(round(v)):,}",
+    "int": lambda v: f"{int(round(v)):,}" if math.isfinite(v) else str(v),  # inf: an overflow
+    "yesno": lambda v: "yes" if v else "no",
+    "lrs": lambda v: ", ".join(f"{x:.0e}".replace("e-0", "e-") for x in v) if v else "none",  # [0.03] -> 3e-2
     "giga": lambda v: f"{v / 1e9:.0f}",             # FLOP/s as GFLOP/s: 2.05e11 -> 205
     "lr": lambda v: f"{v:.0e}".replace("e-0", "e-"),  # a learning rate: 0.01 -> 1e-2
     "pctratio": lambda v: f"{100 * (v - 1):+.1f}%",  # a speed ratio as a change: 1.09 -> +9.0%

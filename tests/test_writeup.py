@@ -74,3 +74,11 @@ def test_allow_missing_marks_results_not_yet_run_but_still_rejects_a_bad_format(
   with pytest.raises(SystemExit) as exc:
     writeup.main(args + ["--allow_missing"])
   assert exc.value.code == 2 and "unknown format 'percent'" in capsys.readouterr().err
+
+
+def test_formats_for_the_crash_study_placeholders():
+  """Booleans read as yes / no, a list of lrs as the grid's names, an overflowed value as inf."""
+  fmt = writeup.FORMATS
+  assert (fmt["yesno"](True), fmt["yesno"](False)) == ("yes", "no")
+  assert fmt["lrs"]([0.03, 0.1]) == "3e-2, 1e-1" and fmt["lrs"]([]) == "none"
+  assert fmt["int"](33504.4) == "33,504" and fmt["int"](float("inf")) == "inf"
