@@ -405,6 +405,11 @@ def test_jobs_trains_runs_side_by_side_each_on_its_own_cores(tmp_path, fake_modu
   assert seen["ln"]["cores"] != seen["bn"]["cores"] and all(len(v["cores"]) == 1 for v in seen.values())
   assert seen["bn"]["start"] < seen["ln"]["end"] and seen["ln"]["start"] < seen["bn"]["end"]  # overlapped
   assert "on cores" in capsys.readouterr().out
+  # The report weights each run's wall-clock by its share of the machine: half here.
+  text = report.make_report(str(tmp_path / "two"))
+  assert "weighted by the share of the machine's cores each run had" in text
+  summary = json.loads(next((tmp_path / "two").rglob("summary.json")).read_text())
+  assert summary["machine_minutes"] == pytest.approx(summary["wall_minutes"] * 1 / os.cpu_count())
   with pytest.raises(SystemExit) as exc:
     run_sweep.main(args + ["--root", str(tmp_path / "three"), "--jobs", "3"])
   assert exc.value.code == 2 and "--jobs: 3 runs at once need at least 3 CPU cores" in capsys.readouterr().err
@@ -684,8 +689,9 @@ def test_report_without_sweeps_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_real_two_run_sweep_end_to_end(tmp_path, monkeypatch, capsys):
-  """LN vs BN + FFN-BN (momentum 0.99) on `digits` with a tiny ViT, 3 steps each, then the report."""
-  tiny = (("data.name", "digits"), ("data.image_size", 8), ("data.data_dir", tmp_path / "data"),
+  """LN vs BN + FFN-BN (momentum 0.99) on the in-memory `numpy:digits` with a tiny ViT, 3 steps
+  each, then the report (the input pipeline is not under test: no dataset to prepare, no TensorFlow)."""
+  tiny = (("data.name", "numpy:digits"), ("data.image_size", 8),
           ("model.image_size", 8), ("model.patch_size", 4), ("model.hidden_size", 16),
           ("model.num_layers", 2), ("model.mlp_dim", 32), ("model.num_heads", 2), ("batch_size", 32))
   tiny = tuple((k, str(v)) for k, v in tiny)
