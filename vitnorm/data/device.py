@@ -11,7 +11,9 @@ Device transfers in JAX are asynchronous, so placing the next batches eagerly (a
 flax.jax_utils.prefetch_to_device does) overlaps the copy with the running step. A background
 thread also takes the host's own per-batch work (the NumPy feed's indexing, shifts and
 normalization; pulling from tf.data or Grain; the placement call) off the thread that dispatches
-the steps, so it runs in the gaps the step leaves on the host's cores instead of between steps.
+the steps, so a feed that blocks (a slow read) does not hold up dispatch. On the 2-core CPU with
+the in-memory quickstart feed it measured no faster than the inline prefetch (`background=False`;
+the loop benchmark times both: experiments/results/speed_cpu/loop_quickstart_prefetch_thread*.txt).
 """
 import collections
 import itertools
