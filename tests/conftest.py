@@ -3,11 +3,17 @@
 This must run before JAX starts its backend, hence the environment variables at import time.
 """
 import os
+import re
 import sys
 
+sys.path.insert(0, os.path.dirname(__file__))
+import xla_test_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+# 8 host devices (unless the environment names a count) and XLA:CPU's fast compilation
+# (tests/xla_test_flags.py: the suite compiles far more than it runs).
 _flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+_count = re.search(r"--xla_force_host_platform_device_count=(\d+)", _flags)
+os.environ["XLA_FLAGS"] = xla_test_flags.xla_flags(int(_count.group(1)) if _count else 8, base=_flags)
 # Forced, not defaulted: an accelerator image that presets JAX_PLATFORMS (e.g. "cuda") would
 # otherwise run the suite on its one GPU instead of the 8 CPU devices the tests are written for.
 os.environ["JAX_PLATFORMS"] = "cpu"

@@ -20,6 +20,7 @@ import time
 import urllib.request
 
 import pytest
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "test-bucket"
@@ -96,7 +97,7 @@ def emulator_env(url):
       NO_GCE_CHECK="true", GOOGLE_CLOUD_PROJECT="test-project",
       HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, grpc_proxy=dead,
       NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-      JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu", XLA_FLAGS=xla_test_flags.xla_flags(2),
       PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
   return env

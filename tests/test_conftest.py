@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 PROBE = """
 import runpy, sys
 runpy.run_path("tests/conftest.py")
@@ -17,3 +19,54 @@ def test_conftest_forces_the_cpu_platform_over_a_preset_one():
   proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["cpu", "8"]
+
+
+def test_the_suite_compiles_at_level_0_on_8_devices_and_keeps_a_users_level():
+  import xla_test_flags  # pylint: disable=import-outside-toplevel
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_force_host_platform_device_count=8" in flags
+  assert xla_test_flags.FAST_COMPILE in flags
+  child = xla_test_flags.xla_flags(2).split()
+  assert child.count("--xla_force_host_platform_device_count=2") == 1
+  assert not any(f.endswith("count=8") for f in child) and xla_test_flags.FAST_COMPILE in child
+  assert xla_test_flags.xla_flags(base="--xla_backend_optimization_level=3 --foo") == \
+      "--xla_backend_optimization_level=3 --foo"
+
+
+STEP_PROBE = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from vitnorm.model import vit
+cfg = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4, num_classes=10,
+           image_size=8, num_channels=1, norm="batch", ffn_norm="batch")
+model = vit.build_model(cfg)
+variables = vit.init_variables(model, jax.random.key(0), vit.input_shape(cfg))
+x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+labels = jnp.arange(16) % 10
+
+def loss(params):
+  logits, _ = model.apply(dict(variables, params=params), x, train=True, mutable=["batch_stats"])
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
+
+value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+np.savez(sys.argv[1], loss=value, **{str(i): g for i, g in enumerate(jax.tree.leaves(grads))})
+"""
+
+
+def test_level_0_computes_a_train_step_as_the_default_build_does_up_to_float32_rounding(tmp_path):
+  import xla_test_flags  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name, flags in (("fast", xla_test_flags.FAST_COMPILE), ("default", "")):
+    path = str(tmp_path / f"{name}.npz")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", STEP_PROBE, path], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(path) as f:
+      out[name] = {k: f[k] for k in f.files}
+  assert out["fast"].keys() == out["default"].keys()
+  # Rounding, not a different function: each array agrees to a few float32 ulps of its own scale.
+  for key, a in out["default"].items():
+    b = out["fast"][key]
+    scale = float(np.max(np.abs(a)))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(scale, 1e-6), err_msg=key)

@@ -17,6 +17,7 @@ from experiments import run_sweep
 from experiments import sweeps as sweeps_lib
 from vitnorm.model import vit
 from vitnorm.errors import UserError
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -535,11 +536,15 @@ def test_an_error_exit_is_a_failure_even_over_an_earlier_preempted_status(tmp_pa
   assert report.status_text(run).startswith("failed: error: model.bn_momentum")
 
 
-@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores"))])
-def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs):
+_TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores")
+
+
+@pytest.mark.parametrize("jobs,b_starting", [(1, False), pytest.param(2, False, marks=_TWO_CORES),
+                                             pytest.param(2, True, marks=_TWO_CORES)])
+def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs, b_starting):
   """SIGTERM to the runner is forwarded to the training (every one with --jobs 2), results.json is
-  written, exit 143."""
+  written, exit 143. A run the signal kills while it starts (before the trainer's own handler is
+  installed: exit -15) is stopped, not failed (b_starting: run b never installs one)."""
   mod_dir = tmp_path / "mods"
   mod_dir.mkdir()
   (mod_dir / "slow_train.py").write_text(textwrap.dedent('''
@@ -548,7 +553,8 @@ def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs):
       def stop(signum, frame):
         json.dump({"status": "preempted", "step": 2, "metrics": {}}, open(os.path.join(wd, "status.json"), "w"))
         sys.exit(0)
-      signal.signal(signal.SIGTERM, stop)
+      if not wd.endswith("b") or not os.environ.get("B_STARTING"):
+        signal.signal(signal.SIGTERM, stop)
       print("started", flush=True)
       time.sleep(60)
   '''))
@@ -561,7 +567,8 @@ def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs):
       sys.exit(run_sweep.main(["--sweep", "slow_cpu", "--root", {str(tmp_path / "root")!r},
                                "--train_module", "slow_train", "--jobs", "{jobs}"]))
   '''))
-  env = dict(os.environ, PYTHONPATH=f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env = dict(os.environ, PYTHONPATH=f"{mod_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+             B_STARTING="1" if b_starting else "")
   proc = subprocess.Popen([sys.executable, str(mod_dir / "sweep_main.py")], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   logs = [tmp_path / "root" / "slow_cpu" / name / "train.log" for name in "ab"[:jobs]]
@@ -576,7 +583,8 @@ def test_sigterm_stops_the_sweep_and_lets_the_run_resume(tmp_path, jobs):
   assert "continue with the same command plus --resume" in err
   doc = json.loads((tmp_path / "root" / "slow_cpu" / "results.json").read_text())
   assert [(r["name"], r["status"]) for r in doc["runs"]] == [
-      ("a", "preempted"), ("b", "preempted" if jobs == 2 else "not_run")]
+      ("a", "preempted"), ("b", "not_run" if jobs == 1 or b_starting else "preempted")]
+  assert "failed" not in err + out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,7 +709,7 @@ def test_real_two_run_sweep_end_to_end(tmp_path, monkeypatch, capsys):
                      tiny + (("model.bn_momentum", "0.99"),), note="BN + FFN-BN")))
   monkeypatch.setitem(sweeps_lib.SWEEPS, sweep.name, sweep)
   # The trainings are separate processes: 2 CPU devices start and compile faster than 8.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(2))
   root = tmp_path / "runs"
   assert run_sweep.main(["--sweep", "e2e_cpu", "--root", str(root), "--num_steps", "3"]) == 0
   doc = json.loads((root / "e2e_cpu" / "results.json").read_text())

@@ -32,6 +32,7 @@ from vitnorm import checkpoints
 
 sys.path.insert(0, os.path.dirname(__file__))
 import local_slurm  # noqa: E402  pylint: disable=wrong-import-position
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 pytestmark = pytest.mark.slurm
 
@@ -141,7 +142,7 @@ def test_sweep_through_slurm_reports_like_a_local_run_and_status_follows_it(clus
       ("nan", _tiny(**{"debug.inject_nan_at_step": 2})),  # diverges: a result
       ("bad", _tiny(**{"model.norm": "bogus"})),  # the trainer refuses it: failed
   ])
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(2))
   root = tmp_path / "cluster"
   args = ["--sweep", sweep.name, "--num_steps", "3"]
   # sbatch refuses an unknown partition: one error line, and nothing is left that needs --resume.
@@ -194,7 +195,7 @@ PREEMPT_STEPS = 600  # long enough that the signal lands mid-run (the first log 
 def test_preempted_runs_are_requeued_and_end_bit_identical(cluster, tmp_path, monkeypatch, capsys):
   runs = ("reference", "requeued", "sigterm", "warned")
   sweep = _sweep(monkeypatch, "slurm_preempt_cpu", [(n, _tiny()) for n in runs])
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(1))
   root = tmp_path / "runs"
   assert run_sweep.main(["--sweep", sweep.name, "--root", str(root), "--num_steps", str(PREEMPT_STEPS),
                          "--launcher", "slurm", "--slurm.cpus_per_task", "1", "--slurm.time", "60"]) == 0
@@ -244,12 +245,12 @@ def test_two_task_job_trains_one_run_as_two_processes(cluster, tmp_path, monkeyp
   sweep = _sweep(monkeypatch, "slurm_2proc_cpu", [("ln", _tiny(log_every=2, eval_every=4,
                                                                 diagnostics_every=0))])
   # 2 processes x 2 CPU devices on the cluster; 1 process x 4 devices here: the same global batch.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(2))
   root = tmp_path / "cluster"
   assert run_sweep.main(["--sweep", sweep.name, "--root", str(root), "--num_steps", str(steps),
                          "--launcher", "slurm", "--slurm.tasks_per_node", "2", "--slurm.cpus_per_task", "1",
                          "--slurm.time", "60"]) == 0
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(4))
   local_root = tmp_path / "local"
   assert run_sweep.main(["--sweep", sweep.name, "--root", str(local_root), "--num_steps", str(steps)]) == 0
   sweep_dir = str(root / sweep.name)

@@ -19,6 +19,7 @@ import numpy as np
 
 from vitnorm import checkpoints
 from vitnorm import workdir as workdir_lib
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, PREEMPT_AT = 4, 2
@@ -55,7 +56,7 @@ JOB_PREEMPTING_TRAIN = textwrap.dedent('''
 
 
 def _sweep(tmp_path, *args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",  # starts faster than 8
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.xla_flags(2),  # starts faster than 8
              PYTHONPATH=os.pathsep.join([str(tmp_path / "mods"), REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, str(tmp_path / "mods" / "sweep_main.py"), "--root", str(tmp_path / "root"),
                          "--num_steps", str(NUM_STEPS), *args], env=env, cwd=REPO, capture_output=True, text=True,

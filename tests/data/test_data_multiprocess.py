@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import vitnorm.data as data
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -74,7 +75,7 @@ def test_two_processes_read_disjoint_covering_parts(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.xla_flags())
   procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), data_dir, str(tmp_path / f"{i}.json")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   for p in procs:

@@ -18,6 +18,7 @@ import pytest
 from vitnorm.data import config as config_lib
 from vitnorm.data import global_order, grain_feed, imagenet_like, pil_preprocess
 from vitnorm.errors import ConfigError
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -67,7 +68,7 @@ def _run(tmp_path, data_dir, nproc, devices, start, tag):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.xla_flags())
   out = tmp_path / f"{tag}.json"
   procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(nproc), str(devices),
                              data_dir, str(start), str(out)], env=env, stdout=subprocess.PIPE,

@@ -25,6 +25,7 @@ import pytest
 
 from vitnorm import checkpoints, cli
 from vitnorm import workdir as workdir_lib
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -80,7 +81,7 @@ def _launch(tmp_path, name, processes, devices, runs_of):
   Returns (exit codes, results per process, outputs)."""
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices: not here
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.xla_flags())  # no device count: the workers set theirs
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
   port = _free_port()
   procs = []
