@@ -6,7 +6,7 @@ starts, so they are in place before anything imports gcsfs or tensorstore). Pyth
 access to anything but localhost is refused and recorded (DNS lookups and connects); the C++
 layers (tensorstore's curl, gRPC) get a dead proxy for every host but localhost.
 
-Steps: the quickstart model trained into gs://test-bucket/run, preempted at PREEMPT_AT, re-run to
+Steps: a tiny quickstart-family model trained into gs://test-bucket/run, preempted at PREEMPT_AT, re-run to
 the end; the same config uninterrupted into a local directory; then the `vitnorm.evaluate` CLI
 (its main(), in this process) on the bucket workdir. Writes what it found to RESULTS_JSON.
 """
@@ -60,6 +60,10 @@ def main(results_path, local_workdir, bucket_workdir, num_steps, preempt_at):
 
   def config(**debug):
     c = quickstart.get_config()
+    # The quickstart family at its smallest: the 8x8 in-memory digits, a 2-block width-32 ViT (what
+    # travels through the bucket, not the model, is under test here).
+    c.data.name, c.data.image_size, c.data.random_shift_pad = "numpy:digits", 8, 1
+    c.model.update(dict(image_size=8, patch_size=4, hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2))
     c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = num_steps, 50, 0, 50
     c.diagnostics_every, c.progress_bar = 0, "off"
     c.optim.ema_decay = 0.9  # the EMA (params and BN statistics) goes through the bucket too

@@ -1,8 +1,9 @@
-"""Two real JAX processes on localhost (2 CPU devices each) train the quickstart model (2 of its 4
-blocks, a few steps: the test is dominated by start-up and compilation).
+"""Two real JAX processes on localhost (2 CPU devices each) train a 2-block quickstart-family
+model on the in-memory `numpy:digits` (8x8, a few steps: the test is dominated by start-up and
+compilation; the processes import no TensorFlow).
 
 2 processes x 2 devices follow the trajectory of 1 process x 4 devices (the global batch k is a
-function of (seed, k) alone for cached datasets), with parallelism=jit and with pmap, to the
+function of (seed, k) alone), with parallelism=jit and with pmap, to the
 tolerance tests/training/test_step.py documents for jit vs pmap. A SIGTERM to one process
 (debug.preempt_at_step on process 1 only) stops both at the same step, two steps later, with one
 checkpoint and exit code EXIT_PREEMPTED; re-running both ends bit-identical to the uninterrupted
@@ -19,9 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-import vitnorm.data as data
 from vitnorm import cli, workdir as workdir_lib
 from vitnorm import checkpoints
+import xla_test_flags  # tests/xla_test_flags.py (tests/ is on sys.path: conftest.py)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -43,7 +44,7 @@ WORKER = textwrap.dedent("""
     from vitnorm.training import loop
     results, code = [], 0
     for run in spec["runs"]:
-      config = quickstart.get_config("feed=tfds")  # the tfds feed: cached splits, sliced eval
+      config = quickstart.get_config()  # the in-memory feed; _overrides makes it the 8x8 digits
       for key, value in run["overrides"].items():
         node = config
         *parents, leaf = key.split(".")
@@ -64,10 +65,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _overrides(data_dir, parallelism="jit", **extra):
+def _overrides(parallelism="jit", **extra):
   return {"num_steps": NUM_STEPS, "log_every": LOG_EVERY, "eval_every": 0, "checkpoint_every": 1000,
           "diagnostics_every": 0, "progress_bar": "off", "parallelism": parallelism,
-          "data.data_dir": data_dir, "data.eval_split": "test[:64]", "model.num_layers": 2,
+          "data.name": "numpy:digits", "data.image_size": 8, "model.image_size": 8, "model.patch_size": 4,
+          "model.num_layers": 2, "model.hidden_size": 32, "model.mlp_dim": 64, "model.num_heads": 2,
           "optim.warmup_epochs": 0.05, **extra}
 
 
@@ -76,7 +78,7 @@ def _launch(tmp_path, name, processes, devices, runs_of):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   # The workers inherit tests/conftest.py's environment, its disabled compilation cache included.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.xla_flags())
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
   port = _free_port()
   procs = []
@@ -123,22 +125,19 @@ def _max_abs_diff(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess")
-  data_dir = str(tmp / "tfds")
-  data.dataset_info({"name": "mnist5k", "data_dir": data_dir, "normalize_mean": (0.5,),
-                     "normalize_std": (0.5,)})  # prepared once, before the workers start
   wd = {k: str(tmp / k) for k in ("single", "jit", "pmap", "preempted")}
-  single = _launch(tmp, "single", 1, 4, lambda i: [dict(workdir=wd["single"], overrides=_overrides(data_dir))])
+  single = _launch(tmp, "single", 1, 4, lambda i: [dict(workdir=wd["single"], overrides=_overrides())])
 
   def first_launch(i):
     preempt = {"debug.preempt_at_step": PREEMPT_AT} if i == 1 else {}  # SIGTERM to process 1 only
-    return [dict(workdir=wd["jit"], overrides=_overrides(data_dir)),
-            dict(workdir=wd["pmap"], overrides=_overrides(data_dir, "pmap")),
-            dict(workdir=wd["preempted"], overrides=_overrides(data_dir, **preempt))]
+    return [dict(workdir=wd["jit"], overrides=_overrides()),
+            dict(workdir=wd["pmap"], overrides=_overrides("pmap")),
+            dict(workdir=wd["preempted"], overrides=_overrides(**preempt))]
 
   first = _finish(_launch(tmp, "first", 2, 2, first_launch), tmp, "first")
   preempted_steps = checkpoints.all_steps(wd["preempted"])
   resumed = _finish(_launch(tmp, "resume", 2, 2, lambda i: [dict(workdir=wd["preempted"],
-                                                                 overrides=_overrides(data_dir))]),
+                                                                 overrides=_overrides())]),
                     tmp, "resume")
   return dict(single=_finish(single, tmp, "single"), first=first, resumed=resumed, workdirs=wd,
               preempted_steps=preempted_steps)
