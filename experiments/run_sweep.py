@@ -281,7 +281,11 @@ def _run_one(sweep, sweep_dir, i, run, num_steps, overrides, evaluate, verbose, 
       note.pop("error", None)
       # An error exit leaves an earlier attempt's status.json (e.g. 'preempted') in place.
       preempted = rc in (0, cli.EXIT_PREEMPTED) and summary["status"] == "preempted"
-      if summary["status"] not in run_files.FINISHED and not preempted:
+      # Killed by the stop signal itself (-SIGTERM / -SIGINT: it came before the trainer's handler
+      # was installed, i.e. during start-up): stopped, not failed; --resume starts it again from
+      # its last checkpoint, if any.
+      stopped = rc in (-signal.SIGTERM, -signal.SIGINT) and summary["status"] in ("not_run", "preempted", "incomplete")
+      if summary["status"] not in run_files.FINISHED and not (preempted or stopped):
         note["error"] = (last or f"exit code {rc}") if rc else "the trainer exited 0 without a final status.json"
         summary["status"] = "failed"
       summary["error"] = note.get("error")
