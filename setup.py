@@ -43,6 +43,11 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            # The README's test command: one worker per core (-n auto), each test file on one
+            # worker (--dist loadfile: a module's fixtures are built once), in a shuffled order
+            # (pytest-randomly; the seed is printed first and --randomly-seed=N repeats that order).
+            "pytest-xdist>=3.5",
+            "pytest-randomly>=3.15",
             "ruff>=0.6",  # the linter .ci/run runs (configured in pyproject.toml)
             # tests/test_bucket_workdir.py: gs:// workdirs against a local GCS emulator.
             "gcsfs>=2026.9.0",  # etils.epath's gs:// filesystem when EPATH_USE_TF=false
