@@ -55,8 +55,10 @@ def _seed_points(runs: List[dict], arm: str):
 
 def plot_loss_vs_lr(runs: List[dict], path: str, title: str,
                     panels: Optional[Dict[str, Sequence[str]]] = None) -> bool:
-  """`panels`: {panel title: arms drawn in it}; default one panel with every arm."""
-  curves = study.loss_curves(runs)
+  """`panels`: {panel title: arms drawn in it}; default one panel with every arm. False (nothing
+  drawn) while no run has finished: a sweep in progress has arms whose cells have no loss yet."""
+  curves = {arm: cells for arm, cells in study.loss_curves(runs).items()
+            if any(c["loss"] is not None for c in cells.values())}
   if not curves:
     return False
   panels = {k: list(v) for k, v in (panels or {"": list(curves)}).items() if any(a in curves for a in v)}
