@@ -127,6 +127,7 @@ def test_cached_global_batches_do_not_depend_on_the_process_count(data_dir):
 def test_process_parts_are_disjoint_covering_permutations(data_dir, cache):
   # Streaming (cache=False) only: each process reads its own part of the split.
   c = cfg(data_dir, cache=cache, shuffle_buffer=64)
+  data.dataset_info(c)  # prepares digits if this test runs first in the module (shuffled order)
   total = collections.Counter()
   sizes = []
   for p in range(3):
