@@ -38,6 +38,17 @@ import pytest  # noqa: E402  (after the environment above, which must come first
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _jax_backend_started():
+  """Starts JAX's CPU backend before the first test, with the device count set above. JAX reads
+  XLA_FLAGS when its backend starts: a test that sets XLA_FLAGS for the processes it launches
+  (tests/test_slurm.py: 1, 2 or 4 devices) and then touches JAX would otherwise start it with its
+  count when it runs first in a worker, and every later test in that worker would see that count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ["XLA_FLAGS"])
+  assert jax.device_count() == int(count.group(1)), (jax.devices(), os.environ["XLA_FLAGS"])
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _keep_compiled_setups():
   """The in-process cache of built optimizers and compiled steps keeps every setup of the run
   (vitnorm.training.state.MAX_CACHED; tiny models, a few MB each), not the trainer's 16 entries:
@@ -89,3 +100,33 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slurm: submits to a one-node SLURM cluster started on localhost (tests/local_slurm.py; "
       "needs root and Debian's slurm-wlm + munge, skipped otherwise; skip with -m 'not slurm')")
+
+
+# The files that take longest, longest first (totals of setup + call from the CI log's --durations).
+# They start first, so that no long file is left to run alone while the other workers idle at the
+# end. pytest-randomly shuffles files and tests before this hook; the stable sort below moves these
+# files to the front and keeps the shuffled order within them and among the rest. xdist keeps the
+# order with --no-loadscope-reorder (its default orders files by their number of tests instead).
+LONGEST_FILES = (
+    "tests/test_slurm.py",
+    "tests/training/test_loop_resume_matrix.py",
+    "tests/training/test_multiprocess_training.py",
+    "tests/model/test_vit.py",
+    "tests/training/test_loop_grain.py",
+    "tests/test_accelerator_check.py",
+    "tests/training/test_loss_scale.py",
+    "tests/test_experiments.py",
+    "tests/training/test_loop.py",
+    "tests/test_sweep_resume.py",
+    "tests/data/test_input_speed.py",
+    "tests/test_train_cli.py",
+    "tests/test_checkpoint_integrity.py",
+    "tests/training/test_resume_other_layout.py",
+    "tests/model/test_pretrained.py",
+    "tests/test_bucket_workdir.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
