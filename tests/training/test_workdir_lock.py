@@ -16,7 +16,7 @@ from test_checkpoint_integrity import snapshot
 from test_loop import REPO, tiny_config
 from vitnorm import errors
 from vitnorm.errors import UserError
-from vitnorm.training import loop
+from vitnorm.training import loop, workdir_lock
 from vitnorm.training.workdir_lock import LOCK_FILE, STALE_SECONDS, WorkdirLock
 
 _HOLDER = """
@@ -113,6 +113,21 @@ def test_a_held_lock_refuses_a_second_holder_and_is_refreshed(tmp_path):
   finally:
     first.release()
   WorkdirLock(workdir).acquire().release()  # free again
+
+
+def test_a_local_lock_is_created_exclusively_without_the_object_store_pause(tmp_path, monkeypatch):
+  """On a local disk the lock is an O_EXCL create: no write-pause-read-back (etils' open() has no
+  mode 'x', which once sent every local run through the object-store path and its 1 s pause)."""
+  def no_pause(seconds):
+    raise AssertionError(f"slept {seconds} s taking a free local lock")
+  monkeypatch.setattr(workdir_lock.time, "sleep", no_pause)
+  workdir = str(tmp_path / "run")
+  first = WorkdirLock(workdir).acquire()
+  try:
+    assert not WorkdirLock(workdir)._create_exclusive()  # pylint: disable=protected-access
+    assert json.load(open(os.path.join(workdir, LOCK_FILE)))["token"] == first.info["token"]
+  finally:
+    first.release()
 
 
 def test_an_unreadable_lock_is_looked_at_twice_then_taken_over(tmp_path):

@@ -85,18 +85,20 @@ class WorkdirLock:
 
   def _create_exclusive(self) -> bool:
     """Writes the record if no lock file exists; False if one does."""
-    try:
-      with self.path.open("x") as f:
+    if "://" not in os.fspath(self.path):  # a local disk: O_EXCL (etils' open() has no mode "x")
+      try:
+        fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:  # a reader in between sees an empty file: acquire() looks again
         f.write(self._record())
       return True
-    except FileExistsError:
+    # An object store has no exclusive create: write, pause, and read back who won.
+    if self.path.exists():
       return False
-    except (ValueError, NotImplementedError):  # backend without exclusive create (object stores)
-      if self.path.exists():
-        return False
-      self.path.write_text(self._record())
-      time.sleep(REMOTE_SETTLE_SECONDS)
-      return (self._read() or {}).get("token") == self.info["token"]
+    self.path.write_text(self._record())
+    time.sleep(REMOTE_SETTLE_SECONDS)
+    return (self._read() or {}).get("token") == self.info["token"]
 
   # -- the protocol ----------------------------------------------------------------------------
 
