@@ -19,7 +19,7 @@ def tiny_config(ema_decay=0.9):
   c.model = common.model_config(variant=None, norm="bn", ffn_norm="bn", num_classes=10, image_size=8,
                                 num_channels=1)
   c.model.update(dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4))
-  c.data = common.data_config(name="digits", image_size=8)
+  c.data = common.data_config(name="numpy:digits", image_size=8)  # in memory: the feed is not under test
   c.data.update(dict(channels=1, cache=True, inception_crop=False, hflip=False,
                      normalize_mean=(0.5,), normalize_std=(0.5,), eval_crop_fraction=1.0))
   c.batch_size, c.num_steps = 64, 16

@@ -27,7 +27,7 @@ def tiny_config(**overrides):
                                 image_size=8, num_channels=1)
   c.model.update(dict(hidden_size=16, num_layers=1, mlp_dim=32, num_heads=2, patch_size=4))
   c.model.prepbn.warmup_steps, c.model.prepbn.decay_steps = WARMUP, DECAY
-  c.data = common.data_config(name="digits", image_size=8)
+  c.data = common.data_config(name="numpy:digits", image_size=8)  # in memory: the feed is not under test
   c.data.update(dict(channels=1, cache=True, inception_crop=False, hflip=False,
                      normalize_mean=(0.5,), normalize_std=(0.5,), eval_crop_fraction=1.0))
   c.batch_size = 32
