@@ -45,7 +45,8 @@ setuptools.setup(
             "pytest>=8",
             # The README's test command: one worker per core (-n auto), each test file on one
             # worker (--dist loadfile: a module's fixtures are built once), in a shuffled order
-            # (pytest-randomly; the seed is printed first and --randomly-seed=N repeats that order).
+            # (pytest-randomly; the seed is printed first and --randomly-seed=N repeats that order),
+            # the longest files first (tests/conftest.py; --no-loadscope-reorder keeps that order).
             "pytest-xdist>=3.5",
             "pytest-randomly>=3.15",
             "ruff>=0.6",  # the linter .ci/run runs (configured in pyproject.toml)

@@ -70,3 +70,28 @@ def test_level_0_computes_a_train_step_as_the_default_build_does_up_to_float32_r
     b = out["fast"][key]
     scale = float(np.max(np.abs(a)))
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(scale, 1e-6), err_msg=key)
+
+
+def test_the_longest_files_start_first_and_the_shuffled_order_holds_elsewhere():
+  import conftest  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  missing = [f for f in conftest.LONGEST_FILES if not os.path.exists(os.path.join(root, f))]
+  assert not missing, f"renamed or removed: update conftest.LONGEST_FILES ({missing})"
+
+  class Item:  # what the hook reads of a pytest item
+    def __init__(self, nodeid):
+      self.nodeid = nodeid
+
+  longest, second = conftest.LONGEST_FILES[:2]
+  shuffled = ["tests/b.py::t2", f"{second}::x", "tests/a.py::t1", f"{longest}::y", "tests/b.py::t1",
+              f"{longest}::z"]
+  items = [Item(n) for n in shuffled]
+  conftest.pytest_collection_modifyitems(items)
+  assert [i.nodeid for i in items] == [f"{longest}::y", f"{longest}::z", f"{second}::x", "tests/b.py::t2",
+                                       "tests/a.py::t1", "tests/b.py::t1"]
+
+
+def test_the_jax_backend_has_the_suites_device_count_even_after_a_test_changed_xla_flags(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # as tests/test_slurm.py does
+  assert jax.device_count() == 8  # started by conftest's session fixture, before any test ran
