@@ -64,7 +64,7 @@ def _tiny(**extra):
   # The in-memory digits: no dataset to prepare and no TensorFlow in the many trainer processes.
   fields = {"data.name": "numpy:digits", "data.image_size": 8, "model.image_size": 8,
             "model.patch_size": 4, "model.hidden_size": 16, "model.num_layers": 2, "model.mlp_dim": 32,
-            "model.num_heads": 2, "batch_size": 32, **extra}
+            "model.num_heads": 2, "batch_size": 32, "diagnostics_every": 0, **extra}
   return tuple((k, str(v)) for k, v in fields.items())
 
 
@@ -242,8 +242,7 @@ def test_preempted_runs_are_requeued_and_end_bit_identical(cluster, tmp_path, mo
 def test_two_task_job_trains_one_run_as_two_processes(cluster, tmp_path, monkeypatch):
   del cluster
   steps = 8
-  sweep = _sweep(monkeypatch, "slurm_2proc_cpu", [("ln", _tiny(log_every=2, eval_every=4,
-                                                                diagnostics_every=0))])
+  sweep = _sweep(monkeypatch, "slurm_2proc_cpu", [("ln", _tiny(log_every=2, eval_every=4))])
   # 2 processes x 2 CPU devices on the cluster; 1 process x 4 devices here: the same global batch.
   monkeypatch.setenv("XLA_FLAGS", xla_test_flags.xla_flags(2))
   root = tmp_path / "cluster"
