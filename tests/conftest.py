@@ -13,7 +13,8 @@ import xla_test_flags  # noqa: E402  pylint: disable=wrong-import-position
 # (tests/xla_test_flags.py: the suite compiles far more than it runs).
 _flags = os.environ.get("XLA_FLAGS", "")
 _count = re.search(r"--xla_force_host_platform_device_count=(\d+)", _flags)
-os.environ["XLA_FLAGS"] = xla_test_flags.xla_flags(int(_count.group(1)) if _count else 8, base=_flags)
+_DEVICES = int(_count.group(1)) if _count else 8
+os.environ["XLA_FLAGS"] = xla_test_flags.xla_flags(_DEVICES, base=_flags)
 # Forced, not defaulted: an accelerator image that presets JAX_PLATFORMS (e.g. "cuda") would
 # otherwise run the suite on its one GPU instead of the 8 CPU devices the tests are written for.
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -44,8 +45,7 @@ def _jax_backend_started():
   (tests/test_slurm.py: 1, 2 or 4 devices) and then touches JAX would otherwise start it with its
   count when it runs first in a worker, and every later test in that worker would see that count."""
   import jax  # pylint: disable=g-import-not-at-top
-  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ["XLA_FLAGS"])
-  assert jax.device_count() == int(count.group(1)), (jax.devices(), os.environ["XLA_FLAGS"])
+  assert jax.device_count() == _DEVICES, (jax.devices(), os.environ["XLA_FLAGS"])
 
 
 @pytest.fixture(autouse=True, scope="session")

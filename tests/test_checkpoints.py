@@ -151,15 +151,14 @@ def test_one_process_saves_replicated_arrays_without_slicing_them_per_replica(tm
   shapes = [(24, 40), (40,), (12, 5, 8), (7, 16), (16, 3)]  # shapes no other test saves
   tree = {f"w{i}": jax.device_put(jnp.arange(np.prod(s), dtype=jnp.float32).reshape(s), replicated)
           for i, s in enumerate(shapes)}
-  compiles, recording = [], [False]
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, _, **kw: compiles.append(name) if recording[0] and "backend_compile" in name else None)
+  compiles = []
+  listener = lambda name, _, **kw: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
-  recording[0] = True
+  jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     assert ckpt.save(1, {"params": tree}, {"step": jnp.int32(1)})
   finally:
-    recording[0] = False
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert len(compiles) <= 1, compiles  # one small program at most, not one per array and device
   restored = ckpt.restore(1, {"params": tree}, {"step": jnp.int32(0)})
   jax.tree.map(np.testing.assert_array_equal, restored[0]["params"], tree)

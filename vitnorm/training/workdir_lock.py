@@ -22,6 +22,7 @@ from typing import Optional
 
 from etils import epath
 
+from vitnorm import paths
 from vitnorm.errors import UserError
 
 LOCK_FILE = "lock.json"
@@ -85,7 +86,7 @@ class WorkdirLock:
 
   def _create_exclusive(self) -> bool:
     """Writes the record if no lock file exists; False if one does."""
-    if "://" not in os.fspath(self.path):  # a local disk: O_EXCL (etils' open() has no mode "x")
+    if not paths.is_url(self.path):  # a local disk: O_EXCL (etils' open() has no mode "x")
       try:
         fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
