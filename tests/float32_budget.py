@@ -1,5 +1,6 @@
-"""The float32 error budget for comparing two training trajectories that differ only in reduction
-order (jit vs pmap, 2 processes x 2 devices vs 1 x 4, a resume on another layout).
+"""Float32 error budgets: for two training trajectories that differ only in reduction order (jit
+vs pmap, 2 processes x 2 devices vs 1 x 4, a resume on another layout), and for one function
+computed by two programs (assert_equal_up_to_rounding, at the end).
 
 Summing in another order changes a float32 sum in its last bits (relative ~1e-7 per addition),
 and Adam amplifies some of that: an update is m / (sqrt(v) + eps), so for an element whose
@@ -39,3 +40,17 @@ def assert_same_trajectory(a, b, reference, initial, what, budget=RELATIVE_L2):
   ratio = relative_l2_difference(a, b, reference, initial)
   print(f"float32 budget: {what}: ||a - b|| / ||movement|| = {ratio:.3g} (budget {budget:g})")
   assert ratio < budget, f"{what}: ||a - b|| / ||movement|| = {ratio:.3g} >= {budget:g}"
+
+
+# A few float32 roundings of the array's own scale: the same function computed by two programs that
+# XLA fused or reduced differently (float32's machine epsilon is 2**-23, about 1.2e-7).
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def assert_equal_up_to_rounding(actual, desired, ulps=16, err_msg=""):
+  """|actual - desired| <= ulps * eps32 * max|desired|, elementwise: an absolute budget set by the
+  array's scale (a per-element relative tolerance fails on the near-zero elements of an array whose
+  other elements are large, and an absolute one is tuned to one array)."""
+  desired = np.asarray(desired)
+  scale = float(np.max(np.abs(desired)))
+  np.testing.assert_allclose(actual, desired, rtol=0, atol=ulps * EPS32 * max(scale, 1e-30), err_msg=err_msg)

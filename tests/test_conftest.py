@@ -21,16 +21,20 @@ def test_conftest_forces_the_cpu_platform_over_a_preset_one():
   assert proc.stdout.split() == ["cpu", "8"]
 
 
-def test_the_suite_compiles_at_level_0_on_8_devices_and_keeps_a_users_level():
+def test_the_suite_compiles_cheaply_on_8_devices_and_keeps_a_users_own_flags():
   import xla_test_flags  # pylint: disable=import-outside-toplevel
   flags = os.environ["XLA_FLAGS"].split()
   assert "--xla_force_host_platform_device_count=8" in flags
-  assert xla_test_flags.FAST_COMPILE in flags
+  assert set(xla_test_flags.FAST_COMPILE_FLAGS) <= set(flags)
+  assert xla_test_flags.FAST_COMPILE_FLAGS == ("--xla_backend_optimization_level=0",
+                                               "--xla_cpu_use_fusion_emitters=false")
   child = xla_test_flags.xla_flags(2).split()
   assert child.count("--xla_force_host_platform_device_count=2") == 1
-  assert not any(f.endswith("count=8") for f in child) and xla_test_flags.FAST_COMPILE in child
+  assert not any(f.endswith("count=8") for f in child) and set(xla_test_flags.FAST_COMPILE_FLAGS) <= set(child)
   assert xla_test_flags.xla_flags(base="--xla_backend_optimization_level=3 --foo") == \
-      "--xla_backend_optimization_level=3 --foo"
+      "--xla_backend_optimization_level=3 --foo --xla_cpu_use_fusion_emitters=false"
+  assert xla_test_flags.xla_flags(base="--xla_cpu_use_fusion_emitters=true") == \
+      "--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=0"
 
 
 STEP_PROBE = """
@@ -53,7 +57,7 @@ np.savez(sys.argv[1], loss=value, **{str(i): g for i, g in enumerate(jax.tree.le
 """
 
 
-def test_level_0_computes_a_train_step_as_the_default_build_does_up_to_float32_rounding(tmp_path):
+def test_the_fast_compile_flags_compute_a_train_step_as_the_default_build_does_up_to_float32_rounding(tmp_path):
   import xla_test_flags  # pylint: disable=import-outside-toplevel
   out = {}
   for name, flags in (("fast", xla_test_flags.FAST_COMPILE), ("default", "")):
