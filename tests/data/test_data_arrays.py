@@ -17,6 +17,21 @@ def cfg(name=arrays.DIGITS, **kw):
   return dict(name=name, image_size=8, **{**RAW, **kw})
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  images, labels = arrays.load_digits_arrays()
+  reference = load_digits()
+  np.testing.assert_array_equal(images[..., 0], np.round(reference.images * (255.0 / 16.0)).astype(np.uint8))
+  np.testing.assert_array_equal(labels, reference.target)
+  assert images.dtype == np.uint8 and images.shape == (1797, 8, 8, 1) and labels.dtype == np.int64
+  # Reading them imports no scikit-learn (~2 s of start-up in every process that trains on them).
+  probe = ("import sys; from vitnorm.data import arrays; arrays.load_digits_arrays(); "
+           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_digits_match_the_offline_split():
   info = data.dataset_info(cfg())
   assert info == data.DatasetInfo(arrays.DIGITS, 10, (8, 8, 1), 1437, 360)
