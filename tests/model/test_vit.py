@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vitnorm.model import vit
 from vitnorm.errors import ConfigError
 import float32_budget  # tests/float32_budget.py (tests/ is on sys.path: conftest.py)
+from jit_apply import jit_apply  # tests/jit_apply.py
 
 TINY = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=4, patch_size=4, num_classes=10,
             image_size=16, num_channels=3)
@@ -83,7 +84,7 @@ def test_every_norm_variant_runs_forward_and_backward_with_finite_outputs(norm, 
   assert set(variables) == ({"params", "batch_stats"} if has_bn else {"params"})
   if has_bn:  # running statistics moved away from their initial values
     assert any(np.any(s != 0) for s in jax.tree.leaves(updates["batch_stats"]))
-  eval_logits = model.apply({**variables, "params": params}, x, train=False)
+  eval_logits = jit_apply(model, {**variables, "params": params}, x, train=False)
   assert np.all(np.isfinite(eval_logits))
   # The module tree is the one the variant asks for (names of the reference layout).
   names = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}
@@ -103,13 +104,13 @@ def test_ffn_norm_position_and_classifier_change_the_output():
   keys = jax.random.split(jax.random.key(7), len(leaves))
   variables = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   x = _images()
-  out = lambda **kw: vit.build_model(dict(cfg, **kw)).apply(variables, x, train=False)  # noqa: E731
+  out = lambda **kw: jit_apply(vit.build_model(dict(cfg, **kw)), variables, x, train=False)  # noqa: E731
   pre, post = out(), out(ffn_norm_position="post_act")
   assert float(jnp.max(jnp.abs(pre - post))) > 1e-3
   gap_variables = jax.tree_util.tree_map_with_path(  # the same weights without the CLS token
       lambda path, p: p[:, 1:] if "pos_embedding" in jax.tree_util.keystr(path) else p,
       {"params": {k: v for k, v in variables["params"].items() if k != "cls"}})
-  gap = vit.build_model(dict(cfg, classifier="gap")).apply(gap_variables, x, train=False)
+  gap = jit_apply(vit.build_model(dict(cfg, classifier="gap")), gap_variables, x, train=False)
   assert float(jnp.max(jnp.abs(pre - gap))) > 1e-3
 
 
@@ -141,7 +142,7 @@ def test_dropout_and_drop_path_only_act_in_training():
 def test_diagnostics_are_sown_per_block_when_asked_for():
   model = vit.build_model(dict(TINY, norm="batch"))
   variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
-  _, state = model.apply(variables, _images(), train=True, mutable=["batch_stats", "diagnostics"])
+  _, state = jit_apply(model, variables, _images(), train=True, mutable=["batch_stats", "diagnostics"])
   diag = state["diagnostics"]["Transformer"]
   for i in range(2):
     block = diag[f"encoderblock_{i}"]
@@ -149,7 +150,7 @@ def test_diagnostics_are_sown_per_block_when_asked_for():
     assert block["MlpBlock_0"]["ffn_hidden_rms"][0] > 0
     assert np.isfinite(block["MultiHeadDotProductAttention_0"]["max_attention_logit"][0])
   # Not mutable: nothing is collected.
-  _, state = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
+  _, state = jit_apply(model, variables, _images(), train=True, mutable=["batch_stats"])
   assert set(state) == {"batch_stats"}
 
 
@@ -157,18 +158,18 @@ def test_bfloat16_compute_keeps_float32_parameters():
   model = vit.build_model(dict(TINY, dtype="bfloat16", norm="batch", ffn_norm="batch"))
   variables = vit.init_variables(model, jax.random.key(0), (1, 16, 16, 3))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  logits, updates = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
+  logits, updates = jit_apply(model, variables, _images(), train=True, mutable=["batch_stats"])
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates["batch_stats"]))
   # The matmuls run in bfloat16: an FFN Dense outputs bf16, and the logits differ (slightly) from
   # the float32 model's with the same weights.
-  _, captured = model.apply(variables, _images(), train=False, capture_intermediates=True)
+  _, captured = jit_apply(model, variables, _images(), train=False, capture_intermediates=True)
   dense = captured["intermediates"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]
   assert dense["__call__"][0].dtype == jnp.bfloat16
   f32 = vit.build_model(dict(TINY, norm="batch", ffn_norm="batch"))
   params = jax.tree.map(lambda p: p + 0.05, variables["params"])  # a non-zero head
-  a = model.apply({**variables, "params": params}, _images(), train=False)
-  b = f32.apply({**variables, "params": params}, _images(), train=False)
+  a = jit_apply(model, {**variables, "params": params}, _images(), train=False)
+  b = jit_apply(f32, {**variables, "params": params}, _images(), train=False)
   assert 0 < float(jnp.max(jnp.abs(a - b))) < 0.05 * float(jnp.max(jnp.abs(b)))
 
 
