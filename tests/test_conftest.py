@@ -27,14 +27,17 @@ def test_the_suite_compiles_cheaply_on_8_devices_and_keeps_a_users_own_flags():
   assert "--xla_force_host_platform_device_count=8" in flags
   assert set(xla_test_flags.FAST_COMPILE_FLAGS) <= set(flags)
   assert xla_test_flags.FAST_COMPILE_FLAGS == ("--xla_backend_optimization_level=0",
-                                               "--xla_cpu_use_fusion_emitters=false")
+                                               "--xla_cpu_use_fusion_emitters=false",
+                                               "--xla_cpu_parallel_codegen_split_count=1")
   child = xla_test_flags.xla_flags(2).split()
   assert child.count("--xla_force_host_platform_device_count=2") == 1
   assert not any(f.endswith("count=8") for f in child) and set(xla_test_flags.FAST_COMPILE_FLAGS) <= set(child)
   assert xla_test_flags.xla_flags(base="--xla_backend_optimization_level=3 --foo") == \
-      "--xla_backend_optimization_level=3 --foo --xla_cpu_use_fusion_emitters=false"
+      "--xla_backend_optimization_level=3 --foo --xla_cpu_use_fusion_emitters=false " \
+      "--xla_cpu_parallel_codegen_split_count=1"
   assert xla_test_flags.xla_flags(base="--xla_cpu_use_fusion_emitters=true") == \
-      "--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=0"
+      "--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=0 " \
+      "--xla_cpu_parallel_codegen_split_count=1"
 
 
 STEP_PROBE = """
