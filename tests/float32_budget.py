@@ -25,21 +25,21 @@ def _norm(tree):
   return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))))
 
 
-def relative_l2_difference(a, b, reference, initial):
-  """||a - b||_2 / ||reference - initial||_2 over every leaf of the trees (same structures)."""
-  assert jax.tree.structure(a) == jax.tree.structure(b) == jax.tree.structure(reference)
-  diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+def relative_l2_difference(got, reference, initial):
+  """||got - reference||_2 / ||reference - initial||_2 over every leaf of the trees (same structures)."""
+  assert jax.tree.structure(got) == jax.tree.structure(reference) == jax.tree.structure(initial)
+  diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), got, reference)
   moved = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), reference, initial)
   movement = _norm(moved)
   assert movement > 0, "the reference did not move from its initial values: nothing to compare"
   return _norm(diff) / movement
 
 
-def assert_same_trajectory(a, b, reference, initial, what, budget=RELATIVE_L2):
-  """a and b agree within the float32 budget (see the module docstring)."""
-  ratio = relative_l2_difference(a, b, reference, initial)
-  print(f"float32 budget: {what}: ||a - b|| / ||movement|| = {ratio:.3g} (budget {budget:g})")
-  assert ratio < budget, f"{what}: ||a - b|| / ||movement|| = {ratio:.3g} >= {budget:g}"
+def assert_same_trajectory(got, reference, initial, what, budget=RELATIVE_L2):
+  """got follows reference (which started at initial) within the float32 budget (module docstring)."""
+  ratio = relative_l2_difference(got, reference, initial)
+  print(f"float32 budget: {what}: ||got - reference|| / ||movement|| = {ratio:.3g} (budget {budget:g})")
+  assert ratio < budget, f"{what}: ||got - reference|| / ||movement|| = {ratio:.3g} >= {budget:g}"
 
 
 # A few float32 roundings of the array's own scale: the same function computed by two programs that

@@ -164,7 +164,7 @@ def test_two_processes_follow_the_single_process_trajectory_with_jit_and_pmap(ru
     # Parameters and BN running statistics: tests/float32_budget.py (float32 reduction order,
     # amplified for near-zero gradients by Adam).
     for part in ("params", "batch_stats"):
-      float32_budget.assert_same_trajectory(variables[part], single[part], single[part], initial[part],
+      float32_budget.assert_same_trajectory(variables[part], single[part], initial[part],
                                             f"{mode} {part}")
 
 

@@ -77,7 +77,7 @@ def test_jit_and_pmap_give_the_same_losses_params_and_bn_stats(jit_and_pmap_runs
   # per-device statistics differ from synced ones by a sizeable fraction of their movement.
   initial = state_lib.create_train_state(tiny_plan(), jax.random.PRNGKey(0))
   for part in ("params", "batch_stats"):
-    float32_budget.assert_same_trajectory(getattr(gp, part), getattr(gj, part), getattr(gj, part),
+    float32_budget.assert_same_trajectory(getattr(gp, part), getattr(gj, part),
                                           getattr(initial, part), part)
   # The running statistics moved away from their initial values (0 mean, 1 var).
   assert any(float(np.max(np.abs(np.asarray(x)))) > 1e-3 for x in jax.tree.leaves(gj.batch_stats))
