@@ -176,6 +176,15 @@ def apply_op(image, op_index, level, sign, fill):
 
 def randaugment(image, seed, *, num_layers, magnitude, magnitude_std, fill):
   """timm RandAugment ('inc1' ops) on a float32 [H, W, C] image in 0..255; `seed` shape [2]."""
+  return _randaugment_function(image, seed, int(num_layers), float(magnitude), float(magnitude_std),
+                               tuple(float(f) for f in fill))
+
+
+# Traced once per process for each image shape and setting, then called (not traced again) by every
+# tf.data pipeline that uses it: tracing the 15 ops' switch takes ~2 s. No autograph: the ops use
+# tf.cond / tf.switch_case themselves, and converting their source took seconds more per process.
+@tf.function(autograph=False)
+def _randaugment_function(image, seed, num_layers, magnitude, magnitude_std, fill):
   fill = tf.constant(fill, tf.float32)
   seeds = tf.random.experimental.stateless_split(seed, num=num_layers)
   for layer in range(num_layers):
