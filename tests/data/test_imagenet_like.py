@@ -42,3 +42,19 @@ def test_prepared_dataset_has_its_config_sizes_and_labels(tmp_path):
     label = int(ex["label"])
     # examples are stored as generated: the JPEG bytes of some index i with label i % 10
     assert any(ex["image"] == imagenet_like.make_jpeg(photos, i) for i in range(label, 48, 10))
+
+
+def test_photos_are_scikit_learns_sample_images_read_without_importing_it():
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
+  photos = imagenet_like._photos()  # pylint: disable=protected-access
+  reference = load_sample_images().images
+  assert len(photos) == len(reference) == 2
+  for ours, theirs in zip(photos, reference):
+    assert ours.dtype == np.uint8 and ours.shape == (427, 640, 3)
+    np.testing.assert_array_equal(ours, theirs)
+  # Reading them imports no scikit-learn (~2 s in every process that prepares the dataset).
+  probe = ("import sys; from vitnorm.data import imagenet_like; imagenet_like._photos(); "
+           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip() == "[]", out.stdout

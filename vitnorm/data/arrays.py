@@ -68,22 +68,23 @@ def load_mnist5k_arrays():
   return images, table[:, -1]
 
 
-def _sklearn_digits_file():
-  """The CSV that sklearn.datasets.load_digits reads, found without importing scikit-learn (importing
-  sklearn.datasets takes ~2 s of CPU, more than the rest of a tiny training's start-up)."""
+def sklearn_data_file(*parts: str, what: str) -> str:
+  """The path of a file scikit-learn ships (`parts` below its package folder), found without
+  importing scikit-learn: importing sklearn.datasets takes ~2 s of CPU, more than the rest of a tiny
+  training's start-up. `what` names the data that needs it, for the error."""
   spec = importlib.util.find_spec("sklearn")  # locates the package; runs none of its code
   if spec is None or not spec.submodule_search_locations:
-    raise UserError("data 'digits' needs scikit-learn (it ships the images): pip install scikit-learn")
-  path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    raise UserError(f"{what} needs scikit-learn (it ships the images): pip install scikit-learn")
+  path = os.path.join(spec.submodule_search_locations[0], *parts)
   if not os.path.isfile(path):
-    raise UserError(f"scikit-learn's digits are not at {path}; reinstall scikit-learn")
+    raise UserError(f"scikit-learn's file for {what} is not at {path}; reinstall scikit-learn")
   return path
 
 
 def load_digits_arrays():
   """scikit-learn's digits: (images uint8 [1797, 8, 8, 1] scaled from 0..16, labels int64 [1797]).
   The rows of sklearn.datasets.load_digits(): 64 pixel values (0..16) and the label, per line."""
-  with gzip.open(_sklearn_digits_file(), "rt") as f:
+  with gzip.open(sklearn_data_file("datasets", "data", "digits.csv.gz", what="data 'digits'"), "rt") as f:
     table = np.loadtxt(f, delimiter=",")
   images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
   return images, table[:, -1].astype(np.int64)

@@ -26,6 +26,7 @@ SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (500, 500), (333, 500))
 SIZE_WEIGHTS = (0.45, 0.2, 0.15, 0.08, 0.07, 0.05)
 JPEG_QUALITY = 90
 _SPLIT_SALT = {"train": 0, "validation": 1}
+PHOTO_FILES = ("china.jpg", "flower.jpg")  # what load_sample_images() reads, in its (sorted) order
 
 
 @dataclasses.dataclass
@@ -37,8 +38,15 @@ class ImagenetLikeConfig(tfds.core.BuilderConfig):
 
 
 def _photos():
-  from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
-  return [np.asarray(image, np.uint8) for image in load_sample_images().images]
+  """The photos of sklearn.datasets.load_sample_images(), read as it reads them (its sorted JPEGs,
+  decoded by PIL) without importing scikit-learn."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from vitnorm.data import arrays  # pylint: disable=import-outside-toplevel
+  photos = []
+  for name in PHOTO_FILES:
+    with open(arrays.sklearn_data_file("datasets", "images", name, what="imagenet_like"), "rb") as f:
+      photos.append(np.asarray(Image.open(f), np.uint8))
+  return photos
 
 
 def make_jpeg(photos, index: int, split_salt: int = 0) -> bytes:
