@@ -47,7 +47,7 @@ def _slurm_conf(folder: str, node: str, cpus: int, munge_socket: str) -> str:
       "AuthType=auth/munge",
       "CredType=cred/munge",
       # cred_expire also delays a requeued job's restart (default 120 s).
-      f"AuthInfo=socket={munge_socket},cred_expire=10",
+      f"AuthInfo=socket={munge_socket},cred_expire=5",
       f"StateSaveLocation={folder}/state",
       f"SlurmdSpoolDir={folder}/spool",
       f"SlurmctldPidFile={folder}/slurmctld.pid",
