@@ -175,6 +175,14 @@ def _process_part(split: str, process_index: int, process_count: int):
 
 
 
+def _as_written(fn):
+  """fn for Dataset.map, traced as written, without AutoGraph: every Python branch of the
+  preprocessing, RandAugment and mixing code is on static values (config fields, dtypes, static
+  shapes; tensor branches use tf.cond), so converting their source would only cost start-up
+  (~5 s of CPU in every process that builds a pipeline) and give the same graph."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _key(*values) -> tf.Tensor:
   """A stateless-RNG seed (shape [2], int64) from integers, by repeated fold-in."""
   key = tf.constant([values[0], 0x5EED], tf.int64)
@@ -197,7 +205,7 @@ def _load_in_memory(builder, split, image_key, label_key):
   fixed_shape = bool(feature.shape) and all(d is not None for d in feature.shape)
   decoders = None if fixed_shape else {image_key: tfds.decode.SkipDecoding()}
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=_read_config())
-  ds = ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(1024)
+  ds = ds.map(_as_written(lambda ex: (ex[image_key], ex[label_key]))).batch(1024)
   images, labels = [], []
   for image, label in ds.as_numpy_iterator():
     images.append(image)
@@ -216,7 +224,7 @@ def _stream(builder, split, image_key, label_key):
   """(encoded image, label) records of a (sub-)split in their fixed on-disk order, undecoded."""
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_read_config(),
                           decoders={image_key: tfds.decode.SkipDecoding()})
-  return ds.map(lambda ex: (ex[image_key], ex[label_key]))
+  return ds.map(_as_written(lambda ex: (ex[image_key], ex[label_key])))
 
 
 def _options() -> tf.data.Options:
@@ -277,8 +285,8 @@ def _global_order_slices(cfg, builder, image_key, label_key, train_fn, seed, p_i
 
   def slices(first_row):  # rows [first_row, first_row + b) of every global batch from start_step on
     local = tf.data.Dataset.range(start_step * b, _INT64_MAX)
-    positions = local.map(lambda i: (i // b) * global_batch + first_row + i % b)
-    return positions.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(b, drop_remainder=True)
+    positions = local.map(_as_written(lambda i: (i // b) * global_batch + first_row + i % b))
+    return positions.map(_as_written(example), num_parallel_calls=tf.data.AUTOTUNE).batch(b, drop_remainder=True)
 
   own = slices(p_index * b)
   partner = slices((p_count - 1 - p_index) * b) if mixing and p_count > 1 else None
@@ -303,9 +311,10 @@ def _process_stream(cfg, builder, image_key, label_key, train_fn, seed, p_index,
                                              dtype=tf.int64)
     return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
-  ds = tf.data.Dataset.range(start // n, _INT64_MAX).flat_map(epoch_records).skip(start % n)
+  ds = tf.data.Dataset.range(start // n, _INT64_MAX).flat_map(_as_written(epoch_records)).skip(start % n)
   ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _INT64_MAX)))
-  ds = ds.map(lambda record, position: (train_fn(record[0], _fold(augment_key, position)), record[1]),
+  ds = ds.map(_as_written(lambda record, position: (train_fn(record[0], _fold(augment_key, position)),
+                                                    record[1])),
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(local_batch, drop_remainder=True)
 
@@ -357,7 +366,7 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
         **mirror)
     return {"image": images, "label": targets}
 
-  ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_as_written(mix), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
@@ -407,8 +416,8 @@ def eval_dataset(data_cfg, *, global_batch_size: int, process_index: Optional[in
     else:
       ds = _stream(builder, part, image_key, label_key)
     eval_fn = preprocess.EvalPreprocess(cfg, channels, mean, std)
-    ds = ds.map(lambda image, label: {"image": eval_fn(image), "label": tf.cast(label, tf.int32),
-                                      "mask": tf.constant(1.0)},
+    ds = ds.map(_as_written(lambda image, label: {"image": eval_fn(image), "label": tf.cast(label, tf.int32),
+                                                  "mask": tf.constant(1.0)}),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.concatenate(padding)
   ds = ds.batch(local_batch, drop_remainder=True)
