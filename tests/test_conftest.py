@@ -44,7 +44,7 @@ STEP_PROBE = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from vitnorm.model import vit
-cfg = dict(hidden_size=32, num_layers=2, mlp_dim=64, num_heads=2, patch_size=4, num_classes=10,
+cfg = dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=4, num_classes=10,
            image_size=8, num_channels=1, norm="batch", ffn_norm="batch")
 model = vit.build_model(cfg)
 variables = vit.init_variables(model, jax.random.key(0), vit.input_shape(cfg))
