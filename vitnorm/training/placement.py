@@ -14,6 +14,7 @@ import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from vitnorm import parallel
 from vitnorm.data import device as data_device
@@ -125,14 +126,17 @@ class PmapPlacement:
 
   def global_state(self, state: TrainState) -> TrainState:
     """The state as arrays replicated over the mesh, from the per-device copies the pmap step left
-    on each local device (pmap keeps them identical): their [1, ...] buffers become the rows of one
-    [devices, ...] array sharded over the mesh (no data moves), and one compiled program per state
-    structure takes row 0 of every leaf, replicated. (Reshaping each buffer eagerly instead cost
-    one small compiled program per leaf shape and device, and leaves x devices dispatches per call.)"""
+    on each local device (pmap keeps them identical; no data moves between devices or hosts): their
+    [1, ...] buffers become the rows of one [devices, ...] array sharded over the mesh, and one
+    compiled program per state structure drops the row axis on every device (a shard_map that
+    declares the identical results replicated, so XLA adds no collective). Reshaping each buffer
+    eagerly instead cost a small compiled program per leaf shape and device, and leaves x devices
+    dispatches per call."""
     stacked = jax.tree.map(self._stacked, state)
-    take_first = cached("unstack", self._plan, lambda: jax.jit(
-        lambda tree: jax.tree.map(lambda x: x[0], tree), out_shardings=self._rep), self.mesh)
-    return take_first(stacked)
+    own_row = cached("own_row", self._plan, lambda: jax.jit(jax.shard_map(
+        lambda tree: jax.tree.map(lambda x: x[0], tree), mesh=self.mesh,
+        in_specs=P(parallel.DATA_AXIS), out_specs=P(), check_vma=False)), self.mesh)
+    return own_row(stacked)
 
   def _stacked(self, x):
     shape = (self.mesh.size,) + x.shape[1:]
