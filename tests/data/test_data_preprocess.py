@@ -84,13 +84,14 @@ def test_randaugment_is_traced_once_per_setting_not_once_per_pipeline():
         lambda i: ra.randaugment(image, tf.stack([i, 7 * i]), **{**kwargs, **overrides}))
     return np.stack(list(ds.as_numpy_iterator()))
 
+  traced_function = ra._randaugment_function  # pylint: disable=protected-access
   first = pipeline()
-  traced = ra._randaugment_function.experimental_get_tracing_count()  # pylint: disable=protected-access
+  traced = traced_function.experimental_get_tracing_count()
   np.testing.assert_array_equal(pipeline(), first)
-  assert ra._randaugment_function.experimental_get_tracing_count() == traced  # pylint: disable=protected-access
+  assert traced_function.experimental_get_tracing_count() == traced
   np.testing.assert_array_equal(first[3], ra.randaugment(image, tf.constant([3, 21], tf.int64), **kwargs))
   pipeline(num_layers=1)
-  assert ra._randaugment_function.experimental_get_tracing_count() == traced + 1  # pylint: disable=protected-access
+  assert traced_function.experimental_get_tracing_count() == traced + 1
 
 
 def test_eval_resize_and_center_crop():

@@ -84,9 +84,11 @@ class PmapPlacement:
   def __init__(self, plan: Plan, mesh):
     cfg = plan.config
     self.mesh = mesh
-    self._plan = plan
     self._rep = parallel.replicated_sharding(mesh)
     self._rows = parallel.batch_sharding(mesh)  # one row per device: global_state's stacked copies
+    self._own_row = cached("own_row", plan, lambda: jax.jit(jax.shard_map(
+        lambda tree: jax.tree.map(lambda x: x[0], tree), mesh=mesh,
+        in_specs=P(parallel.DATA_AXIS), out_specs=P(), check_vma=False)), mesh)
     if device_augment.make_augment(cfg.data, num_classes=plan.num_classes, seed=cfg.seed):
       raise ConfigError("parallelism", "'pmap' cannot run the per-batch augmentation on the device "
                         "(data.reader='grain' or data.augment_on_device=True), which works on the "
@@ -132,11 +134,7 @@ class PmapPlacement:
     declares the identical results replicated, so XLA adds no collective). Reshaping each buffer
     eagerly instead cost a small compiled program per leaf shape and device, and leaves x devices
     dispatches per call."""
-    stacked = jax.tree.map(self._stacked, state)
-    own_row = cached("own_row", self._plan, lambda: jax.jit(jax.shard_map(
-        lambda tree: jax.tree.map(lambda x: x[0], tree), mesh=self.mesh,
-        in_specs=P(parallel.DATA_AXIS), out_specs=P(), check_vma=False)), self.mesh)
-    return own_row(stacked)
+    return self._own_row(jax.tree.map(self._stacked, state))
 
   def _stacked(self, x):
     shape = (self.mesh.size,) + x.shape[1:]
