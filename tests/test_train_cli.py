@@ -3,6 +3,7 @@
 already completed, 2 bad input with the workdir untouched, 75 preempted), the start header,
 re-run rules, init_from a vitnorm workdir. One subprocess checks that nothing but our lines print."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -246,17 +247,29 @@ def test_preempted_run_exits_75_and_says_how_to_resume(tiny, tmp_path):
   assert code == 0 and f"workdir    {workdir} (resuming from step 4 of 24)" in out.splitlines()
 
 
-def test_nothing_prints_before_our_own_lines(tmp_path):
-  """A fresh start prints only what we wrote: no TensorFlow / absl / tfds lines (subprocess)."""
+def test_nothing_prints_before_our_own_lines_and_tensorflow_starts_without_keras(tmp_path):
+  """A fresh `python -m vitnorm.data` prints only what we wrote (no TensorFlow / absl / tfds lines),
+  and its TensorFlow import leaves Keras (and scikit-learn, pandas, matplotlib) out (subprocess)."""
   env = dict(os.environ, PYTHONPATH=REPO)
-  for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+  for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "TF_USE_LEGACY_KERAS"):
     env.pop(key, None)
-  proc = subprocess.run([sys.executable, "-m", "vitnorm.data", "--data_dir", str(tmp_path), "digits"],
-                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  loaded = tmp_path / "loaded.json"
+  script = textwrap.dedent(f'''
+      import json, runpy, sys
+      sys.argv = ["vitnorm.data", "--data_dir", {str(tmp_path)!r}, "digits"]
+      try:
+        runpy.run_module("vitnorm.data", run_name="__main__", alter_sys=True)  # python -m vitnorm.data
+      finally:
+        json.dump(sorted({{m.split(".")[0] for m in sys.modules}}), open({str(loaded)!r}, "w"))
+  ''')
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr.splitlines() == [
       f"preparing digits (offline, 1,797 8x8 digits) in {tmp_path}/digits/1.0.0 ..."]
   assert proc.stdout.splitlines() == [f"digits: train 1437, test 360 examples in {tmp_path}/digits/1.0.0"]
+  modules = set(json.loads(loaded.read_text()))
+  assert "tensorflow" in modules and not modules & {"keras", "sklearn", "pandas", "matplotlib"}, modules
 
 
 def test_training_and_evaluate_on_a_numpy_feed_never_import_tensorflow(tiny, tmp_path):
@@ -282,3 +295,17 @@ def test_training_and_evaluate_on_a_numpy_feed_never_import_tensorflow(tiny, tmp
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines()[-1] == "loaded: []"
   assert os.listdir(workdir / "tensorboard") and (workdir / "evaluation.json").exists()
+
+
+def test_keras_is_skipped_only_where_nothing_else_is_asked_for(monkeypatch):
+  """vitnorm.cli.skip_keras_at_tensorflow_import leaves a user's TF_USE_LEGACY_KERAS, and an
+  installed tf_keras (which the variable would make tf.keras), alone."""
+  monkeypatch.setenv("TF_USE_LEGACY_KERAS", "0")
+  assert not cli.skip_keras_at_tensorflow_import() and os.environ["TF_USE_LEGACY_KERAS"] == "0"
+  monkeypatch.delenv("TF_USE_LEGACY_KERAS")
+  monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object() if name == "tf_keras" else None)
+  assert not cli.skip_keras_at_tensorflow_import() and "TF_USE_LEGACY_KERAS" not in os.environ
+  monkeypatch.undo()
+  monkeypatch.delenv("TF_USE_LEGACY_KERAS")
+  monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+  assert cli.skip_keras_at_tensorflow_import() and os.environ["TF_USE_LEGACY_KERAS"] == "1"

@@ -1,4 +1,4 @@
-"""What the entry points share: a quiet start (called before TensorFlow is imported), the exit codes.
+"""What the entry points share: a quiet, quick start (called before TensorFlow is imported), the exit codes.
 
 Only entry points (vitnorm.train / evaluate / benchmark, python -m vitnorm.data, experiments.run_sweep)
 call `quiet_start`; library modules never set environment variables. Exit codes of the trainer:
@@ -12,6 +12,7 @@ call `quiet_start`; library modules never set environment variables. Exit codes 
       free space and run the same command again
   75  preempted (SIGTERM / Ctrl-C; EX_TEMPFAIL): a checkpoint was saved, run the same command again
 """
+import importlib.util
 import os
 import sys
 
@@ -43,11 +44,26 @@ def wants_verbose(argv=None) -> bool:
 
 
 def quiet_start(argv=None) -> bool:
-  """Silences TensorFlow's start-up output unless --verbose; returns whether verbose.
+  """Silences TensorFlow's start-up output unless --verbose, and skips its import of Keras
+  (skip_keras_at_tensorflow_import); returns whether verbose.
 
   Must run before anything imports TensorFlow; variables the user set are left as they are."""
   verbose = wants_verbose(argv)
   if not verbose:
     for key, value in _QUIET_ENV.items():
       os.environ.setdefault(key, value)
+  skip_keras_at_tensorflow_import()
   return verbose
+
+
+def skip_keras_at_tensorflow_import() -> bool:
+  """`import tensorflow` also imports Keras 3 (and with it scikit-learn, pandas and matplotlib):
+  about half of TensorFlow's import, 2-3 s of CPU in every process that reads a tfds dataset,
+  though tf.data never uses Keras. TensorFlow skips that import when TF_USE_LEGACY_KERAS asks for
+  tf_keras and tf_keras is not installed, so this sets TF_USE_LEGACY_KERAS=1 in exactly that case
+  (unset by the user, tf_keras absent); `tf.keras` is then unavailable in this process, which
+  vitnorm never uses. Returns whether it set it. Must run before anything imports TensorFlow."""
+  if "TF_USE_LEGACY_KERAS" in os.environ or importlib.util.find_spec("tf_keras") is not None:
+    return False
+  os.environ["TF_USE_LEGACY_KERAS"] = "1"
+  return True
