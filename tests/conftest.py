@@ -79,6 +79,11 @@ def run_cli(monkeypatch, capsys):
 
   def run(name, *args, cwd=None):
     module = importlib.import_module(f"vitnorm.{name}")
+    for key in (*_cli._QUIET_ENV, "TF_USE_LEGACY_KERAS"):  # the command's quiet_start sets them:
+      if key in os.environ:                                # restored after the test
+        monkeypatch.setenv(key, os.environ[key])
+      else:
+        monkeypatch.delenv(key, raising=False)
     if cwd is not None:
       monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [f"vitnorm.{name}", *args])
@@ -93,7 +98,8 @@ def run_cli(monkeypatch, capsys):
       for flag in set(flags.FLAGS) - defined:
         delattr(flags.FLAGS, flag)
     out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
+    code = exit_info.value.code
+    return 0 if code is None else code, out.out, out.err  # sys.exit(None): the shell sees 0
 
   return run
 

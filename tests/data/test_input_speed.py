@@ -1,7 +1,6 @@
-"""vitnorm.data.input_speed (`python -m vitnorm.benchmark --mode input`), in its tiny mode."""
+"""vitnorm.data.input_speed (`python -m vitnorm.benchmark --mode input`), in its tiny mode; the
+command line runs in this process (conftest's run_cli)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -35,15 +34,14 @@ def test_no_mix_variant_yields_one_hot_targets_and_the_full_recipe_mixed_ones(tm
   assert targets["deit"].max() < 1.0  # smoothed (and mixed)
 
 
-def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_path):
+def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_path, run_cli):
   out = tmp_path / "input.json"
-  cmd = [sys.executable, "-m", "vitnorm.benchmark", "--mode=input", "--input_dataset=tiny",
-         f"--input_data_dir={tmp_path / 'data'}", "--image_size=32", "--batch_sizes=4",
-         "--input_threads=1,2", "--models=deit,deit_aa,no_mix,grain,grain_no_randaugment",
-         "--iterations=2", "--repeats=1",
-         "--warmup=1", f"--output={out}"]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-  assert done.returncode == 0, done.stderr[-2000:]
+  code, stdout, stderr = run_cli(
+      "benchmark", "--mode=input", "--input_dataset=tiny", f"--input_data_dir={tmp_path / 'data'}",
+      "--image_size=32", "--batch_sizes=4", "--input_threads=1,2",
+      "--models=deit,deit_aa,no_mix,grain,grain_no_randaugment", "--iterations=2", "--repeats=1",
+      "--warmup=1", f"--output={out}")
+  assert code == 0, stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["mode"] == "input" and report["dataset_info"]["examples"] == 48
   assert [g["threads"] for g in report["groups"]] == [1, 2]
@@ -55,8 +53,8 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
       assert r["images_per_s_per_core"] == pytest.approx(r["images_per_s"] / group["threads"])
       assert r["core_ms_per_image"] == pytest.approx(1000 * group["threads"] / r["images_per_s"])
   assert input_speed.per_core_rate(report) == report["groups"][0]["results"][0]["images_per_s"]
-  assert "A/A (threads 1): deit_aa and deit are the same pipeline" in done.stdout
-  assert "| no_mix |" in done.stdout and "Grain feed (threads 2): " in done.stdout
+  assert "A/A (threads 1): deit_aa and deit are the same pipeline" in stdout
+  assert "| no_mix |" in stdout and "Grain feed (threads 2): " in stdout
   assert (tmp_path / "data" / "array_record" / "imagenet_like" / "tiny").is_dir()
 
 
@@ -64,11 +62,11 @@ def test_tiny_benchmark_reports_every_group_and_variant_with_the_aa_line(tmp_pat
                                         ("--models=deit,nope", "--models"),
                                         ("--input_dataset=huge", "--input_dataset"),
                                         ("--batch_sizes=4,8", "--batch_sizes")])
-def test_bad_input_flags_are_one_line_errors(flag, field, tmp_path):
-  cmd = [sys.executable, "-m", "vitnorm.benchmark", "--mode=input", f"--input_data_dir={tmp_path}", flag]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-  assert done.returncode == 2
-  assert done.stderr.strip().startswith(f"error: {field}:") and "\n" not in done.stderr.strip()
+def test_bad_input_flags_are_one_line_errors(flag, field, tmp_path, run_cli):
+  code, _, stderr = run_cli("benchmark", "--mode=input", f"--input_data_dir={tmp_path}", flag)
+  assert code == 2
+  assert stderr.strip().startswith(f"error: {field}:") and "\n" not in stderr.strip()
+  assert not any(tmp_path.iterdir())  # refused before any dataset was prepared
 
 
 def test_parse_threads():

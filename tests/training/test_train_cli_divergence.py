@@ -13,6 +13,8 @@ import pytest
 from vitnorm import workdir as workdir_lib
 from vitnorm import checkpoints
 
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+
 # Weight decay with lr * weight_decay = 2.5 > 2: each decoupled decay step multiplies every kernel
 # by (1 - 2.5) = -1.5, so the logits and the loss grow geometrically while staying finite -- a
 # loss spike, caught at the first step the spike test looks at (step 21, after its 20-step warm-up).
