@@ -298,3 +298,19 @@ def test_at_step_collapses_steps_with_equal_lam():
   assert vit.at_step(ln, 5) is ln
   with pytest.raises(ConfigError, match="model.prepbn.decay_steps"):
     vit.at_step(vit.build_model(dict(TINY, norm="prepbn")), 3)
+
+
+def test_variable_shapes_are_traced_once_per_model_and_input_shape(monkeypatch):
+  traced = []
+  real_init = vit.init_variables
+  monkeypatch.setattr(vit, "init_variables", lambda *args: traced.append(args[2]) or real_init(*args))
+  cfg = dict(TINY, num_layers=1, num_classes=7)  # a model no other test asks about (the cache is per process)
+  first = vit.variable_shapes(vit.build_model(cfg), (1, 16, 16, 3))
+  again = vit.variable_shapes(vit.build_model(dict(cfg)), [1, 16, 16, 3])  # an equal model, a list shape
+  assert traced == [(1, 16, 16, 3)]
+  assert first["params"]["head"]["kernel"].shape == (32, 7)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), first) == jax.tree.map(lambda x: (x.shape, x.dtype), again)
+  first["params"].clear()  # each call returns its own tree
+  assert again["params"] and vit.variable_shapes(vit.build_model(cfg), (1, 16, 16, 3))["params"]
+  bn = vit.variable_shapes(vit.build_model(dict(cfg, norm="batch")), (1, 16, 16, 3))
+  assert len(traced) == 2 and "batch_stats" in bn

@@ -39,6 +39,7 @@ parameters stay float32); vitnorm.model.precision says where each dtype lives, a
 attention knobs (`attention_logits`, `attention_scale`).
 """
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping, Optional
 
@@ -343,7 +344,15 @@ def input_shape(spec, batch_size: int = 1):
 
 
 def variable_shapes(model: ViT, shape):
-  """The {'params', ['batch_stats']} tree of `init_variables` as ShapeDtypeStructs (no compute)."""
+  """The {'params', ['batch_stats']} tree of `init_variables` as ShapeDtypeStructs (no compute).
+
+  Traced once per model and input shape in a process (the trainer's header, every checkpoint
+  restore and the comparison tools ask again); each call returns a new tree."""
+  return jax.tree.map(lambda x: x, _traced_variable_shapes(model, tuple(shape)))
+
+
+@functools.lru_cache(maxsize=64)  # linen modules are frozen dataclasses: equal configs, one entry
+def _traced_variable_shapes(model: ViT, shape: tuple):
   return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
 
 

@@ -20,10 +20,7 @@ from vitnorm.training.plan import Plan
 
 def count_params(plan: Plan) -> int:
   """Trainable parameters of the planned model (shapes only: nothing is computed)."""
-  model = vit.build_model(plan.model)
-  shape = plan.model.input_shape(1)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32),
-                                             train=False))
+  shapes = vit.variable_shapes(vit.build_model(plan.model), plan.model.input_shape(1))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
 
 
