@@ -90,10 +90,26 @@ def plot_curves(doc: dict, key: str, ylabel: str, path: str, *, log_y=False, per
   return True
 
 
+def diagnostics_runs(runs: list) -> list:
+  """The runs the diagnostics figure shows, in sweep order: every run of an unseeded sweep; of a
+  seeded one, one per variant (its group): the first seed that diverged, else the first seed.
+  The seeds of a variant share the shape of their curves, and every seed's result is in the
+  tables and spread.png; a row per seed made the figure unreadable (and slow to draw)."""
+  chosen = {}
+  for r in runs:
+    group = r.get("group") or r["name"]
+    if group not in chosen or (_diverged_step(r) is not None and _diverged_step(chosen[group]) is None):
+      chosen[group] = r
+  return list(chosen.values())
+
+
 def plot_diagnostics(doc: dict, path: str) -> bool:
-  """A row per run, a column per diagnostic, a line per block (dark = first, light = last)."""
+  """A row per run (per variant in a seeded sweep: diagnostics_runs), a column per diagnostic, a
+  line per block (dark = first, light = last)."""
   rows = [(r, run_files.block_diagnostics(r["series"])) for r in doc["runs"]]
   rows = [(r, d) for r, d in rows if d]
+  keep = {id(r) for r in diagnostics_runs([r for r, _ in rows])}
+  rows = [(r, d) for r, d in rows if id(r) in keep]
   cols = [(k, label) for k, label in DIAGNOSTICS if any(k in d for _, d in rows)]
   if not rows or not cols:
     return False

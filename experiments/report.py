@@ -6,7 +6,8 @@ For every sweep directory ROOT/<sweep>/ (made by `experiments.run_sweep`) it wri
   <out>/<sweep>/loss.png          train loss vs step, a panel per variant, a line per run (x: diverged)
   <out>/<sweep>/eval_top1.png     eval top-1 vs step
   <out>/<sweep>/diagnostics.png   per-block residual RMS, FFN hidden RMS, max attention logit and
-                                  gradient norm vs step (a row per run, a line per block)
+                                  gradient norm vs step (a row per run; a seeded sweep: a row per
+                                  variant, its first diverged seed else its first; a line per block)
 and one markdown file <out>/report.md with a table per sweep (each also alone in
 <out>/<sweep>/section.md, and its numbers in <out>/<sweep>/summary.json) (run, norm, ffn_norm, FFN-norm
 position, the knobs that vary, final eval top-1, eval loss, status, img/s when evaluated), which

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from experiments import report, run_sweep, study
+from experiments import plots, report, run_sweep, study
 from experiments import sweeps as sweeps_lib
-from tests.test_experiments import fake_modules  # noqa: F401  (fixture)
+from tests.test_experiments import _png_size, fake_modules  # noqa: F401  (fixture)
 from vitnorm.errors import UserError
 from vitnorm.inference import comparison
 
@@ -208,6 +208,8 @@ def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules
   assert "img/s" not in text  # speeds of evaluations timed one by one stay out of a seeded table
   assert "--evaluate && python -m experiments.report --root runs" in text
   assert (tmp_path / "out" / "fake_cpu" / "spread.png").exists()
+  # The diagnostics: a row per variant with diagnostics (ln, bn, bn_ffnbn), not one per seed (9).
+  assert _png_size(tmp_path / "out" / "fake_cpu" / "diagnostics.png")[1] == round((2.6 * 3 + 0.6) * 90)
   # A variant's note is listed once; a seed that stopped is listed by its own name, with why.
   assert text.count("- `ln`: LN\n") == 1 and "- `ln_seed0`" not in text
   assert "- `bn_seed1`: BN only -- stopped:" in text
@@ -219,6 +221,14 @@ def test_seeded_table_sweep_reports_mean_std_and_interval(tmp_path, fake_modules
   assert "paired difference to bn_ffnbn (pp)" in text and "| ln | 3/3 | 54.00 | 0.00 | 54.00 - 54.00 | +0.00 |" in text
   rows = json.loads((tmp_path / "out" / "fake_cpu" / "summary.json").read_text())["variants"]
   assert {r["variant"]: r["reference"] for r in rows}["ln"] == "bn_ffnbn"
+
+
+def test_diagnostics_figure_shows_one_seed_per_variant_preferring_one_that_diverged():
+  runs = [dict(name=f"{g}_seed{s}", group=g, seed=s, step=3, status="diverged" if (g, s) == ("bn", 1) else "completed")
+          for g in ("ln", "bn") for s in (0, 1, 2)]
+  assert [r["name"] for r in plots.diagnostics_runs(runs)] == ["ln_seed0", "bn_seed1"]
+  unseeded = [dict(name=n, status="completed", step=3) for n in ("ln", "bn", "bn_ffnbn")]
+  assert plots.diagnostics_runs(unseeded) == unseeded
 
 
 def test_readable_command_has_no_machine_paths():
