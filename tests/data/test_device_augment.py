@@ -97,6 +97,8 @@ def test_draws_are_a_function_of_seed_and_step_only():
   a, b, c = draw(4), draw(4), draw(5)
   assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))
   assert not np.array_equal(a["erase"]["noise"], c["erase"]["noise"])
+  other_seed = jax.jit(lambda step: device_augment.draw(device_augment.step_key(4, step), (8, 12, 10, 3), cfg))(4)
+  assert not np.array_equal(a["erase"]["noise"], other_seed["erase"]["noise"])
 
 
 def test_the_tf_data_feed_gets_no_device_hook():

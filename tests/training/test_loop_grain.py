@@ -59,10 +59,6 @@ def test_grain_run_trains_evaluates_and_resumes_bit_identical(data_dir, tmp_path
   assert second["status"] == "completed" and second["step"] == 10
   jax.tree.map(np.testing.assert_array_equal, _params(str(tmp_path / "resumed")),
                _params(str(tmp_path / "whole")))
-  # Another seed draws other device augmentations (and another order): other parameters.
-  other = str(tmp_path / "seed1")
-  loop.train_and_evaluate(grain_config(data_dir, seed=1), other)
-  assert not np.array_equal(jax.tree.leaves(_params(other))[0], jax.tree.leaves(_params(str(tmp_path / "whole")))[0])
 
 
 def test_grain_with_pmap_is_refused(data_dir, tmp_path):
