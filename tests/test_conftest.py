@@ -40,8 +40,8 @@ def test_the_suite_compiles_cheaply_on_8_devices_and_keeps_a_users_own_flags():
       "--xla_cpu_parallel_codegen_split_count=1"
 
 
+# One BN train step's loss and gradients, saved to OUT (set by the caller).
 STEP_PROBE = """
-import sys
 import jax, jax.numpy as jnp, numpy as np
 from vitnorm.model import vit
 cfg = dict(hidden_size=32, num_layers=1, mlp_dim=64, num_heads=2, patch_size=4, num_classes=10,
@@ -56,20 +56,22 @@ def loss(params):
   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
 
 value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-np.savez(sys.argv[1], loss=value, **{str(i): g for i, g in enumerate(jax.tree.leaves(grads))})
+np.savez(OUT, loss=value, **{str(i): g for i, g in enumerate(jax.tree.leaves(grads))})
 """
 
 
 def test_the_fast_compile_flags_compute_a_train_step_as_the_default_build_does_up_to_float32_rounding(tmp_path):
   import xla_test_flags  # pylint: disable=import-outside-toplevel
+  assert all(f in os.environ["XLA_FLAGS"] for f in xla_test_flags.FAST_COMPILE_FLAGS)
+  exec(STEP_PROBE, {"OUT": str(tmp_path / "fast.npz")})  # pylint: disable=exec-used  (this process: the suite's flags)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # XLA's defaults
+  proc = subprocess.run([sys.executable, "-c", "import sys; OUT = sys.argv[1]\n" + STEP_PROBE,
+                         str(tmp_path / "default.npz")], env=env, capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
   out = {}
-  for name, flags in (("fast", xla_test_flags.FAST_COMPILE), ("default", "")):
-    path = str(tmp_path / f"{name}.npz")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", STEP_PROBE, path], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    with np.load(path) as f:
+  for name in ("fast", "default"):
+    with np.load(tmp_path / f"{name}.npz") as f:
       out[name] = {k: f[k] for k in f.files}
   assert out["fast"].keys() == out["default"].keys()
   # Rounding, not a different function: each array agrees to a few float32 ulps of its own scale.
