@@ -70,7 +70,9 @@ def run_cli(monkeypatch, capsys):
 
   The same path as the console script (vitnorm.<name>.run: absl flags, app.run, exit codes), without
   a new interpreter or recompiling what this process compiled already. The flags the command
-  defines are removed again afterwards, so the next in-process command can define its own.
+  defines (those of vitnorm modules) are removed again afterwards, so the next in-process command
+  can define its own; flags a library defined when the command first imported it stay, as they
+  would in a process.
   """
   import importlib  # pylint: disable=g-import-not-at-top
   from absl import app, flags  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
@@ -94,8 +96,10 @@ def run_cli(monkeypatch, capsys):
     try:
       with pytest.raises(SystemExit) as exit_info:
         module.run()
-    finally:
-      for flag in set(flags.FLAGS) - defined:
+    finally:  # the command's own flags go; a library imported meanwhile (grain, orbax) keeps its
+      ours = {f.name for module, defined_there in flags.FLAGS.flags_by_module_dict().items()
+              if module.split(".")[0] == "vitnorm" for f in defined_there}
+      for flag in (set(flags.FLAGS) - defined) & ours:
         delattr(flags.FLAGS, flag)
     out = capsys.readouterr()
     code = exit_info.value.code

@@ -104,3 +104,24 @@ def test_the_jax_backend_has_the_suites_device_count_even_after_a_test_changed_x
   import jax  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # as tests/test_slurm.py does
   assert jax.device_count() == 8  # started by conftest's session fixture, before any test ran
+
+
+def test_run_cli_removes_the_commands_flags_and_keeps_those_a_library_defined(run_cli, monkeypatch):
+  """grain and array_record define absl flags when first imported, e.g. inside an in-process
+  `benchmark --mode=input`: removing them broke every later grain test in that worker."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from vitnorm import benchmark  # pylint: disable=import-outside-toplevel
+  command_defines = benchmark.define_flags
+
+  def define_flags_and_import_a_library():
+    command_defines()
+    flags.DEFINE_integer("library_flag_of_this_test", 1, "defined as a library defines its flags")
+
+  monkeypatch.setattr(benchmark, "define_flags", define_flags_and_import_a_library)
+  try:
+    code, _, _ = run_cli("benchmark", "--help")
+    assert code == 0
+    assert "library_flag_of_this_test" in flags.FLAGS and "mode" not in flags.FLAGS
+  finally:
+    if "library_flag_of_this_test" in flags.FLAGS:
+      delattr(flags.FLAGS, "library_flag_of_this_test")
