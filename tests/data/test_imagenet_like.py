@@ -58,3 +58,18 @@ def test_photos_are_scikit_learns_sample_images_read_without_importing_it():
            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
   out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_builders_of_unprepared_datasets_leave_no_temporary_directory(tmp_path, monkeypatch):
+  """tfds made an empty '<tmp>/tmp*tfds' directory (its GCS look-up, skipped offline) for every
+  builder made before its data was prepared, and never removed it: LocalDatasetInfo skips it."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from vitnorm.data import offline  # pylint: disable=import-outside-toplevel
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  for make in (lambda d: imagenet_like.ImagenetLike(config="tiny", data_dir=d),
+               lambda d: offline.Digits(data_dir=d), lambda d: offline.Mnist5k(data_dir=d)):
+    builder = make(str(tmp_path / "data"))
+    assert not builder.data_path.exists()  # not prepared: tfds would have looked in its bucket
+  assert list(scratch.iterdir()) == []

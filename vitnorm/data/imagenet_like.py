@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vitnorm.data import offline
+
 # (width, height) of ImageNet-typical images and how often each is drawn.
 SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (500, 500), (333, 500))
 SIZE_WEIGHTS = (0.45, 0.2, 0.15, 0.08, 0.07, 0.05)
@@ -84,7 +86,7 @@ class ImagenetLike(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return offline.LocalDatasetInfo(
         builder=self,
         description=__doc__.split("\n")[0],
         features=tfds.features.FeaturesDict({

@@ -33,6 +33,15 @@ OFFLINE_DATASETS = ("mnist5k", "digits")
 DESCRIPTIONS = {"mnist5k": "5,000 digits", "digits": "1,797 8x8 digits"}  # for the one-line message
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of a dataset built here: tfds' look-up of precomputed info in its GCS bucket
+  (skipped offline anyway) first made an empty temporary directory that it never removed, one per
+  builder made before its data was prepared."""
+
+  def initialize_from_bucket(self) -> None:
+    return
+
+
 class _OfflineDigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared body: subclasses set the arrays loader, the image shape and the split size."""
 
@@ -48,7 +57,7 @@ class _OfflineDigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     raise NotImplementedError
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=self._DESCRIPTION,
         features=tfds.features.FeaturesDict({
