@@ -118,10 +118,9 @@ def test_help_exits_0_with_the_command_forms_configs_and_their_args():
 
 
 @pytest.mark.parametrize("module", ["evaluate", "benchmark"])
-def test_evaluate_and_benchmark_help_exit_0(module, monkeypatch, run_cli):
-  for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # run() sets them: restore after
-    monkeypatch.setenv(key, os.environ.get(key, "2" if "LOG" in key else "1"))
-  # run_cli removes the flags the command defined: the two CLIs share flag names (--batch_sizes).
+def test_evaluate_and_benchmark_help_exit_0(module, run_cli):
+  # run_cli restores the variables the command's quiet start sets and removes the flags it defined:
+  # the two CLIs share flag names (--batch_sizes).
   code, out, _ = run_cli(module, "--help")
   assert code == 0
   assert f"python -m vitnorm.{module} --" in out and "Exit codes" in out and "--batch_sizes" in out
